@@ -1,0 +1,18 @@
+"""The contract between `mmae build` and the trainer.
+
+Shard schema (Arrow), manifest model and typed configuration. This package imports only
+pyarrow, pydantic and PyYAML: never Beam, never torch.
+"""
+
+from schemas.config import Config, ConfigError, load_config
+from schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "KINDS",
+    "REJECT_SCHEMA",
+    "SCHEMA_VERSION",
+    "SHARD_SCHEMA",
+    "load_config",
+]

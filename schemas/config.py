@@ -1,0 +1,207 @@
+"""Typed configuration for `pipeline.yaml`.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key fails. `load_config`
+turns any validation problem into one `ConfigError` whose message names the dotted key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """One input corpus."""
+
+    name: str = Field(min_length=1, description="unique name; part of every row id")
+    kind: Literal["paired", "image", "text"]
+    path: str = Field(
+        min_length=1,
+        description=".jsonl/.parquet/.csv/.tsv (optionally .gz), a glob of those, or an image folder (kind: image)",
+    )
+    url_column: str = "url"
+    caption_column: str = "caption"
+    text_column: str = "text"
+    label_column: Optional[str] = Field(None, description="optional class label column, copied to `label`")
+    base_url: Optional[str] = Field(
+        None, description="joined with relative urls; null = relative to the source file's folder"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if any(ch in value for ch in "/\\\n\t"):
+            raise ValueError("source names may not contain slashes or whitespace control characters")
+        return value
+
+
+class DownloadConfig(_Section):
+    timeout_s: float = Field(10.0, gt=0, description="whole-request deadline (connect + all bytes)")
+    retries: int = Field(1, ge=0, description="extra attempts after a timeout/connection error/5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
+    threads: int = Field(32, ge=1, le=1024, description="concurrent downloads per worker")
+    max_bytes: int = Field(20_000_000, gt=0, description="larger bodies are rejected as too_large")
+    max_redirects: int = Field(5, ge=0)
+    allow_private_addresses: bool = Field(
+        False, description="allow private, loopback and link-local targets (off: refused, also on redirects)"
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the private-address guard (e.g. an internal mirror)",
+    )
+    user_agent_token: Optional[str] = Field("mmae", description="token matched in X-Robots-Tag directives")
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out (as img2dataset)",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+
+class ImageConfig(_Section):
+    size: int = Field(64, ge=8, le=4096, description="output side in pixels")
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "center_crop"
+    min_size: int = Field(16, ge=1, description="shorter original side below this is too_small")
+    max_aspect_ratio: float = Field(3.0, ge=1.0)
+    max_pixels: int = Field(
+        80_000_000, gt=0, description="original width*height cap, checked from the header before decoding"
+    )
+    format: Literal["jpeg", "webp", "png"] = "jpeg"
+    quality: int = Field(90, ge=1, le=100)
+
+
+class TextConfig(_Section):
+    min_words: int = Field(1, ge=0)
+    max_chars: int = Field(2000, ge=1, description="cleaned text is cut to this many characters")
+    max_tokens: int = Field(64, ge=1, description="stored tokens are cut to this length")
+
+
+class TokenizerConfig(_Section):
+    model: Optional[str] = Field(None, description="a SentencePiece .model; null = train one on the corpus")
+    vocab_size: int = Field(4000, ge=16, description="upper bound; small corpora get fewer pieces")
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    sample_size: int = Field(
+        200_000, ge=10, description="texts sampled (deterministically, by id hash) to train on"
+    )
+
+
+class ShardsConfig(_Section):
+    rows_per_shard: int = Field(5000, ge=1)
+    rows_per_row_group: int = Field(256, ge=1, description="the streaming unit of the trainer")
+
+
+class DataConfig(_Section):
+    output: str = Field("build/demo/shards", description="local path or fsspec URL")
+    sources: list[SourceConfig] = Field(min_length=1)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    progress_every_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "DataConfig":
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class Config(_Section):
+    data: DataConfig
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(top level)"
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = _format_location(problem["loc"])
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = problem.get("input")
+        shown = "" if problem["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        if len(shown) > 120:
+            shown = shown[:117] + "...)"
+        lines.append(f"{key}: {message}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> None:
+    """Apply `a.b.0.c=value` to a plain dict/list tree (the value is parsed as YAML)."""
+    path, value = _parse_override(dotted)
+    node: Any = tree
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: {where} is not an index of the list")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {dotted}: {where} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {dotted}: {last} is not an index of the list")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {dotted}: {'.'.join(path[:-1])} is not a section")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing), apply `--set` overrides, validate; raise `ConfigError` on any problem."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded
+    for override in overrides or []:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None

@@ -1,0 +1,72 @@
+"""Shard schema v1: the Arrow schema of one row of `OUT/{paired,image,text}/part-*.parquet`.
+
+Column names and types are part of the contract (see DESIGN.md); extra columns are allowed
+but these may never change meaning.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+SCHEMA_VERSION_KEY = b"mmae.schema_version"
+KINDS = ("paired", "image", "text")
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # hash of source name + source key
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # paired | image | text
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),  # cleaned text (caption or text-only document)
+        pa.field("tokens", pa.list_(pa.int32())),  # SentencePiece ids, no padding
+        pa.field("image", pa.binary()),  # encoded bytes (JPEG/WebP/PNG)
+        pa.field("image_format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("image_sha256", pa.string()),  # of the stored bytes
+        pa.field("label", pa.string()),  # only filled when the source names a label column
+    ],
+    metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
+)
+
+# Every input row that does not become a shard row becomes one of these.
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),  # file:line (or file path) of the input row
+        pa.field("url", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),  # machine-readable, e.g. http_404
+        pa.field("detail", pa.string()),  # human-readable context
+    ],
+    metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
+)
+
+# Reject reasons the build can emit. Readers should accept unknown reasons too.
+REJECT_REASONS = {
+    "missing_column": "the row lacks the url/caption/text column the source names",
+    "invalid_utf8": "the row's text is not valid UTF-8",
+    "bad_row": "the row cannot be parsed (malformed JSON, wrong column count)",
+    "empty_caption": "caption/text is empty after cleaning",
+    "too_few_words": "fewer words than text.min_words",
+    "duplicate": "same url within a source, same image (+caption), or same text",
+    "bad_url": "the url has no scheme we can fetch",
+    "private_address": "the host resolves to a private/loopback/link-local address",
+    "opt_out": "an X-Robots-Tag header opts the image out (noai, noimageai, ...)",
+    "timeout": "the download exceeded download.timeout_s",
+    "redirect_loop": "redirects loop or exceed the limit",
+    "connection_error": "the connection failed (refused, reset, DNS)",
+    "not_found": "a local/fsspec path does not exist",
+    "too_large": "the body exceeds download.max_bytes",
+    "not_image": "the server answered with a non-image content type",
+    "decode_error": "the bytes do not decode as a complete image (zero-byte, truncated)",
+    "too_many_pixels": "width*height exceeds image.max_pixels (decompression bomb guard)",
+    "too_small": "the shorter side is below image.min_size",
+    "aspect_ratio": "the aspect ratio exceeds image.max_aspect_ratio",
+}
+# plus http_<status> for HTTP errors, e.g. http_404, http_500.
+
