@@ -33,6 +33,9 @@ from schemas.config import DownloadConfig
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "Mozilla/5.0 (compatible; mmae-build; +https://github.com/mmae/mmae)"
 RETRYABLE = ("timeout", "connection_error")
+# Object stores and local files are read through fsspec. Network protocols that would bypass the
+# address guard (ftp, sftp, smb, webdav...) are refused.
+FSSPEC_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
 
 
 class FetchError(Exception):
@@ -205,7 +208,7 @@ class Fetcher:
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
             return self._fetch_http(url)
-        if scheme in ("", "file") or len(scheme) == 1 or scheme in fsspec.available_protocols():
+        if scheme == "" or len(scheme) == 1 or scheme in FSSPEC_SCHEMES:
             return self._fetch_fsspec(url)
         raise FetchError("bad_url", f"unsupported scheme {scheme!r}")
 

@@ -62,7 +62,7 @@ def _has_glob(path: str) -> bool:
 
 def expand_source(source: SourceConfig) -> list[SourceFile]:
     """List a source's files; raise SourceError naming the path when there are none."""
-    fs, _, [root] = fsspec.get_fs_token_paths(source.path)
+    fs, root = fsspec.core.url_to_fs(source.path)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
 
     def to_url(path: str) -> str:

@@ -1,0 +1,147 @@
+"""The downloader against every bad answer the loopback server can give."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines.fetch import AddressGuard, Fetcher, FetchError
+from schemas.config import DownloadConfig
+
+
+def fetcher(**overrides) -> Fetcher:
+    settings = {"timeout_s": 1.0, "retries": 0, "backoff_s": 0.01, "max_bytes": 200_000,
+                "allowed_networks": ["127.0.0.1/32"]}
+    settings.update(overrides)
+    return Fetcher(DownloadConfig(**settings))
+
+
+def reason_of(fetch: Fetcher, url: str) -> str:
+    with pytest.raises(FetchError) as caught:
+        fetch.fetch(url)
+    return caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "127.0.0.2", "169.254.169.254", "0.0.0.0",
+     "::1", "fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1", "100.64.0.1"],
+)
+def test_guard_refuses_non_public_addresses(address):
+    assert not AddressGuard().is_allowed(address)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+def test_guard_allows_public_addresses(address):
+    assert AddressGuard().is_allowed(address)
+
+
+def test_guard_exemptions():
+    assert AddressGuard(allow_private=True).is_allowed("10.0.0.1")
+    guard = AddressGuard.from_config(DownloadConfig(allowed_networks=["127.0.0.1/32"]))
+    assert guard.is_allowed("127.0.0.1")
+    assert not guard.is_allowed("127.0.0.2")
+
+
+def test_good_image_and_good_redirect(http_server):
+    fetch = fetcher()
+    result = fetch.fetch(f"{http_server}/img/red.jpg")
+    assert result.data[:2] == b"\xff\xd8"
+    redirected = fetch.fetch(f"{http_server}/redirect-good")
+    assert redirected.data == result.data
+    assert redirected.final_url.endswith("/img/red.jpg")
+
+
+def test_loopback_refused_with_guard_on(http_server):
+    assert reason_of(fetcher(allowed_networks=[]), f"{http_server}/img/red.jpg") == "private_address"
+
+
+def test_localhost_name_is_resolved_then_refused(http_server):
+    port = http_server.rsplit(":", 1)[1]
+    assert reason_of(fetcher(allowed_networks=[]), f"http://localhost:{port}/img/red.jpg") == "private_address"
+
+
+def test_redirect_to_private_address_refused(http_server):
+    assert reason_of(fetcher(), f"{http_server}/redirect-private") == "private_address"
+
+
+@pytest.mark.parametrize(
+    "route, reason",
+    [
+        ("/status/404", "http_404"),
+        ("/status/500", "http_500"),
+        ("/status/403", "http_403"),
+        ("/loop", "redirect_loop"),
+        ("/loop-a", "redirect_loop"),
+        ("/big", "too_large"),
+        ("/big-chunked", "too_large"),
+        ("/optout", "opt_out"),
+        ("/no-such-route", "http_404"),
+    ],
+)
+def test_bad_answers_have_reasons(http_server, route, reason):
+    assert reason_of(fetcher(), f"{http_server}{route}") == reason
+
+
+def test_opt_out_for_another_agent_is_ignored(http_server):
+    assert fetcher().fetch(f"{http_server}/optout-other-agent").data[:2] == b"\xff\xd8"
+
+
+def test_slow_server_times_out(http_server):
+    started = time.monotonic()
+    assert reason_of(fetcher(timeout_s=0.5), f"{http_server}/slow") == "timeout"
+    assert time.monotonic() - started < 2.5
+
+
+def test_trickling_server_hits_the_whole_request_deadline(http_server):
+    # Each byte arrives well inside the socket timeout; only a whole-request deadline stops it.
+    started = time.monotonic()
+    assert reason_of(fetcher(timeout_s=1.0), f"{http_server}/trickle") == "timeout"
+    assert time.monotonic() - started < 3.0
+
+
+def test_retries_with_backoff_on_5xx(http_server):
+    started = time.monotonic()
+    assert reason_of(fetcher(retries=2, backoff_s=0.2), f"{http_server}/status/503") == "http_503"
+    # Two retries: 0.2 s + 0.4 s of backoff.
+    assert time.monotonic() - started >= 0.6
+
+
+def test_no_retry_on_404(http_server):
+    started = time.monotonic()
+    assert reason_of(fetcher(retries=3, backoff_s=1.0), f"{http_server}/status/404") == "http_404"
+    assert time.monotonic() - started < 1.0
+
+
+def test_connection_refused(http_server):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    assert reason_of(fetcher(), f"http://127.0.0.1:{free_port}/x.jpg") == "connection_error"
+
+
+def test_local_files(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"\xff\xd8data")
+    assert fetcher().fetch(str(image)).data == b"\xff\xd8data"
+    assert fetcher().fetch(image.as_uri()).data == b"\xff\xd8data"
+    assert reason_of(fetcher(), str(tmp_path / "missing.jpg")) == "not_found"
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"x" * 300_000)
+    assert reason_of(fetcher(), str(big)) == "too_large"
+
+
+@pytest.mark.parametrize("url", ["ftp://10.0.0.1/x.jpg", "sftp://10.0.0.1/x.jpg", "gopher://10.0.0.1/"])
+def test_protocols_that_would_bypass_the_guard_are_refused(url):
+    assert reason_of(fetcher(), url) == "bad_url"
+
+
+def test_memory_filesystem():
+    import fsspec
+
+    with fsspec.open("memory://images/a.jpg", "wb") as handle:
+        handle.write(b"abc")
+    assert fetcher().fetch("memory://images/a.jpg").data == b"abc"

@@ -1,0 +1,45 @@
+"""Text cleaning and the SentencePiece sample/training."""
+
+from __future__ import annotations
+
+from pipelines.text import clean_text
+from pipelines.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
+from schemas.config import TokenizerConfig
+
+
+def test_clean_text():
+    assert clean_text("  a\u00a0red\tcircle \n\n on\x00 white  ", 100) == "a red circle on white"
+    assert clean_text("ﬁne ｆｕｌｌｗｉｄｔｈ", 100) == "fine fullwidth"  # NFKC
+    assert clean_text("\u200b \t", 100) == ""
+    assert clean_text("one two three four five", 15) == "one two three"  # cut at a word boundary
+    assert clean_text("abcdefghijklmnop", 5) == "abcde"
+
+
+def test_sample_is_order_independent_and_bounded():
+    texts = [f"text number {i}" for i in range(1000)]
+    combine = SampleTexts(50)
+
+    def run(order):
+        halves = [combine.create_accumulator(), combine.create_accumulator()]
+        for index, text in enumerate(order):
+            halves[index % 2] = combine.add_input(halves[index % 2], text)
+        return combine.extract_output(combine.merge_accumulators(halves))
+
+    forward, backward = run(texts), run(list(reversed(texts)))
+    assert forward == backward and len(forward) == 50
+
+
+def test_training_is_deterministic_and_has_specials():
+    texts = [f"{c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
+             for p in ("top left", "center", "bottom right")] * 20
+    model = train_sentencepiece(texts, TokenizerConfig(vocab_size=200))
+    assert model == train_sentencepiece(texts, TokenizerConfig(vocab_size=200))
+    assert special_ids(model) == SPECIAL_IDS
+    tokenizer = Tokenizer(model, max_tokens=3)
+    assert len(tokenizer.encode("red circle at the center")) == 3
+    full = Tokenizer(model, max_tokens=64)
+    assert full.processor.decode(full.encode("red circle at the center")) == "red circle at the center"
+
+
+def test_no_text_no_model():
+    assert train_sentencepiece([], TokenizerConfig()) == b""
