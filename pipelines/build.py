@@ -156,20 +156,26 @@ def image_key(record: dict[str, Any]) -> tuple:
     return ("image", record["kind"], record["image_sha256"], record.get("caption"))
 
 
+def input_order(record: dict[str, Any]) -> tuple:
+    """Where a row stood in the input: (source, file, row number); deterministic on any runner."""
+    path, _, row = record["key"].rpartition(":")
+    return (record["source"], path, int(row)) if row.isdigit() else (record["source"], record["key"], 0)
+
+
 class _KeepFirst(beam.DoFn):
     def __init__(self, what: str) -> None:
         self.what = what
 
     def process(self, element: tuple[Any, Iterable[dict[str, Any]]]) -> Iterator[Any]:
         _, group = element
-        ordered = sorted(group, key=lambda record: record["id"])
+        ordered = sorted(group, key=input_order)
         yield ordered[0]
         for record in ordered[1:]:
             yield beam.pvalue.TaggedOutput(REJECTED, reject(record, "duplicate", f"same {self.what} as {ordered[0]['id']}"))
 
 
 class DedupBy(beam.PTransform):
-    """Exact dedup on a key; the smallest id wins (independent of arrival order)."""
+    """Exact dedup on a key; the row that came first in the input wins, whatever the arrival order."""
 
     def __init__(self, key_fn, what: str) -> None:
         super().__init__()

@@ -140,6 +140,9 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # The default backlog of 5 drops SYNs under a burst of concurrent downloads, and the
+    # client's 1 s retransmit then looks like a server timeout.
+    request_queue_size = 128
 
     def handle_error(self, request, client_address):
         pass  # clients hanging up mid-body (timeouts, byte caps) are expected here
