@@ -198,8 +198,9 @@ class DedupBy(beam.PTransform):
 class DownloadAndProcess(beam.DoFn):
     """A batch of records -> records with image fields (or rejects).
 
-    Downloads run on a bounded thread pool; decoding/resizing runs in this thread as results
-    arrive, so network waits overlap with CPU work.
+    Each record is fetched *and* decoded/resized on a bounded thread pool: network waits
+    overlap, and Pillow releases the GIL while it decodes, resizes and encodes, so one worker
+    process keeps several cores busy.
     """
 
     def __init__(self, config: DataConfig) -> None:
@@ -214,38 +215,38 @@ class DownloadAndProcess(beam.DoFn):
     def teardown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _fetch(self, record: dict[str, Any]):
+    def _fetch_and_process(self, record: dict[str, Any]) -> dict[str, Any]:
         try:
-            return record, self.fetcher.fetch(record["url"]), None
+            result = self.fetcher.fetch(record["url"])
         except FetchError as error:
-            return record, None, error
+            return reject(record, error.reason, error.detail)
+        try:
+            image = process_image(result.data, self.config.image)
+        except ImageReject as error:
+            if error.reason == "decode_error" and _looks_like_text(result.content_type):
+                return reject(record, "not_image", f"Content-Type {result.content_type}")
+            return reject(record, error.reason, error.detail)
+        return {
+            **record,
+            "image": image.data,
+            "image_format": image.format,
+            "width": image.width,
+            "height": image.height,
+            "original_width": image.original_width,
+            "original_height": image.original_height,
+            "image_sha256": image.sha256,
+        }
 
     def process(self, batch: list[dict[str, Any]]) -> Iterator[Any]:
-        for record, result, error in self.pool.map(self._fetch, batch):
-            if error is None:
-                try:
-                    image = process_image(result.data, self.config.image)
-                except ImageReject as image_error:
-                    error = image_error
-                    if image_error.reason == "decode_error" and _looks_like_text(result.content_type):
-                        error = ImageReject("not_image", f"Content-Type {result.content_type}")
-            if error is not None:
+        for output in self.pool.map(self._fetch_and_process, batch):
+            if "reason" in output:
                 self.failed.inc()
                 PROGRESS.add("images_rejected", 1, self.config.progress_every_s)
-                yield beam.pvalue.TaggedOutput(REJECTED, reject(record, error.reason, error.detail))
-                continue
-            self.ok.inc()
-            PROGRESS.add("images_ok", 1, self.config.progress_every_s)
-            yield {
-                **record,
-                "image": image.data,
-                "image_format": image.format,
-                "width": image.width,
-                "height": image.height,
-                "original_width": image.original_width,
-                "original_height": image.original_height,
-                "image_sha256": image.sha256,
-            }
+                yield beam.pvalue.TaggedOutput(REJECTED, output)
+            else:
+                self.ok.inc()
+                PROGRESS.add("images_ok", 1, self.config.progress_every_s)
+                yield output
 
 
 def _looks_like_text(content_type: str) -> bool:

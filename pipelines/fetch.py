@@ -2,7 +2,9 @@
 
 img2dataset's `download_image` reads the whole body with no cap, follows redirects without
 looking at where they lead and has no overall deadline (a server trickling one byte a second
-never times out). We keep its opt-out header parsing (`is_disallowed`) and wrap urllib with:
+never times out). Importing it also pulls in torch, OpenCV, albumentations and wandb (about 3 s
+per worker process, and torch on the data side), so `opt_out` re-states its X-Robots-Tag rule
+(tests check the two agree) and urllib is wrapped with:
 
 - a connection factory that resolves the host itself, refuses private/loopback/link-local
   addresses (unless allowed), and connects to the address it checked (no DNS-rebinding gap);
@@ -26,7 +28,6 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 import fsspec
-from img2dataset.downloader import is_disallowed
 
 from schemas.config import DownloadConfig
 
@@ -36,6 +37,22 @@ RETRYABLE = ("timeout", "connection_error")
 # Object stores and local files are read through fsspec. Network protocols that would bypass the
 # address guard (ftp, sftp, smb, webdav...) are refused.
 FSSPEC_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
+
+
+def opt_out(header_values: list[str], user_agent_token: Optional[str], directives: set[str]) -> bool:
+    """img2dataset's X-Robots-Tag rule: a listed directive, either for every agent
+    (`noai`) or for our token (`mmae: noai`), opts the image out."""
+    for value in header_values:
+        agent: Optional[str] = None
+        rest = value
+        if ":" in value:
+            agent, rest = value.split(":", 1)
+            agent = agent.strip().lower()
+        if agent is not None and agent != user_agent_token:
+            continue
+        if any(item.strip().lower() in directives for item in rest.split(",")):
+            return True
+    return False
 
 
 class FetchError(Exception):
@@ -217,7 +234,8 @@ class Fetcher:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         try:
             with self.opener.open(request, timeout=self.config.timeout_s) as response:
-                if self.directives and is_disallowed(response.headers, self.user_agent_token, self.directives):
+                robots = response.headers.get_all("X-Robots-Tag") or []
+                if self.directives and opt_out(robots, self.user_agent_token, self.directives):
                     raise FetchError("opt_out", response.headers.get("X-Robots-Tag", ""))
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > self.config.max_bytes:

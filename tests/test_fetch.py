@@ -145,3 +145,22 @@ def test_memory_filesystem():
     with fsspec.open("memory://images/a.jpg", "wb") as handle:
         handle.write(b"abc")
     assert fetcher().fetch("memory://images/a.jpg").data == b"abc"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[], ["noai"], ["NoAI"], ["noindex, nofollow"], ["nofollow"], ["mmae: noai"], ["otherbot: noai"],
+     ["otherbot: noai", "noimageai"], ["mmae: nofollow"], ["all"], ["MMAE:noimageindex"]],
+)
+def test_opt_out_agrees_with_img2dataset(headers):
+    from email.message import Message
+
+    from img2dataset.downloader import is_disallowed
+
+    from pipelines.fetch import opt_out
+
+    directives = {"noai", "noimageai", "noindex", "noimageindex"}
+    message = Message()
+    for value in headers:
+        message["X-Robots-Tag"] = value
+    assert opt_out(headers, "mmae", directives) == is_disallowed(message, "mmae", directives)
