@@ -174,6 +174,10 @@ class _KeepFirst(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, reject(record, "duplicate", f"same {self.what} as {ordered[0]['id']}"))
 
 
+def _keyed(record: dict[str, Any], key_fn) -> tuple:
+    return key_fn(record), record
+
+
 class DedupBy(beam.PTransform):
     """Exact dedup on a key; the row that came first in the input wins, whatever the arrival order."""
 
@@ -185,7 +189,7 @@ class DedupBy(beam.PTransform):
     def expand(self, records):
         return (
             records
-            | "Key" >> beam.Map(lambda record, key_fn: (key_fn(record), record), self.key_fn)
+            | "Key" >> beam.Map(_keyed, self.key_fn)
             | "Group" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirst(self.what)).with_outputs(REJECTED, main="records")
         )
@@ -287,7 +291,7 @@ class TrainTokenizer(beam.PTransform):
             return records.pipeline | "GivenModel" >> beam.Create([self.given_model])
         return (
             records
-            | "Texts" >> beam.Map(lambda record: record["caption"])
+            | "Texts" >> beam.Map(caption_of)
             | "Sample" >> beam.CombineGlobally(SampleTexts(self.config.tokenizer.sample_size))
             | "Train" >> beam.Map(train_sentencepiece, self.config.tokenizer)
         )
@@ -443,15 +447,44 @@ def _nest(pairs) -> dict[str, dict[str, int]]:
 
 
 # --------------------------------------------------------------------------------------------
-# The whole pipeline
+# The whole pipeline. Small named functions instead of lambdas: everything shipped to workers
+# is importable by name.
+
+
+def caption_of(record: dict[str, Any]) -> str:
+    return record["caption"]
+
+
+def has_image(record: dict[str, Any]) -> bool:
+    return record["kind"] != "text"
+
+
+def is_text_only(record: dict[str, Any]) -> bool:
+    return record["kind"] == "text"
+
+
+def has_caption(record: dict[str, Any]) -> bool:
+    return "caption" in record
+
+
+def source_of(record: dict[str, Any]) -> str:
+    return record["source"]
+
+
+def source_and_kind(record: dict[str, Any]) -> tuple[str, str]:
+    return record["source"], record["kind"]
+
+
+def source_and_reason(record: dict[str, Any]) -> tuple[str, str]:
+    return record["source"], record["reason"]
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files, given_model: Optional[bytes]) -> None:
     read = pipeline | "ReadSources" >> ReadSources(config, files)
     cleaned = read.records | "CleanText" >> beam.ParDo(CleanText(config)).with_outputs(REJECTED, main="records")
 
-    with_image = cleaned.records | "HasImage" >> beam.Filter(lambda record: record["kind"] != "text")
-    text_only = cleaned.records | "TextOnly" >> beam.Filter(lambda record: record["kind"] == "text")
+    with_image = cleaned.records | "HasImage" >> beam.Filter(has_image)
+    text_only = cleaned.records | "TextOnly" >> beam.Filter(is_text_only)
     unique_urls = with_image | "DedupUrl" >> DedupBy(url_key, "url")
     unique_texts = text_only | "DedupText" >> DedupBy(text_key, "text")
 
@@ -459,7 +492,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files, given_mod
     unique_images = downloaded.records | "DedupImage" >> DedupBy(image_key, "image")
 
     kept = (unique_images.records, unique_texts.records) | "Kept" >> beam.Flatten()
-    with_text = kept | "WithText" >> beam.Filter(lambda record: "caption" in record)
+    with_text = kept | "WithText" >> beam.Filter(has_caption)
     model = with_text | "Tokenizer" >> TrainTokenizer(config, given_model)
     rows = kept | "Tokenize" >> beam.ParDo(Tokenize(config.text.max_tokens), beam.pvalue.AsSingleton(model))
 
@@ -478,17 +511,17 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, files, given_mod
     read_counts = (
         (read.records, read[REJECTED])
         | "AllRead" >> beam.Flatten()
-        | "ReadSource" >> beam.Map(lambda record: record["source"])
+        | "ReadSource" >> beam.Map(source_of)
         | "CountRead" >> beam.combiners.Count.PerElement()
     )
     written_counts = (
         rows
-        | "WrittenKey" >> beam.Map(lambda record: (record["source"], record["kind"]))
+        | "WrittenKey" >> beam.Map(source_and_kind)
         | "CountWritten" >> beam.combiners.Count.PerElement()
     )
     reject_counts = (
         rejects
-        | "RejectKey" >> beam.Map(lambda record: (record["source"], record["reason"]))
+        | "RejectKey" >> beam.Map(source_and_reason)
         | "CountRejects" >> beam.combiners.Count.PerElement()
     )
     (
