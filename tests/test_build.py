@@ -221,3 +221,30 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_atomic(str(target), b"data")
     assert not target.exists()
+
+
+def _text_only_config(tmp_path: Path, output: str, **data):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": f"sentence number {i} about shapes"} for i in range(50)])
+    config_file = tmp_path / "p.yaml"
+    config_file.write_text(json.dumps({"data": {
+        "output": output, "sources": [{"name": "t", "kind": "text", "path": str(tmp_path / "t.jsonl")}], **data}}))
+    return load_config(config_file)
+
+
+def test_progress_is_logged(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mmae.build")
+    run(_text_only_config(tmp_path, str(tmp_path / "out"), progress_every_s=1e-6))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("progress:")]
+    assert lines and "rows_read=" in lines[-1] and "images/s" in lines[-1]
+
+
+def test_output_through_fsspec(tmp_path):
+    import fsspec
+
+    report = run(_text_only_config(tmp_path, "memory://mmae-test/out"))
+    fs = fsspec.filesystem("memory")
+    manifest = json.loads(fs.cat("/mmae-test/out/manifest.json"))
+    assert manifest["rows"]["text"] == 50 == report["written"]["text"]
+    assert fs.exists("/mmae-test/out/" + manifest["shards"][0]["path"])

@@ -164,3 +164,8 @@ def test_opt_out_agrees_with_img2dataset(headers):
     for value in headers:
         message["X-Robots-Tag"] = value
     assert opt_out(headers, "mmae", directives) == is_disallowed(message, "mmae", directives)
+
+
+def test_https_goes_through_the_guard(http_server):
+    port = http_server.rsplit(":", 1)[1]
+    assert reason_of(fetcher(allowed_networks=[]), f"https://127.0.0.1:{port}/img/red.jpg") == "private_address"
