@@ -96,7 +96,9 @@ class TextConfig(_Section):
 class TokenizerConfig(_Section):
     model: Optional[str] = Field(None, description="a SentencePiece .model; null = train one on the corpus")
     vocab_size: int = Field(4000, ge=16, description="upper bound; small corpora get fewer pieces")
-    model_type: Literal["unigram", "bpe"] = "unigram"
+    model_type: Literal["unigram", "bpe"] = Field(
+        "bpe", description="bpe: whole-word pieces even on small corpora (unigram can stall at a few dozen)"
+    )
     sample_size: int = Field(
         200_000, ge=10, description="texts sampled (deterministically, by id hash) to train on"
     )

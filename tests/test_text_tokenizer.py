@@ -43,3 +43,15 @@ def test_training_is_deterministic_and_has_specials():
 
 def test_no_text_no_model():
     assert train_sentencepiece([], TokenizerConfig()) == b""
+
+
+def test_default_tokenizer_learns_words_on_a_small_corpus():
+    import random
+
+    from pipelines.demo_data import _scene, caption_for
+
+    rng = random.Random(0)
+    texts = sorted({caption_for(_scene(rng), rng) for _ in range(2000)})
+    model = train_sentencepiece(texts, TokenizerConfig())
+    pieces = Tokenizer(model, 64).processor.encode("two yellow diamonds at the top left", out_type=str)
+    assert pieces == ["▁two", "▁yellow", "▁diamonds", "▁at", "▁the", "▁top", "▁left"]
