@@ -4,6 +4,8 @@ is instant and the data side never imports torch.
     mmae demo-data OUT_DIR                       write the synthetic demo corpus
     mmae build [--config F] [--set k=v]... [--overwrite] [-- BEAM_OPTIONS...]
     mmae demo [--out build/demo]                 corpus -> loopback HTTP -> build -> report
+    mmae stats DATASET [--json] [--html F] [--samples N]
+    mmae validate DATASET [--no-decode]
 """
 
 from __future__ import annotations
@@ -56,6 +58,45 @@ def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pipelines.dataset import Dataset, DatasetError
+    from pipelines.stats import compute_stats, print_tables
+
+    try:
+        dataset = Dataset.open(args.dataset)
+        stats = compute_stats(dataset)
+    except DatasetError as error:
+        print(f"mmae stats: error: {error}", file=sys.stderr)
+        return 2
+    if args.html:
+        import fsspec
+
+        from pipelines.report_html import render_html, sample_rows
+
+        page = render_html(stats, sample_rows(dataset, args.samples, seed=args.seed), dataset.tokenizer_model())
+        with fsspec.open(args.html, "w", encoding="utf-8") as handle:
+            handle.write(page)
+        print(f"wrote {args.html} ({len(page) / 1e6:.1f} MB)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+    else:
+        print_tables(stats)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines.validate import validate
+
+    report = validate(args.dataset, decode_images=not args.no_decode)
+    if report.problems:
+        print(f"{args.dataset}: {len(report.problems)} problem(s)")
+        for problem in report.problems:
+            print(f"  {problem}")
+        return 1
+    print(f"{args.dataset}: OK ({report.shards} files, {report.rows} rows, {report.images} images decoded)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.demo import run_demo
 
@@ -89,6 +130,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="build/demo")
     demo.add_argument("--config", default="pipeline.yaml")
     demo.add_argument("--pairs", type=int, default=3000)
+    stats = commands.add_parser("stats", help="what is in a built dataset (tables, JSON, HTML report)")
+    stats.add_argument("dataset", help="a build output folder or URL (holds manifest.json)")
+    stats.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
+    stats.add_argument("--html", metavar="REPORT.html", help="also write a self-contained HTML report")
+    stats.add_argument("--samples", type=int, default=24, help="rows in the HTML gallery (default 24)")
+    stats.add_argument("--seed", type=int, default=0, help="gallery sampling seed")
+
+    validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
+    validate.add_argument("dataset")
+    validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
     return parser
 
 
@@ -103,6 +154,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _cmd_build(args, beam_args)
     if args.command == "demo":
         return _cmd_demo(args, beam_args)
+    if args.command == "stats":
+        return _cmd_stats(args)
+    if args.command == "validate":
+        return _cmd_validate(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,89 @@
+"""Opening a built dataset (local path or fsspec URL): manifest, shard URLs, polars scans."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import fsspec
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipelines.shards import join
+
+# Protocols polars reads natively (and lazily); anything else goes through fsspec.
+POLARS_NATIVE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be opened (no manifest, unreadable manifest)."""
+
+
+@dataclass
+class Dataset:
+    root: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: str) -> "Dataset":
+        url = join(root, "manifest.json")
+        try:
+            with fsspec.open(url, "r", encoding="utf-8") as handle:
+                manifest = json.load(handle)
+        except FileNotFoundError:
+            raise DatasetError(f"{root}: no manifest.json (not an mmae build, or the build did not finish)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DatasetError(f"{url}: not valid JSON ({error})") from None
+        if not isinstance(manifest, dict) or "shards" not in manifest:
+            raise DatasetError(f"{url}: not an mmae manifest (no 'shards')")
+        return cls(root=root, manifest=manifest)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.root)[0]
+
+    def url(self, relative: str) -> str:
+        return join(self.root, relative)
+
+    def shard_urls(self, kind: Optional[str] = None) -> list[str]:
+        return [self.url(entry["path"]) for entry in self.manifest["shards"] if kind in (None, entry["kind"])]
+
+    def reject_urls(self) -> list[str]:
+        return [self.url(entry["path"]) for entry in self.manifest.get("rejects", [])]
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        return self.manifest.get("config", {}).get("text", {}).get("max_tokens")
+
+    def tokenizer_model(self) -> Optional[bytes]:
+        entry = self.manifest.get("tokenizer")
+        if not entry:
+            return None
+        with fsspec.open(self.url(entry["path"]), "rb") as handle:
+            return handle.read()
+
+
+def scan(urls: list[str], columns: list[str]) -> pl.LazyFrame:
+    """A lazy frame over the given Parquet files, reading only `columns`."""
+    if not urls:
+        return pl.LazyFrame()
+    protocol = fsspec.core.split_protocol(urls[0])[0] or "file"
+    if protocol in POLARS_NATIVE:
+        return pl.scan_parquet(urls).select(columns)
+    frames = []
+    for url in urls:  # e.g. memory://: read each file's projected columns through fsspec
+        with fsspec.open(url, "rb") as handle:
+            frames.append(pl.read_parquet(handle, columns=columns).lazy())
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def column_bytes(url: str, column: str) -> tuple[int, int]:
+    """(uncompressed bytes of one column, rows) from the Parquet footer alone."""
+    with fsspec.open(url, "rb") as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    index = metadata.schema.to_arrow_schema().get_field_index(column)
+    total = 0
+    for group in range(metadata.num_row_groups):
+        total += metadata.row_group(group).column(index).total_uncompressed_size
+    return total, metadata.num_rows
