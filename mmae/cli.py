@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -161,5 +162,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     raise AssertionError(args.command)
 
 
+def entry() -> None:
+    """Console-script entry point. Once the command has finished and its output is flushed,
+    leave without interpreter teardown: Arrow's native thread pools can abort the process while
+    being torn down at exit (apache/arrow#34314), turning a finished command into exit 134."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -80,8 +80,8 @@ def scan(urls: list[str], columns: list[str]) -> pl.LazyFrame:
 
 def column_bytes(url: str, column: str) -> tuple[int, int]:
     """(uncompressed bytes of one column, rows) from the Parquet footer alone."""
-    with fsspec.open(url, "rb") as handle:
-        metadata = pq.ParquetFile(handle).metadata
+    with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+        metadata = parquet.metadata
     index = metadata.schema.to_arrow_schema().get_field_index(column)
     total = 0
     for group in range(metadata.num_row_groups):

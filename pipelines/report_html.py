@@ -42,8 +42,7 @@ def sample_rows(dataset: Dataset, count: int, seed: int = 0) -> list[dict[str, A
             offset += entry["rows"]
             if not wanted:
                 continue
-            with fsspec.open(dataset.url(entry["path"]), "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+            with fsspec.open(dataset.url(entry["path"]), "rb") as handle, pq.ParquetFile(handle) as parquet:
                 columns = [name for name in GALLERY_COLUMNS if name in parquet.schema_arrow.names]
                 start = 0
                 for group in range(parquet.num_row_groups):
@@ -119,7 +118,9 @@ def _card(row: dict[str, Any], processor) -> str:
     if row.get("tokens") is not None and processor is not None:
         decoded = processor.decode(list(row["tokens"]))
     stored = row.get("caption")
-    mismatch = decoded is not None and stored is not None and decoded != stored
+    # Tokens cut at max_tokens decode to a prefix of the caption; anything else is a real mismatch.
+    truncated = decoded is not None and stored is not None and decoded != stored and stored.startswith(decoded)
+    mismatch = decoded is not None and stored is not None and decoded != stored and not truncated
     parts = [f"<div class='card{' mismatch' if mismatch else ''}' data-kind='{html.escape(row['kind'])}'>"]
     if row.get("image"):
         mime = MIME.get((row.get("image_format") or "jpeg").lower(), "image/jpeg")
@@ -129,7 +130,8 @@ def _card(row: dict[str, Any], processor) -> str:
     else:
         parts.append("<div class='noimage'>text only</div>")
     if decoded is not None:
-        parts.append(f"<p class=caption title='decoded from the stored tokens'>{html.escape(decoded)}</p>")
+        cut = " <span class=muted>[cut at max_tokens]</span>" if truncated else ""
+        parts.append(f"<p class=caption title='decoded from the stored tokens'>{html.escape(decoded)}{cut}</p>")
     if mismatch:
         parts.append(f"<p class=warn>stored caption differs: {html.escape(stored)}</p>")
     meta = f"{row['kind']} · {row['source']}" + (f" · label {row['label']}" if row.get("label") else "")

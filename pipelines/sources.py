@@ -119,7 +119,8 @@ def _check_columns(source: SourceConfig, source_file: SourceFile) -> None:
     """Columnar files declare their columns up front: a missing one is a config error, not N rejects."""
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
         if source_file.format == "parquet":
-            names = pq.ParquetFile(handle).schema_arrow.names
+            with pq.ParquetFile(handle) as parquet:
+                names = parquet.schema_arrow.names
         else:
             delimiter = "\t" if source_file.format == "tsv" else ","
             header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
@@ -235,8 +236,7 @@ def _read_jsonl(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[
 
 def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
     columns = required_columns(source)
-    with fsspec.open(source_file.path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+    with fsspec.open(source_file.path, "rb") as handle, pq.ParquetFile(handle) as parquet:
         row_number = 0
         for batch in parquet.iter_batches(batch_size=4096, columns=columns):
             for row in batch.to_pylist():

@@ -10,6 +10,7 @@ Every figure comes from polars lazy scans with column projection, or from Parque
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import polars as pl
@@ -21,84 +22,133 @@ IMAGE_SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 TOP_TOKENS = 20
 
 
-def _distribution(frame: pl.LazyFrame, column: str) -> dict[str, Optional[float]]:
-    row = frame.select(
-        pl.col(column).count().alias("count"),
-        pl.col(column).min().alias("min"),
-        pl.col(column).mean().alias("mean"),
-        pl.col(column).quantile(0.5, "nearest").alias("p50"),
-        pl.col(column).quantile(0.95, "nearest").alias("p95"),
-        pl.col(column).max().alias("max"),
-    ).collect().row(0, named=True)
-    return {key: (round(value, 3) if isinstance(value, float) else value) for key, value in row.items()}
+def _distribution_from_counts(values: list, counts: list) -> dict[str, Optional[float]]:
+    """count/min/mean/p50/p95/max of a column, from its value histogram (exact, 'nearest' quantiles)."""
+    pairs = sorted((value, count) for value, count in zip(values, counts) if value is not None)
+    total = sum(count for _, count in pairs)
+    if not total:
+        return {"count": 0, "min": None, "mean": None, "p50": None, "p95": None, "max": None}
+
+    def quantile(q: float):
+        # polars' "nearest": the value at rank round(q * (n - 1)) in sorted order.
+        rank = math.floor(q * (total - 1) + 0.5)  # half up, as polars (not banker's rounding)
+        seen = 0
+        for value, count in pairs:
+            seen += count
+            if seen > rank:
+                return value
+        return pairs[-1][0]
+
+    mean = sum(value * count for value, count in pairs) / total
+    return {"count": total, "min": pairs[0][0], "mean": round(mean, 3), "p50": quantile(0.5),
+            "p95": quantile(0.95), "max": pairs[-1][0]}
 
 
-def _histogram(frame: pl.LazyFrame, column: str) -> dict[str, list]:
-    counts = frame.group_by(column).agg(pl.len().alias("n")).sort(column).collect()
-    return {"values": counts[column].to_list(), "counts": counts["n"].to_list()}
+def _histogram(frame: pl.LazyFrame, column: str) -> pl.LazyFrame:
+    return frame.filter(pl.col(column).is_not_null()).group_by(column).agg(pl.len().alias("n")).sort(column)
+
+
+def _as_histogram(frame: pl.DataFrame) -> dict[str, list]:
+    return {"values": frame[frame.columns[0]].to_list(), "counts": frame["n"].to_list()}
 
 
 def compute_stats(dataset: Dataset) -> dict[str, Any]:
+    """All figures of `mmae stats`.
+
+    Every figure is derived from small group-by tables (rows per source, a histogram of token
+    lengths, counts per token id, a histogram per image-size column), so memory is bounded by
+    the number of distinct values, not rows; each query streams its own projected scan.
+    Exact distinct-image counting is the exception: 8 bytes per image row.
+    """
     manifest = dataset.manifest
     data_urls = dataset.shard_urls()
     image_urls = dataset.shard_urls("paired") + dataset.shard_urls("image")
     text_urls = dataset.shard_urls("paired") + dataset.shard_urls("text")
-    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.get("schema_version")}
+    reject_urls = dataset.reject_urls()
+    max_tokens = dataset.max_tokens
 
-    # Rows per kind and per source.
-    base = scan(data_urls, ["kind", "source"])
-    per_source = base.group_by("kind", "source").agg(pl.len().alias("rows")).sort("kind", "source").collect()
+    queries: dict[str, pl.LazyFrame] = {}
+    queries["rows_by_source"] = (
+        scan(data_urls, ["kind", "source"]).group_by("kind", "source").agg(pl.len().alias("rows")).sort("kind", "source")
+    )
+    queries["labels"] = (
+        scan(data_urls, ["kind", "label"]).filter(pl.col("label").is_not_null())
+        .group_by("kind", "label").agg(pl.len().alias("n")).sort(["kind", "n", "label"], descending=[False, True, False])
+    )
+    if reject_urls:
+        queries["rejected_by_source"] = (
+            scan(reject_urls, ["source", "reason"]).group_by("source", "reason").agg(pl.len().alias("n"))
+            .sort("source", "reason")
+        )
+    if text_urls:
+        queries["lengths"] = (
+            scan(text_urls, ["kind", "tokens"]).select("kind", pl.col("tokens").list.len().alias("length"))
+            .filter(pl.col("length").is_not_null()).group_by("kind", "length").agg(pl.len().alias("n"))
+            .sort("kind", "length")
+        )
+        queries["token_counts"] = (
+            scan(text_urls, ["tokens"]).select(pl.col("tokens").explode().alias("token"))
+            .filter(pl.col("token").is_not_null()).group_by("token").agg(pl.len().alias("n"))
+        )
+    if image_urls:
+        for column in IMAGE_SIZE_COLUMNS:
+            queries[f"image_{column}"] = _histogram(scan(image_urls, [column]), column)
+        # 64-bit hashes of the hex digests: the same count (collisions ~ n^2/2^65), an eighth of the memory.
+        queries["unique_images"] = scan(image_urls, ["image_sha256"]).select(
+            pl.col("image_sha256").hash().n_unique().alias("n")
+        )
+
+    names = list(queries)
+    # No shared-subplan cache: it would hold every projected column in memory at once.
+    results = dict(zip(names, pl.collect_all(
+        [queries[name] for name in names], engine="streaming",
+        optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
+    )))
+
+    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.get("schema_version")}
+    per_source = results["rows_by_source"]
     stats["rows"] = {kind: int(per_source.filter(pl.col("kind") == kind)["rows"].sum()) for kind in KINDS}
     stats["rows_by_source"] = per_source.to_dicts()
+    stats["rejected_by_source"] = results["rejected_by_source"].to_dicts() if reject_urls else []
+    rejected: dict[str, int] = {}
+    for row in stats["rejected_by_source"]:
+        rejected[row["reason"]] = rejected.get(row["reason"], 0) + row["n"]
+    stats["rejected"] = dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))
 
-    # Rejects by reason (and per source).
-    reject_urls = dataset.reject_urls()
-    if reject_urls:
-        rejects = scan(reject_urls, ["source", "reason"])
-        by_reason = rejects.group_by("reason").agg(pl.len().alias("n")).sort("n", descending=True).collect()
-        stats["rejected"] = dict(zip(by_reason["reason"].to_list(), by_reason["n"].to_list()))
-        stats["rejected_by_source"] = (
-            rejects.group_by("source", "reason").agg(pl.len().alias("n")).sort("source", "reason").collect().to_dicts()
-        )
-    else:
-        stats["rejected"], stats["rejected_by_source"] = {}, []
-
-    # Token lengths: overall, per kind, share cut at max_tokens; histogram for the report.
     if text_urls:
-        lengths = scan(text_urls, ["kind", "tokens"]).select(
-            "kind", pl.col("tokens").list.len().alias("length")
-        ).filter(pl.col("length").is_not_null())
-        stats["tokens"] = _distribution(lengths, "length")
-        stats["tokens_by_kind"] = {
-            kind: _distribution(lengths.filter(pl.col("kind") == kind), "length")
-            for kind in ("paired", "text") if stats["rows"][kind]
-        }
-        max_tokens = dataset.max_tokens
-        if max_tokens:
-            at_cap = lengths.select((pl.col("length") >= max_tokens).mean()).collect().item()
+        lengths = results["lengths"]
+        overall = lengths.group_by("length").agg(pl.col("n").sum()).sort("length")
+        stats["tokens"] = _distribution_from_counts(overall["length"].to_list(), overall["n"].to_list())
+        stats["tokens_by_kind"] = {}
+        for kind in ("paired", "text"):
+            part = lengths.filter(pl.col("kind") == kind)
+            if part.height:
+                stats["tokens_by_kind"][kind] = _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
+        if max_tokens and stats["tokens"]["count"]:
+            at_cap = int(overall.filter(pl.col("length") >= max_tokens)["n"].sum())
             stats["tokens"]["max_tokens"] = max_tokens
-            stats["tokens"]["truncated_share"] = round(at_cap or 0.0, 4)
-        stats["token_length_histogram"] = _histogram(lengths, "length")
-        stats["tokenizer"] = _tokenizer_coverage(dataset, scan(text_urls, ["tokens"]))
+            stats["tokens"]["truncated_share"] = round(at_cap / stats["tokens"]["count"], 4)
+        stats["token_length_histogram"] = {"values": overall["length"].to_list(), "counts": overall["n"].to_list()}
+        stats["tokenizer"] = _tokenizer_coverage(dataset, results["token_counts"])
     else:
         stats["tokens"], stats["tokens_by_kind"], stats["tokenizer"] = {}, {}, None
 
-    # Image sizes, bytes per image (from footers), duplicates left across kinds.
     if image_urls:
-        images = scan(image_urls, ["kind", *IMAGE_SIZE_COLUMNS, "image_sha256"])
-        stats["image"] = {column: _distribution(images, column) for column in IMAGE_SIZE_COLUMNS}
-        stats["image_size_histogram"] = {
-            "width": _histogram(images, "width"), "height": _histogram(images, "height"),
-            "original_width": _histogram(images, "original_width"),
-        }
+        stats["image"] = {}
+        stats["image_size_histogram"] = {}
+        for column in IMAGE_SIZE_COLUMNS:
+            histogram = _as_histogram(results[f"image_{column}"])
+            stats["image"][column] = _distribution_from_counts(histogram["values"], histogram["counts"])
+            if column != "original_height":
+                stats["image_size_histogram"][column] = histogram
         total, rows = 0, 0
-        for url in image_urls:
+        for url in image_urls:  # bytes per image from the Parquet footers, not the image column
             column_total, column_rows = column_bytes(url, "image")
             total, rows = total + column_total, rows + column_rows
         # Parquet stores a 4-byte length before each binary value.
         stats["image"]["bytes_per_image_mean"] = round((total - 4 * rows) / rows, 1) if rows else None
-        unique = images.select(pl.col("image_sha256").n_unique()).collect().item()
-        stats["image"]["same_image_in_several_rows"] = int(sum(stats["rows"][k] for k in ("paired", "image")) - unique)
+        with_images = stats["rows"]["paired"] + stats["rows"]["image"]
+        stats["image"]["same_image_in_several_rows"] = int(with_images - results["unique_images"].item())
     else:
         stats["image"] = {}
 
@@ -110,41 +160,38 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
          "bytes_per_row": round(entry["bytes"] / entry["rows"], 1) if entry["rows"] else None}
         for entry in manifest["shards"]
     ]
+    stats["labels"] = results["labels"].to_dicts()
 
-    # Labels, when the sources named a label column.
-    labels = scan(data_urls, ["kind", "label"]).filter(pl.col("label").is_not_null())
-    label_counts = labels.group_by("kind", "label").agg(pl.len().alias("n")).sort("kind", "n", descending=[False, True]).collect()
-    stats["labels"] = label_counts.to_dicts()
-
-    # Duplicate rate: rows rejected as duplicates over rows read, per kind.
-    written = sum(stats["rows"].values())
-    duplicates = stats["rejected"].get("duplicate", 0)
-    read = written + sum(stats["rejected"].values())
-    stats["duplicate_rate"] = round(duplicates / read, 4) if read else 0.0
+    # Duplicate rate: rows rejected as duplicates over rows read.
+    read = sum(stats["rows"].values()) + sum(stats["rejected"].values())
+    stats["duplicate_rate"] = round(stats["rejected"].get("duplicate", 0) / read, 4) if read else 0.0
     return stats
 
 
-def _tokenizer_coverage(dataset: Dataset, tokens: pl.LazyFrame) -> Optional[dict[str, Any]]:
-    entry = dataset.manifest.get("tokenizer")
+def _tokenizer_coverage(dataset: Dataset, token_counts: pl.DataFrame) -> Optional[dict[str, Any]]:
     model = dataset.tokenizer_model()
-    if not entry or not model:
+    if not model:
         return None
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=model)
+    entry = dataset.manifest.get("tokenizer") or {}
     unk = entry.get("special_ids", {}).get("unk", processor.unk_id())
-    flat = tokens.select(pl.col("tokens").explode().alias("token")).filter(pl.col("token").is_not_null())
-    summary = flat.select(pl.len().alias("total"), (pl.col("token") == unk).sum().alias("unknown")).collect().row(0)
-    top = flat.group_by("token").agg(pl.len().alias("n")).sort(["n", "token"], descending=[True, False]).head(TOP_TOKENS).collect()
+    total = int(token_counts["n"].sum())
+    unknown = int(token_counts.filter(pl.col("token") == unk)["n"].sum())
+    top = token_counts.sort(["n", "token"], descending=[True, False]).head(TOP_TOKENS)
+    vocab_size = processor.get_piece_size()
+
+    def describe(token: int, count: int) -> dict[str, Any]:
+        if not 0 <= token < vocab_size:  # `mmae validate` reports these; stats just shows them
+            return {"id": token, "piece": "<out of range>", "text": "", "count": count}
+        return {"id": token, "piece": processor.id_to_piece(token), "text": processor.decode([token]), "count": count}
+
     return {
-        "vocab_size": processor.get_piece_size(),
-        "tokens": int(summary[0]),
-        "unknown_share": round(summary[1] / summary[0], 6) if summary[0] else 0.0,
-        "top": [
-            {"id": int(token), "piece": processor.id_to_piece(int(token)), "text": processor.decode([int(token)]),
-             "count": int(count)}
-            for token, count in zip(top["token"].to_list(), top["n"].to_list())
-        ],
+        "vocab_size": vocab_size,
+        "tokens": int(total),
+        "unknown_share": round(unknown / total, 6) if total else 0.0,
+        "top": [describe(int(token), int(count)) for token, count in zip(top["token"].to_list(), top["n"].to_list())],
     }
 
 

@@ -116,8 +116,7 @@ def _check_file(dataset: Dataset, entry: dict[str, Any], vocab_size: Optional[in
         report.add(where, "sha256 differs from the manifest")
     is_rejects = entry["kind"] == "rejects"
     try:
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
+        with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
             if not _check_schema(where, parquet.schema_arrow, REJECT_SCHEMA if is_rejects else SHARD_SCHEMA, report):
                 return
             if parquet.metadata.num_rows != entry["rows"]:

@@ -181,3 +181,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             handle.write(row if isinstance(row, bytes) else json.dumps(row).encode() + b"\n")
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Release Arrow readers while Arrow is still alive: its thread pools can abort the process
+    if they are first torn down during interpreter exit (apache/arrow#34314)."""
+    import gc
+
+    gc.collect()
