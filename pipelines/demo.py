@@ -4,7 +4,8 @@
 2. serve it on a loopback HTTP server, so images really go through the downloader;
 3. `mmae build` (the real CLI, as a subprocess) with base URLs pointing at that server and the
    private-address guard opened for 127.0.0.1 only;
-4. print the build report.
+4. print the build report;
+5. `mmae validate` and `mmae stats --html` on the result.
 """
 
 from __future__ import annotations
@@ -56,4 +57,13 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
     print(f"  rejected {report['rejected']} rows: {json.dumps(report['reasons'])}")
     print(f"  balanced (read = written + rejected per source): {report['balanced']}")
     print(f"[demo] shards, manifest.json and build_report.json are in {shards}")
+
+    validate = subprocess.run([sys.executable, "-m", "mmae.cli", "validate", str(shards)])
+    if validate.returncode != 0:
+        return validate.returncode
+    report = out_dir / "report.html"
+    stats = subprocess.run([sys.executable, "-m", "mmae.cli", "stats", str(shards), "--html", str(report)])
+    if stats.returncode != 0:
+        return stats.returncode
+    print(f"[demo] HTML report (tables, plots, sample gallery): {report}")
     return 0

@@ -68,13 +68,9 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
     max_tokens = dataset.max_tokens
 
     queries: dict[str, pl.LazyFrame] = {}
-    queries["rows_by_source"] = (
-        scan(data_urls, ["kind", "source"]).group_by("kind", "source").agg(pl.len().alias("rows")).sort("kind", "source")
-    )
-    queries["labels"] = (
-        scan(data_urls, ["kind", "label"]).filter(pl.col("label").is_not_null())
-        .group_by("kind", "label").agg(pl.len().alias("n")).sort(["kind", "n", "label"], descending=[False, True, False])
-    )
+    # One pass for rows per (kind, source) and label counts: bounded by sources x labels.
+    queries["rows"] = scan(data_urls, ["kind", "source", "label"]).group_by("kind", "source", "label").agg(
+        pl.len().alias("n"))
     if reject_urls:
         queries["rejected_by_source"] = (
             scan(reject_urls, ["source", "reason"]).group_by("source", "reason").agg(pl.len().alias("n"))
@@ -82,17 +78,23 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         )
     if text_urls:
         queries["lengths"] = (
-            scan(text_urls, ["kind", "tokens"]).select("kind", pl.col("tokens").list.len().alias("length"))
-            .filter(pl.col("length").is_not_null()).group_by("kind", "length").agg(pl.len().alias("n"))
-            .sort("kind", "length")
+            scan(text_urls, ["kind", "source", "tokens"])
+            .select("kind", "source", pl.col("tokens").list.len().alias("length"))
+            .filter(pl.col("length").is_not_null()).group_by("kind", "source", "length").agg(pl.len().alias("n"))
+            .sort("kind", "source", "length")
         )
         queries["token_counts"] = (
             scan(text_urls, ["tokens"]).select(pl.col("tokens").explode().alias("token"))
             .filter(pl.col("token").is_not_null()).group_by("token").agg(pl.len().alias("n"))
         )
     if image_urls:
-        for column in IMAGE_SIZE_COLUMNS:
-            queries[f"image_{column}"] = _histogram(scan(image_urls, [column]), column)
+        # One pass for all four size histograms, per source: (source, column, value) -> rows.
+        queries["image_sizes"] = (
+            scan(image_urls, ["source", *IMAGE_SIZE_COLUMNS])
+            .unpivot(index="source", on=list(IMAGE_SIZE_COLUMNS), variable_name="column", value_name="value")
+            .filter(pl.col("value").is_not_null())
+            .group_by("source", "column", "value").agg(pl.len().alias("n"))
+        )
         # 64-bit hashes of the hex digests: the same count (collisions ~ n^2/2^65), an eighth of the memory.
         queries["unique_images"] = scan(image_urls, ["image_sha256"]).select(
             pl.col("image_sha256").hash().n_unique().alias("n")
@@ -106,7 +108,8 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
     )))
 
     stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.get("schema_version")}
-    per_source = results["rows_by_source"]
+    row_counts = results["rows"]
+    per_source = row_counts.group_by("kind", "source").agg(pl.col("n").sum().alias("rows")).sort("kind", "source")
     stats["rows"] = {kind: int(per_source.filter(pl.col("kind") == kind)["rows"].sum()) for kind in KINDS}
     stats["rows_by_source"] = per_source.to_dicts()
     stats["rejected_by_source"] = results["rejected_by_source"].to_dicts() if reject_urls else []
@@ -121,9 +124,13 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         stats["tokens"] = _distribution_from_counts(overall["length"].to_list(), overall["n"].to_list())
         stats["tokens_by_kind"] = {}
         for kind in ("paired", "text"):
-            part = lengths.filter(pl.col("kind") == kind)
+            part = lengths.filter(pl.col("kind") == kind).group_by("length").agg(pl.col("n").sum())
             if part.height:
                 stats["tokens_by_kind"][kind] = _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
+        stats["tokens_by_source"] = {
+            source: _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
+            for (source,), part in lengths.group_by("source", maintain_order=True)
+        }
         if max_tokens and stats["tokens"]["count"]:
             at_cap = int(overall.filter(pl.col("length") >= max_tokens)["n"].sum())
             stats["tokens"]["max_tokens"] = max_tokens
@@ -131,16 +138,23 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         stats["token_length_histogram"] = {"values": overall["length"].to_list(), "counts": overall["n"].to_list()}
         stats["tokenizer"] = _tokenizer_coverage(dataset, results["token_counts"])
     else:
-        stats["tokens"], stats["tokens_by_kind"], stats["tokenizer"] = {}, {}, None
+        stats["tokens"], stats["tokens_by_kind"], stats["tokens_by_source"], stats["tokenizer"] = {}, {}, {}, None
 
     if image_urls:
         stats["image"] = {}
         stats["image_size_histogram"] = {}
+        stats["image_by_source"] = {}
+        sizes = results["image_sizes"]
         for column in IMAGE_SIZE_COLUMNS:
-            histogram = _as_histogram(results[f"image_{column}"])
+            by_source = sizes.filter(pl.col("column") == column).drop("column").rename({"value": column})
+            overall = by_source.group_by(column).agg(pl.col("n").sum()).sort(column)
+            histogram = _as_histogram(overall)
             stats["image"][column] = _distribution_from_counts(histogram["values"], histogram["counts"])
             if column != "original_height":
                 stats["image_size_histogram"][column] = histogram
+            for (source,), part in by_source.sort("source", column).group_by("source", maintain_order=True):
+                stats["image_by_source"].setdefault(source, {})[column] = _distribution_from_counts(
+                    part[column].to_list(), part["n"].to_list())
         total, rows = 0, 0
         for url in image_urls:  # bytes per image from the Parquet footers, not the image column
             column_total, column_rows = column_bytes(url, "image")
@@ -150,7 +164,7 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         with_images = stats["rows"]["paired"] + stats["rows"]["image"]
         stats["image"]["same_image_in_several_rows"] = int(with_images - results["unique_images"].item())
     else:
-        stats["image"] = {}
+        stats["image"], stats["image_by_source"] = {}, {}
 
     # Bytes: the data shards as the manifest lists them (rejects separately).
     stats["bytes"] = int(sum(entry["bytes"] for entry in manifest["shards"]))
@@ -160,7 +174,10 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
          "bytes_per_row": round(entry["bytes"] / entry["rows"], 1) if entry["rows"] else None}
         for entry in manifest["shards"]
     ]
-    stats["labels"] = results["labels"].to_dicts()
+    stats["labels"] = (
+        row_counts.filter(pl.col("label").is_not_null()).group_by("kind", "label").agg(pl.col("n").sum())
+        .sort(["kind", "n", "label"], descending=[False, True, False]).to_dicts()
+    )
 
     # Duplicate rate: rows rejected as duplicates over rows read.
     read = sum(stats["rows"].values()) + sum(stats["rejected"].values())
@@ -213,9 +230,13 @@ def print_tables(stats: dict[str, Any]) -> None:
         table("rejected by source and reason", stats["rejected_by_source"])
         if stats["tokens"]:
             table("token lengths", [{"kind": "all", **stats["tokens"]}] + [
-                {"kind": kind, **values} for kind, values in stats["tokens_by_kind"].items()])
+                {"kind": kind, **values} for kind, values in stats["tokens_by_kind"].items()] + [
+                {"kind": f"source {source}", **values} for source, values in stats["tokens_by_source"].items()])
         if stats["image"]:
-            table("image sizes (px)", [{"column": column, **stats["image"][column]} for column in IMAGE_SIZE_COLUMNS])
+            table("image sizes (px)", [{"source": "all", "column": column, **stats["image"][column]}
+                                       for column in IMAGE_SIZE_COLUMNS] + [
+                {"source": source, "column": column, **values}
+                for source, columns in stats["image_by_source"].items() for column, values in columns.items()])
             print(f"mean bytes per image: {stats['image']['bytes_per_image_mean']}; "
                   f"rows sharing an image with another row: {stats['image']['same_image_in_several_rows']}")
         table("shards", stats["shards"])

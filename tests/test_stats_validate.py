@@ -71,6 +71,8 @@ def test_stats_json_agrees_with_manifest(dataset):
     assert stats["tokens"]["max"] == 12 and 0 < stats["tokens"]["truncated_share"] <= 1
     assert set(stats["image"]["width"]) >= {"mean", "p50", "p95", "max"} and stats["image"]["width"]["max"] == 32
     assert stats["image"]["original_width"]["p50"] == 48
+    assert stats["tokens_by_source"]["pairs"]["count"] == 60
+    assert stats["image_by_source"]["images"]["width"]["count"] == 20
     assert sum(row["n"] for row in stats["labels"]) == 60
     assert 0 < stats["image"]["bytes_per_image_mean"] < 5000
     assert stats["tokenizer"]["unknown_share"] == 0.0
