@@ -557,6 +557,8 @@ def prepare_output(output: str, overwrite: bool) -> None:
 def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Validate sources, run the pipeline, and return the build report (with timing)."""
     data = config.data
+    if data is None:
+        raise BuildError("the config has no data: section (sources, output, ...) to build")
     files: list[tuple[int, SourceFile]] = []
     for index, source in enumerate(data.sources):
         try:

@@ -4,7 +4,7 @@ Shard schema (Arrow), manifest model and typed configuration. This package impor
 pyarrow, pydantic and PyYAML: never Beam, never torch.
 """
 
-from schemas.config import Config, ConfigError, load_config
+from schemas.config import Config, ConfigError, TrainConfig, load_config
 from schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "REJECT_SCHEMA",
     "SCHEMA_VERSION",
     "SHARD_SCHEMA",
+    "TrainConfig",
     "load_config",
 ]

@@ -128,8 +128,63 @@ class DataConfig(_Section):
         return self
 
 
+class MixConfig(_Section):
+    """Share of each kind in *every* batch (normalised; 0 = never read)."""
+
+    paired: float = Field(0.5, ge=0)
+    image: float = Field(0.25, ge=0)
+    text: float = Field(0.25, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "MixConfig":
+        if self.paired + self.image + self.text <= 0:
+            raise ValueError("at least one of paired/image/text must have a positive share")
+        return self
+
+    def shares(self) -> dict[str, float]:
+        total = self.paired + self.image + self.text
+        return {kind: getattr(self, kind) / total for kind in ("paired", "image", "text")}
+
+
+class TrainConfig(_Section):
+    data: str = Field("build/demo/shards", description="a built dataset (folder or URL with manifest.json)")
+    out: str = Field("build/demo/run", description="the run folder")
+    seed: int = 0
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="samples per batch per rank")
+    mix: MixConfig = Field(default_factory=MixConfig)
+    source_weights: dict[str, float] = Field(
+        default_factory=dict, description="relative weights of sources inside their kind (default: by size)"
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    prefetch_factor: int = Field(2, ge=1)
+    shuffle_window: int = Field(1024, ge=1, description="rows permuted together (the bounded shuffle buffer)")
+    image_size: int = Field(64, ge=8)
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
+    max_text_tokens: int = Field(64, ge=1)
+    data_errors: Literal["fail", "skip"] = Field(
+        "fail", description="a shard that cannot be opened: fail naming it, or skip it and log the count"
+    )
+
+    @field_validator("source_weights")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = [name for name, weight in value.items() if weight < 0]
+        if negative:
+            raise ValueError(f"negative weight for {', '.join(negative)}")
+        return value
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _valid_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("expected 0 < low <= high <= 1")
+        return value
+
+
 class Config(_Section):
-    data: DataConfig
+    data: Optional[DataConfig] = None
+    train: Optional[TrainConfig] = None
 
 
 def _format_location(location: tuple[Any, ...]) -> str:

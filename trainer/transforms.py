@@ -1,0 +1,84 @@
+"""Image and text transforms of the loader (Pillow + torch; no torchvision dependency).
+
+Randomness comes from a `random.Random` the caller seeds per sample, so augmentations are the
+same whichever worker computes them and however often a run is resumed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Optional
+
+import torch
+from PIL import Image
+
+# ImageNet statistics, as MAE and M3AE normalise.
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def decode(data: bytes) -> Image.Image:
+    """JPEG/WebP/PNG bytes -> RGB image (raises on truncated or corrupt data)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.2, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of torchvision's RandomResizedCrop.get_params."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    # Fallback: a centre crop at the clamped ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 -> normalised CHW float32."""
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    tensor = array.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255.0)
+    return (tensor - MEAN) / STD
+
+
+def train_view(data: bytes, size: int, rng: random.Random, scale=(0.2, 1.0)) -> torch.Tensor:
+    """Pretraining augmentation: RandomResizedCrop(scale) + horizontal flip + normalise."""
+    image = decode(data)
+    box = random_resized_crop_box(image.width, image.height, rng, scale=scale)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
+
+
+def eval_view(data: bytes, size: int, crop_fraction: float = 1.0) -> torch.Tensor:
+    """Deterministic centre view: shorter side to size/crop_fraction, centre crop to size."""
+    image = decode(data)
+    resize_to = int(round(size / crop_fraction))
+    scale = resize_to / min(image.width, image.height)
+    new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return to_tensor(image.crop((left, top, left + size, top + size)))
+
+
+def truncate_tokens(tokens: Optional[list[int]], max_tokens: int) -> list[int]:
+    return list(tokens[:max_tokens]) if tokens else []
