@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -53,10 +55,12 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> normalised CHW float32."""
-    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    tensor = array.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255.0)
-    return (tensor - MEAN) / STD
+    """HWC uint8 -> normalised CHW float32 (one copy out of Pillow, in-place arithmetic)."""
+    with warnings.catch_warnings():  # read-only is fine: the float conversion below copies
+        warnings.simplefilter("ignore", UserWarning)
+        array = torch.from_numpy(np.asarray(image))
+    tensor = array.permute(2, 0, 1).to(torch.float32)
+    return tensor.div_(255.0).sub_(MEAN).div_(STD)
 
 
 def train_view(data: bytes, size: int, rng: random.Random, scale=(0.2, 1.0)) -> torch.Tensor:
