@@ -6,6 +6,7 @@ is instant and the data side never imports torch.
     mmae demo [--out build/demo]                 corpus -> loopback HTTP -> build -> report
     mmae stats DATASET [--json] [--html F] [--samples N]
     mmae validate DATASET [--no-decode]
+    mmae train [--config F] [--set k=v]... [--nproc N]
 """
 
 from __future__ import annotations
@@ -98,6 +99,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = [item for pair in (("--set", value) for value in args.set) for item in pair]
+    if args.nproc > 1:
+        import subprocess
+
+        # torchrun: one process per rank, DDP over gloo (CPU) or nccl (CUDA).
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+                   "--standalone", "-m", "trainer", "--config", args.config, *overrides]
+        return subprocess.run(command).returncode
+    from trainer.__main__ import main as train_main
+
+    return train_main(["--config", args.config, *overrides])
+
+
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.demo import run_demo
 
@@ -138,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--samples", type=int, default=24, help="rows in the HTML gallery (default 24)")
     stats.add_argument("--seed", type=int, default=0, help="gallery sampling seed")
 
+    train = commands.add_parser("train", help="train a multimodal masked autoencoder on a built dataset")
+    train.add_argument("--config", default="pipeline.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun); default 1")
+
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
     validate.add_argument("dataset")
     validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
@@ -159,6 +179,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _cmd_stats(args)
     if args.command == "validate":
         return _cmd_validate(args)
+    if args.command == "train":
+        return _cmd_train(args)
     raise AssertionError(args.command)
 
 

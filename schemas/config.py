@@ -146,6 +146,32 @@ class MixConfig(_Section):
         return {kind: getattr(self, kind) / total for kind in ("paired", "image", "text")}
 
 
+class ModelConfig(_Section):
+    preset: Literal["tiny", "small", "base", "large"] = Field("tiny", description="tiny runs on a laptop CPU")
+    norm_pix_loss: bool = Field(True, description="MSE on per-patch normalised pixels (MAE's best setting)")
+
+
+class MaskingConfig(_Section):
+    image_ratio: float = Field(0.75, ge=0, lt=1)
+    text_ratio: float = Field(0.75, ge=0, le=1, description="M3AE: 0.5-0.9 beats BERT's 0.15")
+
+
+class LossWeightsConfig(_Section):
+    image: float = Field(1.0, ge=0)
+    text: float = Field(1.0, ge=0, description="masked-token loss of paired captions")
+    unpaired_text: float = Field(1.0, ge=0, description="masked-token loss of text-only samples")
+
+
+class OptimizerConfig(_Section):
+    base_lr: float = Field(1.5e-4, gt=0, description="lr = base_lr * global batch / 256 (MAE's rule)")
+    lr: Optional[float] = Field(None, gt=0, description="set to bypass the batch scaling")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="none on norms, biases, embeddings, special tokens")
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
+
+
 class TrainConfig(_Section):
     data: str = Field("build/demo/shards", description="a built dataset (folder or URL with manifest.json)")
     out: str = Field("build/demo/run", description="the run folder")
@@ -165,6 +191,18 @@ class TrainConfig(_Section):
     data_errors: Literal["fail", "skip"] = Field(
         "fail", description="a shard that cannot be opened: fail naming it, or skip it and log the count"
     )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    loss_weights: LossWeightsConfig = Field(default_factory=LossWeightsConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    attention: Literal["auto", "xformers", "sdpa"] = Field(
+        "auto", description="auto: xformers on packed rows when it can run, else SDPA on padded batches")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    compile: bool = Field(False, description="torch.compile the model (dynamic shapes)")
+    tensorboard: bool = Field(False, description="also write TensorBoard events to RUN/tensorboard")
 
     @field_validator("source_weights")
     @classmethod

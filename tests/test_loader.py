@@ -265,3 +265,15 @@ def test_memory_does_not_grow_with_dataset_size(tmp_path):
     peaks = [int(subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
                                 check=True).stdout.split()[-1]) for path in (small, large)]
     assert peaks[1] < peaks[0] * 1.1 + 20_000, peaks  # KB: 20x the data, < 10% + 20 MB more memory
+
+
+def test_reads_through_fsspec(dataset):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for path in dataset.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/loader-copy/{path.relative_to(dataset)}", path.read_bytes())
+    local = take(MixedLoader(config(dataset)), 3)
+    remote = take(MixedLoader(config("memory://loader-copy")), 3)
+    assert [b.ids for b in local] == [b.ids for b in remote]

@@ -389,6 +389,28 @@ class Batch:
         mask = torch.arange(width)[None, :] < self.token_lengths[:, None]
         return out, mask
 
+    def select(self, indices: list[int]) -> "Batch":
+        """A batch of some of this batch's samples (in the given order)."""
+        token_rows = torch.split(self.tokens, self.token_lengths.tolist())
+        image_rows = [int(self.image_index[i]) for i in indices]
+        kept_images = [row for row in image_rows if row >= 0]
+        new_index, next_row = [], 0
+        for row in image_rows:
+            new_index.append(next_row if row >= 0 else -1)
+            next_row += row >= 0
+        return Batch(
+            step=self.step,
+            ids=[self.ids[i] for i in indices],
+            kinds=self.kinds[indices],
+            sources=[self.sources[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            images=self.images[kept_images] if kept_images else self.images[:0],
+            image_index=torch.tensor(new_index, dtype=torch.long),
+            tokens=torch.cat([token_rows[i] for i in indices]) if indices else self.tokens[:0],
+            token_lengths=self.token_lengths[indices],
+            epochs=self.epochs[indices],
+        )
+
     def pin_memory(self) -> "Batch":
         for name in ("kinds", "images", "image_index", "tokens", "token_lengths", "epochs"):
             setattr(self, name, getattr(self, name).pin_memory())

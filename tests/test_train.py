@@ -1,0 +1,255 @@
+"""Model, masking, optimisation, checkpoints, exact resume after a real kill, and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.config import TrainConfig
+from tests.datasets import write_dataset
+from trainer.checkpoint import Checkpointer, load_model
+from trainer.data import MixedLoader
+from trainer.model import Inputs, build_model
+from trainer.train import WarmupCosine, parameter_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 100
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = write_dataset(tmp_path_factory.mktemp("train") / "ds",
+                         {"paired": [60, 30], "image": [40], "text": [50]}, rows_per_group=16)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tokenizer"] = {"path": "tokenizer.model", "sha256": "", "vocab_size": VOCAB, "special_ids": {}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def train_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
+    settings = {"data": str(dataset), "out": str(out), "batch_size": 8, "num_workers": 0, "image_size": 16,
+                "shuffle_window": 16, "max_text_tokens": 16, "steps": 12, "log_every": 1, "checkpoint_every": 4,
+                "model": {"preset": "tiny"}, "optimizer": {"base_lr": 0.01, "warmup_steps": 2}}
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def a_batch(dataset: Path, size: int = 12):
+    config = TrainConfig(data=str(dataset), batch_size=size, num_workers=0, image_size=16, max_text_tokens=16)
+    return next(MixedLoader(config).batches(1))
+
+
+def inputs_of(batch) -> Inputs:
+    return Inputs(batch.images, batch.image_index, batch.tokens, batch.token_lengths, batch.ids)
+
+
+def test_packed_and_padded_give_the_same_outputs_and_gradients(dataset):
+    batch = a_batch(dataset)
+    results = {}
+    for layout in ("padded", "packed"):
+        torch.manual_seed(0)
+        model = build_model("tiny", VOCAB, 16, 16)
+        model.set_attention("sdpa", layout)
+        output = model(inputs_of(batch), seed=7)
+        output.loss.backward()
+        results[layout] = (output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    (padded, padded_grads), (packed, packed_grads) = results["padded"], results["packed"]
+    assert torch.allclose(padded.loss, packed.loss, atol=1e-6)
+    assert padded.counts == packed.counts
+    assert padded_grads.keys() == packed_grads.keys()
+    for name in padded_grads:
+        assert torch.allclose(padded_grads[name], packed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_masking_ratios_and_independence_from_batch_position(dataset):
+    batch = a_batch(dataset)
+    model = build_model("tiny", VOCAB, 16, 16)  # 16 px / 8 px patches = 4 patches
+    plans = model.random_masking(inputs_of(batch), 0.75, 0.75, seed=3)
+    for index, (image_keep, image_masked, text_keep, text_masked) in enumerate(plans):
+        if int(batch.image_index[index]) >= 0:
+            assert len(image_keep) == 1 and len(image_masked) == 3
+            assert sorted(image_keep.tolist() + image_masked.tolist()) == [0, 1, 2, 3]
+        length = int(batch.token_lengths[index])
+        assert len(text_keep) + len(text_masked) == length
+        if length:
+            assert len(text_masked) == max(1, round(length * 0.75))
+    reordered = batch.select(list(reversed(range(len(batch.ids)))))
+    again = model.random_masking(inputs_of(reordered), 0.75, 0.75, seed=3)
+    for original, moved in zip(plans, reversed(again)):
+        assert all(torch.equal(a, b) for a, b in zip(original, moved))
+
+
+def test_losses_by_kind(dataset):
+    batch = a_batch(dataset)
+    model = build_model("tiny", VOCAB, 16, 16)
+    images_only = batch.select([i for i, kind in enumerate(batch.kinds.tolist()) if kind == 1])
+    texts_only = batch.select([i for i, kind in enumerate(batch.kinds.tolist()) if kind == 2])
+    out = model(inputs_of(images_only), seed=1)
+    assert out.counts["paired_text"] == out.counts["unpaired_text"] == 0 and out.image_loss > 0
+    out = model(inputs_of(texts_only), seed=1)
+    assert out.counts["image"] == 0 and out.counts["paired_text"] == 0 and out.unpaired_text_loss > 0
+    zero_text = model(inputs_of(batch), seed=1, weights=(1.0, 0.0, 0.0))
+    assert torch.allclose(zero_text.loss, zero_text.image_loss)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_special_tokens():
+    model = build_model("tiny", VOCAB, 16, 16)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): name for name, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "image_mask_token", "text_mask_token", "token_embed.weight", "type_embed.weight",
+            "norm.weight", "patch_embed.bias"} <= no_decay_names
+    assert "patch_embed.weight" in {names[id(p)] for p in decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_cosine():
+    schedule = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.55) and schedule(110) == pytest.approx(0.1)
+
+
+def train_command(dataset: Path, out: Path, *extra: str) -> list[str]:
+    sets = {"train.data": dataset, "train.out": out, "train.batch_size": 8, "train.num_workers": 1,
+            "train.image_size": 16, "train.shuffle_window": 16, "train.max_text_tokens": 16, "train.steps": 12,
+            "train.log_every": 1, "train.checkpoint_every": 4, "train.optimizer.base_lr": 0.01,
+            "train.optimizer.warmup_steps": 2}
+    args = [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "trainer", "--config", str(ROOT / "pipeline.yaml"), *args, *extra]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_killed_run_resumes_with_exactly_the_same_losses(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(dataset, straight), check=True, capture_output=True, timeout=300)
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, 13))
+    assert (straight / "config.yaml").exists() and (straight / "checkpoints" / "last").read_text().strip() == \
+        "step-0000012.pt"
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_command(dataset, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step-0000008.pt").exists():
+        assert time.time() < deadline and process.poll() is None, "training ended before the kill"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / "step-0000012.pt").exists()
+    result = subprocess.run(train_command(dataset, killed), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr
+    assert losses(killed) == expected  # bit for bit, every step, no duplicate lines
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous(dataset, tmp_path, caplog):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), check=True, capture_output=True,
+                   timeout=300)
+    last = run / "checkpoints" / "step-0000008.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    found = Checkpointer(run / "checkpoints").load_latest()
+    assert found is not None and found[0].name == "step-0000004.pt" and found[1]["step"] == 4
+    assert "step-0000008.pt is unreadable" in caplog.text
+    # The same command then resumes from step 4 and finishes.
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "at step 4" in result.stderr
+
+
+def test_checkpoints_keep_last_k_and_load_weights_only(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.keep_checkpoints=2"), check=True,
+                   capture_output=True, timeout=300)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-0000008.pt", "step-0000012.pt"]
+    model, state = load_model(run / "checkpoints" / "step-0000012.pt")
+    assert state["step"] == 12 and set(state) >= {"model", "optimizer", "scheduler", "loader", "rng", "config"}
+    features = model.encode_images(torch.zeros(2, 3, 16, 16))
+    assert features.shape == (2, 64)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(metrics[-1]) >= {"step", "loss", "image_loss", "text_loss", "unpaired_text_loss", "lr", "grad_norm",
+                                "samples_per_s", "tokens_per_s", "backend"}
+    assert metrics[-1]["backend"] == "sdpa/padded"
+    assert metrics[-1]["seen_paired"] + metrics[-1]["seen_image"] + metrics[-1]["seen_text"] == 8
+
+
+def test_loss_goes_down(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=40", "--set", "train.optimizer.base_lr=0.1"),
+                   check=True, capture_output=True, timeout=300)
+    values = losses(run)
+    first, last = sum(values[s] for s in range(1, 6)) / 5, sum(values[s] for s in range(36, 41)) / 5
+    assert last < first * 0.9
+
+
+DDP_STEP = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    from schemas.config import TrainConfig
+    from trainer.data import MixedLoader
+    from trainer.train import Distributed, Trainer, parallelize
+    world = int(sys.argv[1]); rank = int(sys.argv[2]) if world > 1 else 0
+    if world > 1:
+        dist.init_process_group("gloo", init_method="file://{init}", rank=rank, world_size=world)
+    config = TrainConfig(data={data!r}, out={out!r}, batch_size=8, num_workers=0, image_size=16, max_text_tokens=16,
+                         steps=3, optimizer={{"lr": 0.01, "warmup_steps": 0}})
+    trainer = Trainer(config, Distributed(rank, world, 0))
+    model = parallelize(trainer.model, Distributed(rank, world, 0), config)
+    trainer.optimizer.step = lambda: None  # keep the gradients of the step to compare them
+    source = MixedLoader(config)  # rank 0 of one process: the same global batch of 8 everywhere
+    batch = next(source.batches(1))
+    half = list(range(rank * 8 // world, (rank + 1) * 8 // world))
+    trainer.train_step(model, [batch.select(half)])
+    if rank == 0:
+        grads = {{name: p.grad.detach() for name, p in trainer.model.named_parameters() if p.grad is not None}}
+        torch.save(grads, {result!r} + str(world))
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(dataset, tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(DDP_STEP.format(root=str(ROOT), init=str(tmp_path / "init"), data=str(dataset),
+                                      out=str(tmp_path / "out"), result=str(tmp_path / "params-")))
+    subprocess.run([sys.executable, str(script), "1"], check=True, capture_output=True, timeout=300)
+    processes = [subprocess.Popen([sys.executable, str(script), "2", str(rank)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    single = torch.load(tmp_path / "params-1", weights_only=True)
+    double = torch.load(tmp_path / "params-2", weights_only=True)
+    assert single.keys() == double.keys() and len(single) > 20
+    for name in single:  # DDP's averaged gradient == the one-process gradient of the whole batch
+        assert torch.allclose(single[name], double[name], atol=1e-6, rtol=1e-4), name
+    assert max(float(g.abs().max()) for g in single.values()) > 1e-3
+
+
+def test_mmae_train_nproc_2_runs_ddp(dataset, tmp_path):
+    run = tmp_path / "run"
+    sets = train_command(dataset, run, "--set", "train.steps=4")[5:]
+    result = subprocess.run([sys.executable, "-m", "mmae.cli", "train", "--config", str(ROOT / "pipeline.yaml"),
+                             "--nproc", "2", *sets], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["samples_per_s"] > 0
+
+
+def test_tensorboard_events(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=2", "--set", "train.tensorboard=true"),
+                   check=True, capture_output=True, timeout=300)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

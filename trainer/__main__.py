@@ -1,0 +1,33 @@
+"""`python -m trainer` / `torchrun ... -m trainer`: the training entry point (same flags as `mmae train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="train a multimodal MAE")
+    parser.add_argument("--config", default="pipeline.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from schemas.config import ConfigError, load_config
+    from trainer.data import DataError
+    from trainer.train import TrainError, run_training
+
+    try:
+        last = run_training(load_config(args.config, args.set))
+    except (ConfigError, TrainError, DataError) as error:
+        print(f"mmae train: error: {error}", file=sys.stderr)
+        return 2
+    if last:
+        print(json.dumps(last))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Checkpoints: one component that sees only state dicts.
+
+`RUN/checkpoints/step-0000100.pt` files are written under a temporary name and renamed, then
+the `last` pointer is replaced the same way; only the newest `keep` are kept. Loading uses
+`torch.load(weights_only=True)`; a file that cannot be read (say, truncated by a crash or a
+full disk) is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("mmae.checkpoint")
+
+NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+class Checkpointer:
+    def __init__(self, folder: str | Path, keep: int = 3) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:07d}.pt"
+
+    def existing(self) -> list[Path]:
+        """Checkpoint files, newest first."""
+        if not self.folder.exists():
+            return []
+        found = [(int(match.group(1)), path) for path in self.folder.iterdir() if (match := NAME.match(path.name))]
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path_for(step)
+        temporary = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+        torch.save(state, temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        pointer = self.folder / ".tmp-last"
+        pointer.write_text(target.name + "\n")
+        os.replace(pointer, self.folder / "last")
+        for old in self.existing()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def load_latest(self) -> Optional[tuple[Path, dict[str, Any]]]:
+        """The newest readable checkpoint (the `last` pointer first), or None."""
+        candidates = self.existing()
+        pointer = self.folder / "last"
+        if pointer.exists():
+            named = self.folder / pointer.read_text().strip()
+            if named in candidates:
+                candidates.remove(named)
+                candidates.insert(0, named)
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path)
+            except Exception as error:  # noqa: BLE001 - any unreadable file: report, fall back
+                log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                            path, type(error).__name__, str(error)[:200])
+        return None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path):
+    """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load)."""
+    from trainer.model import build_model
+
+    state = load_checkpoint(path)
+    spec = state["model_spec"]
+    model = build_model(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
+                        spec.get("norm_pix_loss", True))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state

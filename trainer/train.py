@@ -1,0 +1,358 @@
+"""`mmae train`: the M3AE training loop.
+
+    mmae train --config pipeline.yaml                       # one process (resumes RUN/ if it has checkpoints)
+    mmae train --config pipeline.yaml --nproc 2             # DDP via torchrun (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=8 -m trainer --config pipeline.yaml --set train.model.preset=base
+
+The loop reads `while step < steps: train_step(); maybe_checkpoint(); maybe_log()`. Model
+code is single-device; DDP is applied by `parallelize()`. Restarting the same command resumes
+from the last good checkpoint; on CPU the resumed run reproduces the uninterrupted run's
+losses bit for bit (data order, masks and augmentations are functions of seed and step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from schemas.config import Config, TrainConfig
+from trainer.attention import resolve_backend
+from trainer.checkpoint import Checkpointer
+from trainer.data import Batch, MixedLoader, read_manifest
+from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
+
+log = logging.getLogger("mmae.train")
+
+NO_DECAY_NAMES = ("token_embed", "type_embed", "decoder_type_embed", "cls_token", "image_mask_token",
+                  "text_mask_token")
+
+
+class TrainError(RuntimeError):
+    """The run cannot start; the message says why."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+class WarmupCosine:
+    """lr multiplier: linear warmup, then cosine to min_lr (a class, so its state pickles plainly)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases, embeddings and special tokens (MAE's rule)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.split(".")[0] in NO_DECAY_NAMES:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def parallelize(model: MultimodalMAE, env: Distributed, config: TrainConfig) -> torch.nn.Module:
+    """DDP (and optionally torch.compile) around single-device model code."""
+    wrapped: torch.nn.Module = model
+    if config.compile:
+        wrapped = torch.compile(wrapped, dynamic=True)
+    if env.world_size > 1:
+        device_ids = [env.local_rank] if torch.cuda.is_available() else None
+        missing_kind = min(config.mix.shares().values()) == 0
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=device_ids, find_unused_parameters=missing_kind)
+    return wrapped
+
+
+def inputs_of(batch: Batch) -> Inputs:
+    return Inputs(batch.images, batch.image_index, batch.tokens, batch.token_lengths, batch.ids)
+
+
+def masked_counts(inputs: Inputs, plans) -> dict[str, int]:
+    counts = {"image": 0, "paired_text": 0, "unpaired_text": 0}
+    for index, (_, image_masked, _, text_masked) in enumerate(plans):
+        has_image = int(inputs.image_index[index]) >= 0
+        counts["image"] += len(image_masked)
+        counts["paired_text" if has_image else "unpaired_text"] += len(text_masked)
+    return counts
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step) * 64 + micro
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, env: Distributed) -> None:
+        self.config, self.env = config, env
+        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        manifest = read_manifest(config.data)
+        tokenizer = manifest.get("tokenizer") or {}
+        self.vocab_size = tokenizer.get("vocab_size") or 0
+        if not self.vocab_size and (config.mix.paired or config.mix.text):
+            raise TrainError(f"{config.data} has no tokenizer in its manifest; text needs one")
+        self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
+                           "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
+                           "norm_pix_loss": config.model.norm_pix_loss}
+        torch.manual_seed(config.seed)
+        self.model = build_model(**self.model_spec).to(self.device)
+        self.backend, self.layout = resolve_backend(config.attention)
+        self.model.set_attention(self.backend, self.layout)
+        self.loader = MixedLoader(config, rank=env.rank, world_size=env.world_size)
+        global_batch = config.batch_size * env.world_size * config.grad_accum
+        lr = config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.optimizer.weight_decay), lr=lr,
+                                           betas=tuple(config.optimizer.betas))
+        schedule = WarmupCosine(config.optimizer.warmup_steps, config.steps, config.optimizer.min_lr / lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.run = Path(config.out)
+        self.checkpoints = Checkpointer(self.run / "checkpoints", config.keep_checkpoints)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "model_spec": self.model_spec,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+
+    def resume(self) -> Optional[Path]:
+        found = self.checkpoints.load_latest()
+        if found is None:
+            return None
+        path, state = found
+        if state["model_spec"] != self.model_spec:
+            raise TrainError(f"{path} holds a {state['model_spec']} model; this config builds {self.model_spec}")
+        self.load_state_dict(state)
+        return path
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> dict[str, Any]:
+        config = self.config
+        weights = (config.loss_weights.image, config.loss_weights.text, config.loss_weights.unpaired_text)
+        inputs = [inputs_of(batch.to(self.device)) for batch in batches]
+        plans = [self.model.random_masking(item, config.masking.image_ratio, config.masking.text_ratio,
+                                           step_seed(config.seed, self.step, micro))
+                 for micro, item in enumerate(inputs)]
+        # Normalise by the masked elements of the whole global step (all micro-batches, all
+        # ranks), so the update equals one big batch's mean whatever the split.
+        counts = {key: 0 for key in ("image", "paired_text", "unpaired_text")}
+        for item, plan in zip(inputs, plans):
+            for key, value in masked_counts(item, plan).items():
+                counts[key] += value
+        totals = torch.tensor([counts["image"], counts["paired_text"], counts["unpaired_text"]], dtype=torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(totals)
+        normalisers = {key: float(value) / self.env.world_size
+                       for key, value in zip(("image", "paired_text", "unpaired_text"), totals.tolist())}
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "unpaired_text_loss": 0.0}
+        encoder_tokens = 0
+        for micro, (item, plan) in enumerate(zip(inputs, plans)):
+            sync = micro == len(inputs) - 1 or self.env.world_size == 1
+            context = model.no_sync() if not sync and hasattr(model, "no_sync") else _nullcontext()
+            with context, self.autocast:
+                output = model(item, plans=plan, weights=weights, normalisers=normalisers)
+            output.loss.backward()
+            sums["loss"] += float(output.loss.detach())
+            sums["image_loss"] += float(output.image_loss.detach())
+            sums["text_loss"] += float(output.text_loss.detach())
+            sums["unpaired_text_loss"] += float(output.unpaired_text_loss.detach())
+            encoder_tokens += output.encoder_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), config.optimizer.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        seen = {kind: sum(batch.counts()[kind] for batch in batches) for kind in ("paired", "image", "text")}
+        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen}
+
+    def fit(self) -> dict[str, Any]:
+        config, env = self.config, self.env
+        resumed = self.resume()
+        if env.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            (self.run / "config.yaml").write_text(yaml.safe_dump({"train": config.model_dump(mode="json")},
+                                                                 sort_keys=False))
+            _truncate_metrics(self.run / "metrics.jsonl", self.step)
+            log.info("model %s: %.2fM parameters; attention %s on %s rows; lr %.2e; %s",
+                     config.model.preset, count_parameters(self.model) / 1e6, self.backend, self.layout,
+                     self.lr, self.loader.describe())
+            if resumed:
+                log.info("resumed from %s at step %d", resumed, self.step)
+        model = parallelize(self.model, env, config)
+        writer = _tensorboard(self.run) if config.tensorboard and env.main else None
+        progress = _Progress(config.steps, self.step) if env.main else None
+        batches = self.loader.batches((config.steps - self.step) * config.grad_accum)
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        last: dict[str, Any] = {}
+        while self.step < config.steps:
+            step_batches = [next(batches) for _ in range(config.grad_accum)]
+            result = self.train_step(model, step_batches)
+            window_samples += sum(len(batch.ids) for batch in step_batches) * env.world_size
+            window_tokens += result["encoder_tokens"] * env.world_size
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                self._checkpoint()
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                last = {
+                    "step": self.step,
+                    "loss": result["loss"],
+                    "image_loss": result["image_loss"],
+                    "text_loss": result["text_loss"],
+                    "unpaired_text_loss": result["unpaired_text_loss"],
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": result["grad_norm"],
+                    "samples_per_s": window_samples / elapsed,
+                    "tokens_per_s": window_tokens / elapsed,
+                    "backend": f"{self.backend}/{self.layout}",
+                    "seen_paired": result["seen"]["paired"],
+                    "seen_image": result["seen"]["image"],
+                    "seen_text": result["seen"]["text"],
+                }
+                if env.main:
+                    with open(self.run / "metrics.jsonl", "a") as handle:
+                        handle.write(json.dumps(last) + "\n")
+                    if writer is not None:
+                        for key, value in last.items():
+                            if isinstance(value, (int, float)) and key != "step":
+                                writer.add_scalar(f"train/{key}", value, self.step)
+                    progress.update(self.step, last)
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            elif progress is not None:
+                progress.update(self.step, None)
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+        return last
+
+    def _checkpoint(self) -> None:
+        if self.env.main:
+            path = self.checkpoints.save(self.step, self.state_dict())
+            log.info("checkpoint %s", path)
+        if self.env.world_size > 1:
+            dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (the killed run's tail)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("train.tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.last = start
+
+    def update(self, step: int, metrics: Optional[dict[str, Any]]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            if metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
+        elif metrics:
+            log.info("step %d loss %.4f (image %.4f, text %.4f, unpaired %.4f) lr %.2e %.0f samples/s",
+                     step, metrics["loss"], metrics["image_loss"], metrics["text_loss"],
+                     metrics["unpaired_text_loss"], metrics["lr"], metrics["samples_per_s"])
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(config: Config) -> dict[str, Any]:
+    if config.train is None:
+        raise TrainError("the config has no train: section")
+    env = init_distributed()
+    try:
+        trainer = Trainer(config.train, env)
+        return trainer.fit()
+    finally:
+        if env.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
