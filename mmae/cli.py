@@ -116,7 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(args.out, config_path=args.config, beam_args=beam_args, pairs=args.pairs)
+    return run_demo(args.out, config_path=args.config, beam_args=beam_args, pairs=args.pairs,
+                    train_steps=args.train_steps)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="build/demo")
     demo.add_argument("--config", default="pipeline.yaml")
     demo.add_argument("--pairs", type=int, default=3000)
+    demo.add_argument("--train-steps", type=int, default=None,
+                      help="training steps (default: the config's train.steps; 0 = build and inspect only)")
     stats = commands.add_parser("stats", help="what is in a built dataset (tables, JSON, HTML report)")
     stats.add_argument("dataset", help="a build output folder or URL (holds manifest.json)")
     stats.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")

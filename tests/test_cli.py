@@ -54,18 +54,23 @@ def _check_demo_output(out: Path, pairs: int) -> dict:
 
 
 def test_demo_end_to_end_over_loopback_http(tmp_path):
-    result = mmae("demo", "--out", str(tmp_path / "demo"), "--pairs", "60", "--config", str(ROOT / "pipeline.yaml"))
+    result = mmae("demo", "--out", str(tmp_path / "demo"), "--pairs", "60", "--config", str(ROOT / "pipeline.yaml"),
+                  "--train-steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "balanced (read = written + rejected per source): True" in result.stdout
     _check_demo_output(tmp_path / "demo", 60)
+    assert (tmp_path / "demo" / "report.html").exists()
+    metrics = (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 3
 
 
 def test_multi_processing_runner_gives_identical_shards(tmp_path):
     """DoFns must pickle into worker processes, and the output must not depend on the runner mode."""
-    single = mmae("demo", "--out", str(tmp_path / "a"), "--pairs", "30", "--config", str(ROOT / "pipeline.yaml"))
+    single = mmae("demo", "--out", str(tmp_path / "a"), "--pairs", "30", "--config", str(ROOT / "pipeline.yaml"),
+                  "--train-steps", "0")
     assert single.returncode == 0, single.stderr[-3000:]
     multi = mmae("demo", "--out", str(tmp_path / "b"), "--pairs", "30", "--config", str(ROOT / "pipeline.yaml"),
-                 "--", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+                 "--train-steps", "0", "--", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
     assert multi.returncode == 0, multi.stderr[-3000:]
     first, second = _check_demo_output(tmp_path / "a", 30), _check_demo_output(tmp_path / "b", 30)
     # Same corpus; URLs differ only by the server's port, which is part of the row.
