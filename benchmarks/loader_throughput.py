@@ -15,13 +15,13 @@ import argparse
 import io
 import json
 import random
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.fresh_process import last_line  # noqa: E402
 
 
 def make_data(work: Path, count: int, side: int, shards: int) -> None:
@@ -100,10 +100,7 @@ report(time.perf_counter() - started, samples)
 
 def run(code: str) -> tuple[float, float, float]:
     """(samples/s, main-process peak RSS MB, largest worker's peak RSS MB)"""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(result.stderr[-3000:])
-    rate, own, worker = result.stdout.split()[-3:]
+    rate, own, worker = last_line(code).split()
     return float(rate), float(own), float(worker)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.fresh_process import last_line  # noqa: E402
 
 WORDS = np.array("a the red green blue small large circle square on at top left right of picture with two one three".split())
 
@@ -150,10 +151,7 @@ print(json.dumps({{"seconds": time.perf_counter() - started, "rss_mb": resource.
 
 
 def measure(code: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(last_line(code))
 
 
 def main() -> None:

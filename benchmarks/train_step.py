@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fresh_process import last_line  # noqa: E402
 
 STEP = textwrap.dedent("""
     import json, resource, sys, time, torch
@@ -64,11 +66,7 @@ STEP = textwrap.dedent("""
 
 
 def measure(**params) -> dict:
-    code = STEP.format(root=str(ROOT), **params)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(last_line(STEP.format(root=str(ROOT), **params)))
 
 
 def main() -> None:
