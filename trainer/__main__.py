@@ -30,4 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As `mmae`'s entry point: leave without interpreter teardown once output is flushed, so
+    # Arrow's native thread pools cannot abort a finished run (apache/arrow#34314).
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+
+    os._exit(code)

@@ -153,11 +153,11 @@ def build_streams(config: TrainConfig) -> tuple[list[Stream], str]:
             url = f"{root}/{entry['path']}"
             fingerprint.update(entry["sha256"].encode())
             try:
-                parquet = _open_parquet(url)
-                metadata = parquet.metadata
-                sources = None
-                if split_by_source:
-                    sources = parquet.read(columns=["source"]).column("source").to_pylist()
+                with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+                    metadata = parquet.metadata
+                    sources = None
+                    if split_by_source:
+                        sources = parquet.read(columns=["source"]).column("source").to_pylist()
             except (OSError, pa.ArrowException) as error:
                 if config.data_errors == "skip":
                     skipped.append(url)
