@@ -253,3 +253,20 @@ def test_tensorboard_events(dataset, tmp_path):
     subprocess.run(train_command(dataset, run, "--set", "train.steps=2", "--set", "train.tensorboard=true"),
                    check=True, capture_output=True, timeout=300)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
+    from trainer.train import Distributed, Trainer
+
+    grads = {}
+    for accum in (1, 2):
+        config = train_config(dataset, tmp_path / f"run{accum}", grad_accum=accum, optimizer={"lr": 0.01})
+        trainer = Trainer(config, Distributed())
+        trainer.optimizer.step = lambda: None  # keep the step's gradients
+        batch = next(MixedLoader(config.model_copy(update={"batch_size": 8})).batches(1))
+        parts = [batch] if accum == 1 else [batch.select(list(range(4))), batch.select(list(range(4, 8)))]
+        trainer.train_step(trainer.model, parts)
+        grads[accum] = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    assert grads[1].keys() == grads[2].keys()
+    for name in grads[1]:
+        assert torch.allclose(grads[1][name], grads[2][name], atol=1e-6, rtol=1e-4), name

@@ -121,8 +121,9 @@ def masked_counts(inputs: Inputs, plans) -> dict[str, int]:
     return counts
 
 
-def step_seed(seed: int, step: int, micro: int) -> int:
-    return (seed * 1_000_003 + step) * 64 + micro
+def step_seed(seed: int, step: int) -> int:
+    """Masks are drawn per sample id from this seed: the same whatever the micro-batch or rank split."""
+    return seed * 1_000_003 + step
 
 
 class Trainer:
@@ -195,8 +196,8 @@ class Trainer:
         weights = (config.loss_weights.image, config.loss_weights.text, config.loss_weights.unpaired_text)
         inputs = [inputs_of(batch.to(self.device)) for batch in batches]
         plans = [self.model.random_masking(item, config.masking.image_ratio, config.masking.text_ratio,
-                                           step_seed(config.seed, self.step, micro))
-                 for micro, item in enumerate(inputs)]
+                                           step_seed(config.seed, self.step))
+                 for item in inputs]
         # Normalise by the masked elements of the whole global step (all micro-batches, all
         # ranks), so the update equals one big batch's mean whatever the split.
         counts = {key: 0 for key in ("image", "paired_text", "unpaired_text")}
