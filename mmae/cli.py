@@ -7,6 +7,7 @@ is instant and the data side never imports torch.
     mmae stats DATASET [--json] [--html F] [--samples N]
     mmae validate DATASET [--no-decode]
     mmae train [--config F] [--set k=v]... [--nproc N]
+    mmae eval probe --checkpoint CKPT --data DATASET [--json]
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main(["--config", args.config, *overrides])
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.data import DataError
+    from trainer.evaluate import probe
+
+    try:
+        result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
+    except (DataError, FileNotFoundError) as error:
+        print(f"mmae eval: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"linear probe top-1 {result['top1']:.2%} ({result['classes']} classes; "
+              f"{result['n_train']} train / {result['n_test']} test images)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.demo import run_demo
 
@@ -161,6 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun); default 1")
 
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
+    probe = evaluations.add_parser("probe", help="linear probe on frozen image features (MAE protocol)")
+    probe.add_argument("--checkpoint", required=True)
+    probe.add_argument("--data", required=True, help="a built dataset with a label column")
+    probe.add_argument("--pool", choices=["cls", "mean"], default="cls")
+    probe.add_argument("--epochs", type=int, default=100)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--json", action="store_true")
+
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
     validate.add_argument("dataset")
     validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
@@ -184,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _cmd_validate(args)
     if args.command == "train":
         return _cmd_train(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
     raise AssertionError(args.command)
 
 

@@ -152,6 +152,8 @@ class ModelConfig(_Section):
 
 
 class MaskingConfig(_Section):
+    strategy: Literal["independent", "cross"] = Field(
+        "independent", description="cross (MaskVLM): a paired sample masks one modality, the other stays visible")
     image_ratio: float = Field(0.75, ge=0, lt=1)
     text_ratio: float = Field(0.75, ge=0, le=1, description="M3AE: 0.5-0.9 beats BERT's 0.15")
 
@@ -203,6 +205,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     compile: bool = Field(False, description="torch.compile the model (dynamic shapes)")
     tensorboard: bool = Field(False, description="also write TensorBoard events to RUN/tensorboard")
+    use_text: bool = Field(
+        True, description="false: the image-only MAE baseline on the same data (captions dropped, text skipped)")
 
     @field_validator("source_weights")
     @classmethod

@@ -74,3 +74,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     assert "not valid YAML" in error_of(tmp_path, "data: [unclosed")
+
+
+@pytest.mark.parametrize("name", ["m3ae", "mae"])
+def test_shipped_recipe_configs_are_valid(name):
+    config = load_config(f"configs/{name}.yaml")
+    assert config.train is not None and config.train.use_text == (name == "m3ae")

@@ -411,6 +411,12 @@ class Batch:
             epochs=self.epochs[indices],
         )
 
+    def without_text(self) -> "Batch":
+        """The same samples with every token dropped (the MAE baseline uses captions as nothing)."""
+        return Batch(step=self.step, ids=self.ids, kinds=self.kinds, sources=self.sources, labels=self.labels,
+                     images=self.images, image_index=self.image_index, tokens=self.tokens[:0],
+                     token_lengths=torch.zeros_like(self.token_lengths), epochs=self.epochs)
+
     def pin_memory(self) -> "Batch":
         for name in ("kinds", "images", "image_index", "tokens", "token_lengths", "epochs"):
             setattr(self, name, getattr(self, name).pin_memory())

@@ -351,14 +351,15 @@ class MultimodalMAE(nn.Module):
         return Output(loss, image_loss, text_loss, unpaired_loss, counts, sum(seqlens), len(decoded))
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Unmasked image-only forward; returns the CLS features [N, D] (for linear probing)."""
+    def encode_images(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Unmasked image-only forward -> [N, D] features: the CLS token, or the mean of the patches."""
         tokens = self.patch_embed(self.patchify(images)) + self.image_pos + self.type_embed.weight[IMAGE]
         cls = (self.cls_token + self.type_embed.weight[CLS]).expand(len(images), 1, -1)
         x = torch.cat([cls, tokens], dim=1)  # [N, 1+P, D]: equal lengths, no padding needed
         seqlens = [x.shape[1]] * len(images)
         encoded = self._run(self.blocks, self.norm, x.reshape(-1, x.shape[-1]), seqlens)
-        return encoded.view(len(images), -1, encoded.shape[-1])[:, 0]
+        encoded = encoded.view(len(images), -1, encoded.shape[-1])
+        return encoded[:, 0] if pool == "cls" else encoded[:, 1:].mean(dim=1)
 
 
 def _sample_seed(seed: int, sample_id: str) -> int:

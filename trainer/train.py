@@ -12,6 +12,7 @@ losses bit for bit (data order, masks and augmentations are functions of seed an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -102,7 +103,7 @@ def parallelize(model: MultimodalMAE, env: Distributed, config: TrainConfig) -> 
             block.compile(dynamic=True)
     if env.world_size > 1:
         device_ids = [env.local_rank] if torch.cuda.is_available() else None
-        missing_kind = min(config.mix.shares().values()) == 0
+        missing_kind = min(config.mix.shares().values()) == 0 or not config.use_text  # some params idle
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=device_ids, find_unused_parameters=missing_kind)
     return wrapped
@@ -121,6 +122,22 @@ def masked_counts(inputs: Inputs, plans) -> dict[str, int]:
     return counts
 
 
+def masking_ratios(inputs: Inputs, masking) -> tuple[list[float], list[float]]:
+    """Per-sample (image, text) mask ratios. `cross` (MaskVLM): a paired sample masks its image
+    and keeps the caption whole, or the other way round, alternating by a hash of its id."""
+    image_ratios, text_ratios = [], []
+    for index, sample_id in enumerate(inputs.ids):
+        paired = int(inputs.image_index[index]) >= 0 and int(inputs.token_lengths[index]) > 0
+        if masking.strategy == "cross" and paired:
+            mask_image = int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=2).digest(), "little") % 2 == 0
+            image_ratios.append(masking.image_ratio if mask_image else 0.0)
+            text_ratios.append(0.0 if mask_image else masking.text_ratio)
+        else:
+            image_ratios.append(masking.image_ratio)
+            text_ratios.append(masking.text_ratio)
+    return image_ratios, text_ratios
+
+
 def step_seed(seed: int, step: int) -> int:
     """Masks are drawn per sample id from this seed: the same whatever the micro-batch or rank split."""
     return seed * 1_000_003 + step
@@ -133,7 +150,7 @@ class Trainer:
         manifest = read_manifest(config.data)
         tokenizer = manifest.get("tokenizer") or {}
         self.vocab_size = tokenizer.get("vocab_size") or 0
-        if not self.vocab_size and (config.mix.paired or config.mix.text):
+        if not self.vocab_size and config.use_text and (config.mix.paired or config.mix.text):
             raise TrainError(f"{config.data} has no tokenizer in its manifest; text needs one")
         self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
                            "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
@@ -142,7 +159,12 @@ class Trainer:
         self.model = build_model(**self.model_spec).to(self.device)
         self.backend, self.layout = resolve_backend(config.attention)
         self.model.set_attention(self.backend, self.layout)
-        self.loader = MixedLoader(config, rank=env.rank, world_size=env.world_size)
+        if not config.use_text:
+            # MAE baseline: the same images (paired ones too, captions dropped); no text-only rows.
+            mix = config.mix.model_copy(update={"text": 0.0})
+            self.loader = MixedLoader(config.model_copy(update={"mix": mix}), rank=env.rank, world_size=env.world_size)
+        else:
+            self.loader = MixedLoader(config, rank=env.rank, world_size=env.world_size)
         global_batch = config.batch_size * env.world_size * config.grad_accum
         lr = config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
         self.lr = lr
@@ -194,10 +216,14 @@ class Trainer:
     def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> dict[str, Any]:
         config = self.config
         weights = (config.loss_weights.image, config.loss_weights.text, config.loss_weights.unpaired_text)
+        if not config.use_text:
+            batches = [batch.without_text() for batch in batches]
         inputs = [inputs_of(batch.to(self.device)) for batch in batches]
-        plans = [self.model.random_masking(item, config.masking.image_ratio, config.masking.text_ratio,
-                                           step_seed(config.seed, self.step))
-                 for item in inputs]
+        plans = []
+        for item in inputs:
+            image_ratios, text_ratios = masking_ratios(item, config.masking)
+            plans.append(self.model.random_masking(item, config.masking.image_ratio, config.masking.text_ratio,
+                                                   step_seed(config.seed, self.step), image_ratios, text_ratios))
         # Normalise by the masked elements of the whole global step (all micro-batches, all
         # ranks), so the update equals one big batch's mean whatever the split.
         counts = {key: 0 for key in ("image", "paired_text", "unpaired_text")}

@@ -1,0 +1,89 @@
+"""Recipe switches (MAE baseline, MaskVLM cross masking) and the linear probe."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from pipelines.shards import write_shard
+from schemas.config import MaskingConfig
+from tests.datasets import row
+from tests.test_train import ROOT, dataset, losses, train_command  # noqa: F401 - fixtures reused
+from trainer.model import Inputs
+from trainer.train import masking_ratios
+
+
+def test_cross_masking_masks_one_modality_of_each_pair():
+    inputs = Inputs(images=torch.zeros(3, 3, 16, 16), image_index=torch.tensor([0, 1, -1, 2]),
+                    tokens=torch.arange(12), token_lengths=torch.tensor([3, 3, 3, 3]),
+                    ids=["a", "b", "c", "d"])
+    image, text = masking_ratios(inputs, MaskingConfig(strategy="cross", image_ratio=0.75, text_ratio=0.5))
+    for i in (0, 1, 3):  # paired: exactly one modality masked
+        assert sorted([image[i], text[i]]) in ([0.0, 0.75], [0.0, 0.5]) and (image[i] == 0.0) != (text[i] == 0.0)
+    assert (image[2], text[2]) == (0.75, 0.5)  # text-only rows keep the normal ratios
+    ids = [f"s{n}" for n in range(200)]
+    many = Inputs(torch.zeros(200, 3, 16, 16), torch.arange(200), torch.arange(600), torch.full((200,), 3), ids)
+    image, _ = masking_ratios(many, MaskingConfig(strategy="cross"))
+    assert 60 < sum(ratio > 0 for ratio in image) < 140  # alternates, roughly half each way
+    assert masking_ratios(many, MaskingConfig(strategy="independent"))[0] == [0.75] * 200
+
+
+def test_mae_baseline_drops_text(dataset, tmp_path):  # noqa: F811
+    run = tmp_path / "mae"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=3", "--set", "train.use_text=false"),
+                   check=True, capture_output=True, timeout=300)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["seen_text"] == 0 and m["text_loss"] == 0 and m["unpaired_text_loss"] == 0 for m in metrics)
+    assert all(m["seen_paired"] > 0 and m["image_loss"] > 0 for m in metrics)
+
+
+def solid(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_linear_probe_separates_what_is_separable(tmp_path):
+    """Colour labels on solid images: any features keep colour, so the probe must be near 100%."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.evaluate import probe
+    from trainer.model import build_model
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    rows = []
+    for index in range(150):
+        name = list(colours)[index % 3]
+        shade = tuple(min(255, channel + (index * 7) % 30) for channel in colours[name])
+        item = row("image", index)
+        item.update(image=solid(shade), label=name)
+        rows.append(item)
+    root = tmp_path / "ds"
+    entry = write_shard(str(root), "image", 0, 1, rows, 32)
+    (root / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"image": 150},
+                                                    "shards": [entry], "rejects": []}))
+    torch.manual_seed(0)
+    model = build_model("tiny", 16, 16, 16)
+    checkpoint = tmp_path / "random.pt"
+    torch.save({"model": model.state_dict(), "step": 0,
+                "model_spec": {"preset": "tiny", "vocab_size": 16, "image_size": 16, "max_text_tokens": 16}},
+               checkpoint)
+    result = probe(str(checkpoint), str(root), epochs=60)
+    assert result["classes"] == 3 and result["n_train"] + result["n_test"] == 150
+    assert 20 <= result["n_test"] <= 40  # the deterministic 80/20 split
+    assert result["top1"] >= 0.9
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(checkpoint),
+                          "--data", str(root), "--json", "--epochs", "60"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads(cli.stdout) == result
+
+
+def test_probe_needs_labels(dataset, tmp_path):  # noqa: F811
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(tmp_path / "x.pt"),
+                          "--data", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 2 and "error" in cli.stderr

@@ -1,0 +1,96 @@
+"""`mmae eval probe`: MAE's linear-probe protocol on frozen features.
+
+    mmae eval probe --checkpoint RUN/checkpoints/step-0001500.pt --data build/demo/shards [--json]
+
+Features are the CLS token of an unmasked, image-only forward (or the mean of the patch
+tokens with `--pool mean`) of each labelled image's deterministic centre view. The probe is
+BatchNorm without affine + a linear layer (MAE's protocol), trained with AdamW on the
+features; the split is deterministic by id (80/20), or the dataset's own `split` column when it
+has one. Prints top-1 accuracy (`--json`: {"top1", "n_train", "n_test", "classes"}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+import torch
+
+from trainer.checkpoint import load_model
+from trainer.data import DataError, read_manifest
+from trainer.transforms import eval_view
+
+
+def labelled_rows(dataset: str) -> list[dict[str, Any]]:
+    """id, image bytes, label (and split) of every row that has both an image and a label."""
+    manifest = read_manifest(dataset)
+    rows = []
+    for entry in manifest["shards"]:
+        if entry["kind"] not in ("paired", "image"):
+            continue
+        url = f"{dataset.rstrip('/')}/{entry['path']}"
+        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            columns = [c for c in ("id", "image", "label", "split") if c in parquet.schema_arrow.names]
+            for row in parquet.read(columns=columns).to_pylist():
+                if row.get("label") is not None and row.get("image"):
+                    rows.append(row)
+    if not rows:
+        raise DataError(f"{dataset}: no rows with both an image and a label (build with a label_column)")
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def split_of(row: dict[str, Any]) -> str:
+    if row.get("split") in ("train", "test"):
+        return row["split"]
+    bucket = int.from_bytes(hashlib.blake2b(row["id"].encode(), digest_size=4).digest(), "little") % 100
+    return "test" if bucket < 20 else "train"
+
+
+@torch.no_grad()
+def features(model, rows: list[dict[str, Any]], pool: str, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(rows), batch_size):
+        images = torch.stack([eval_view(row["image"], model.image_size) for row in rows[start:start + batch_size]])
+        if pool == "cls":
+            out.append(model.encode_images(images))
+        else:
+            out.append(model.encode_images(images, pool="mean"))
+    return torch.cat(out)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, epochs: int = 100, lr: float = 1e-2, seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(train_x.shape[1], affine=False),
+                                torch.nn.Linear(train_x.shape[1], classes))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), 256):
+            index = order[start:start + 256]
+            loss = torch.nn.functional.cross_entropy(probe(train_x[index]), train_y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    probe.eval()
+    with torch.no_grad():
+        return float((probe(test_x).argmax(dim=1) == test_y).float().mean())
+
+
+def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, seed: int = 0) -> dict[str, Any]:
+    model, _ = load_model(checkpoint)
+    rows = labelled_rows(dataset)
+    names = sorted({row["label"] for row in rows})
+    index = {name: number for number, name in enumerate(names)}
+    train_rows = [row for row in rows if split_of(row) == "train"]
+    test_rows = [row for row in rows if split_of(row) == "test"]
+    if not train_rows or not test_rows:
+        raise DataError(f"{dataset}: the split left {len(train_rows)} train and {len(test_rows)} test rows")
+    train_x, test_x = features(model, train_rows, pool), features(model, test_rows, pool)
+    train_y = torch.tensor([index[row["label"]] for row in train_rows])
+    test_y = torch.tensor([index[row["label"]] for row in test_rows])
+    top1 = linear_probe(train_x, train_y, test_x, test_y, len(names), epochs=epochs, seed=seed)
+    return {"top1": top1, "n_train": len(train_rows), "n_test": len(test_rows), "classes": len(names)}
