@@ -162,6 +162,18 @@ class LossWeightsConfig(_Section):
     image: float = Field(1.0, ge=0)
     text: float = Field(1.0, ge=0, description="masked-token loss of paired captions")
     unpaired_text: float = Field(1.0, ge=0, description="masked-token loss of text-only samples")
+    itc: float = Field(0.0, ge=0, description="image-text contrastive loss on paired samples (0 = off)")
+    itm: float = Field(0.0, ge=0, description="image-text matching loss with hard negatives (0 = off)")
+
+
+class StageConfig(_Section):
+    """One stage of a curriculum (MoMo, VLMo): its length, data mix, objectives, frozen modules."""
+
+    name: Optional[str] = None
+    steps: int = Field(ge=1)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    objectives: Optional[LossWeightsConfig] = Field(None, description="loss weights; null = train.loss_weights")
+    frozen: list[str] = Field(default_factory=list, description="parameter-name prefixes not trained in this stage")
 
 
 class OptimizerConfig(_Section):
@@ -207,6 +219,18 @@ class TrainConfig(_Section):
     tensorboard: bool = Field(False, description="also write TensorBoard events to RUN/tensorboard")
     use_text: bool = Field(
         True, description="false: the image-only MAE baseline on the same data (captions dropped, text skipped)")
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="a curriculum; when set, steps = the sum of the stages' steps")
+    step_mode: Literal["packed", "per_kind"] = Field(
+        "packed", description="per_kind: one forward/backward per kind, gradients summed, one optimizer step")
+
+    @model_validator(mode="after")
+    def _steps_from_stages(self) -> "TrainConfig":
+        if self.stages:
+            total = sum(stage.steps for stage in self.stages)
+            if self.steps != total:
+                object.__setattr__(self, "steps", total)
+        return self
 
     @field_validator("source_weights")
     @classmethod

@@ -87,3 +87,48 @@ def test_probe_needs_labels(dataset, tmp_path):  # noqa: F811
     cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(tmp_path / "x.pt"),
                           "--data", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert cli.returncode == 2 and "error" in cli.stderr
+
+
+STAGES = ["--set", "train.stages=[{name: images, steps: 3, mix: {paired: 0, image: 1, text: 0}}, "
+                   "{name: joint, steps: 3, mix: {paired: 0.5, image: 0.25, text: 0.25}}, "
+                   "{name: text, steps: 3, mix: {paired: 0.5, image: 0, text: 0.5}, frozen: [patch_embed]}]",
+          "--set", "train.checkpoint_every=2"]
+
+
+def test_stages_switch_mix_and_resume_in_the_right_stage(dataset, tmp_path):  # noqa: F811
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(dataset, straight, *STAGES), check=True, capture_output=True, timeout=300)
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 10))  # steps = the stages' sum
+    assert [m["stage"] for m in metrics] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(m["seen_image"] == 8 and m["seen_text"] == 0 for m in metrics[:3])
+    assert all(m["seen_image"] == 0 and m["seen_text"] == 4 for m in metrics[6:])
+    # Resume from the step-4 checkpoint (inside stage 1): same losses as the straight run.
+    resumed = tmp_path / "resumed"
+    subprocess.run(train_command(dataset, resumed, *STAGES, "--set", "train.keep_checkpoints=10"), check=True,
+                   capture_output=True, timeout=300)
+    checkpoints = resumed / "checkpoints"
+    for name in ("step-0000006.pt", "step-0000008.pt", "step-0000009.pt"):
+        (checkpoints / name).unlink(missing_ok=True)
+    (checkpoints / "last").write_text("step-0000004.pt\n")
+    result = subprocess.run(train_command(dataset, resumed, *STAGES), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "at step 4" in result.stderr, result.stderr[-2000:]
+    assert losses(resumed) == losses(straight)
+
+
+def test_per_kind_step_mode_gives_the_packed_update(dataset, tmp_path):  # noqa: F811
+    from schemas.config import TrainConfig
+    from trainer.data import MixedLoader
+    from trainer.train import Distributed, Trainer
+
+    grads = {}
+    for mode in ("packed", "per_kind"):
+        config = TrainConfig(data=str(dataset), out=str(tmp_path / mode), batch_size=8, num_workers=0, image_size=16,
+                             max_text_tokens=16, step_mode=mode, optimizer={"lr": 0.01})
+        trainer = Trainer(config, Distributed())
+        trainer.optimizer.step = lambda: None
+        batch = next(MixedLoader(config).batches(1))
+        trainer.train_step(trainer.model, [batch])
+        grads[mode] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    for name in grads["packed"]:
+        assert torch.allclose(grads["packed"][name], grads["per_kind"][name], atol=1e-6, rtol=1e-4), name

@@ -103,7 +103,8 @@ def parallelize(model: MultimodalMAE, env: Distributed, config: TrainConfig) -> 
             block.compile(dynamic=True)
     if env.world_size > 1:
         device_ids = [env.local_rank] if torch.cuda.is_available() else None
-        missing_kind = min(config.mix.shares().values()) == 0 or not config.use_text  # some params idle
+        # Some parameters sit idle in some steps when a kind is absent (a zero share, a stage, MAE).
+        missing_kind = min(config.mix.shares().values()) == 0 or not config.use_text or bool(config.stages)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=device_ids, find_unused_parameters=missing_kind)
     return wrapped
@@ -159,12 +160,15 @@ class Trainer:
         self.model = build_model(**self.model_spec).to(self.device)
         self.backend, self.layout = resolve_backend(config.attention)
         self.model.set_attention(self.backend, self.layout)
-        if not config.use_text:
-            # MAE baseline: the same images (paired ones too, captions dropped); no text-only rows.
-            mix = config.mix.model_copy(update={"text": 0.0})
-            self.loader = MixedLoader(config.model_copy(update={"mix": mix}), rank=env.rank, world_size=env.world_size)
-        else:
-            self.loader = MixedLoader(config, rank=env.rank, world_size=env.world_size)
+        # Stages: (first step, end step, stage config or None for a single-stage run).
+        self.stages: list[tuple[int, int, Any]] = []
+        start = 0
+        for stage in config.stages or [None]:
+            end = start + (stage.steps if stage is not None else config.steps)
+            self.stages.append((start, end, stage))
+            start = end
+        self.stage_index = 0
+        self.loader = self._make_loader(0)
         global_batch = config.batch_size * env.world_size * config.grad_accum
         lr = config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
         self.lr = lr
@@ -178,6 +182,41 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
 
+    # -- stages ---------------------------------------------------------------------------
+
+    def _make_loader(self, index: int) -> MixedLoader:
+        """The loader of stage `index`: its mix (text share 0 for the MAE baseline), its own order."""
+        stage = self.stages[index][2]
+        mix = stage.mix if stage is not None else self.config.mix
+        if not self.config.use_text:
+            # MAE baseline: the same images (paired ones too, captions dropped); no text-only rows.
+            mix = mix.model_copy(update={"text": 0.0})
+        stage_config = self.config.model_copy(update={"mix": mix, "seed": self.config.seed + 1009 * index})
+        return MixedLoader(stage_config, rank=self.env.rank, world_size=self.env.world_size)
+
+    def stage_of(self, step: int) -> int:
+        for index, (start, end, _) in enumerate(self.stages):
+            if start <= step < end:
+                return index
+        return len(self.stages) - 1
+
+    def _enter_stage(self, index: int) -> None:
+        stage = self.stages[index][2]
+        frozen = tuple(stage.frozen) if stage is not None else ()
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(not name.startswith(frozen) if frozen else True)
+        if index != self.stage_index:
+            self.stage_index = index
+            self.loader = self._make_loader(index)
+        if stage is not None and self.env.main:
+            log.info("stage %d%s: steps %d-%d, %s", index, f" ({stage.name})" if stage.name else "",
+                     self.stages[index][0], self.stages[index][1], self.loader.describe())
+
+    def loss_weights(self):
+        stage = self.stages[self.stage_index][2]
+        weights = stage.objectives if stage is not None and stage.objectives is not None else self.config.loss_weights
+        return weights
+
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -187,6 +226,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
+            "stage": self.stage_index,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "model_spec": self.model_spec,
             "config": self.config.model_dump(mode="json"),
@@ -196,6 +236,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("stage", 0) != self.stage_index:
+            self.stage_index = state["stage"]
+            self.loader = self._make_loader(self.stage_index)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -215,9 +258,15 @@ class Trainer:
 
     def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> dict[str, Any]:
         config = self.config
-        weights = (config.loss_weights.image, config.loss_weights.text, config.loss_weights.unpaired_text)
+        objectives = self.loss_weights()
+        weights = (objectives.image, objectives.text, objectives.unpaired_text)
         if not config.use_text:
             batches = [batch.without_text() for batch in batches]
+        if config.step_mode == "per_kind":
+            # MoMo: one forward/backward per kind, gradients summed before the single step. With
+            # losses normalised by the whole step's counts this is the packed step's update.
+            batches = [batch.select(indices) for batch in batches for code in range(3)
+                       if (indices := (batch.kinds == code).nonzero().flatten().tolist())]
         inputs = [inputs_of(batch.to(self.device)) for batch in batches]
         plans = []
         for item in inputs:
@@ -273,10 +322,15 @@ class Trainer:
         model = parallelize(self.model, env, config)
         writer = _tensorboard(self.run) if config.tensorboard and env.main else None
         progress = _Progress(config.steps, self.step) if env.main else None
-        batches = self.loader.batches((config.steps - self.step) * config.grad_accum)
+        batches = None
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         last: dict[str, Any] = {}
         while self.step < config.steps:
+            stage = self.stage_of(self.step)
+            if batches is None or stage != self.stage_index:
+                self._enter_stage(stage)
+                end = self.stages[stage][1]
+                batches = self.loader.batches((end - self.step) * config.grad_accum)
             step_batches = [next(batches) for _ in range(config.grad_accum)]
             result = self.train_step(model, step_batches)
             window_samples += sum(len(batch.ids) for batch in step_batches) * env.world_size
@@ -299,6 +353,7 @@ class Trainer:
                     "seen_paired": result["seen"]["paired"],
                     "seen_image": result["seen"]["image"],
                     "seen_text": result["seen"]["text"],
+                    "stage": self.stage_index,
                 }
                 if env.main:
                     with open(self.run / "metrics.jsonl", "a") as handle:
