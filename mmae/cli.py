@@ -8,6 +8,7 @@ is instant and the data side never imports torch.
     mmae validate DATASET [--no-decode]
     mmae train [--config F] [--set k=v]... [--nproc N]
     mmae eval probe --checkpoint CKPT --data DATASET [--json]
+    mmae eval retrieval --checkpoint CKPT --data DATASET [--json]
 """
 
 from __future__ import annotations
@@ -116,15 +117,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from trainer.data import DataError
-    from trainer.evaluate import probe
+    from trainer.evaluate import probe, retrieval
 
     try:
-        result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
+        if args.evaluation == "retrieval":
+            result = retrieval(args.checkpoint, args.data, limit=args.limit)
+        else:
+            result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
     except (DataError, FileNotFoundError) as error:
         print(f"mmae eval: error: {error}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
+    elif args.evaluation == "retrieval":
+        print(f"retrieval over {result['n']} pairs: image->text R@1 {result['image_to_text']['r1']:.2%} "
+              f"R@5 {result['image_to_text']['r5']:.2%}; text->image R@1 {result['text_to_image']['r1']:.2%} "
+              f"R@5 {result['text_to_image']['r5']:.2%}")
     else:
         print(f"linear probe top-1 {result['top1']:.2%} ({result['classes']} classes; "
               f"{result['n_train']} train / {result['n_test']} test images)")
@@ -188,6 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--json", action="store_true")
+    retrieve = evaluations.add_parser("retrieval", help="image<->text recall@1/5 (checkpoints trained with ITC)")
+    retrieve.add_argument("--checkpoint", required=True)
+    retrieve.add_argument("--data", required=True)
+    retrieve.add_argument("--limit", type=int, default=1000, help="paired rows scored (first by id)")
+    retrieve.add_argument("--json", action="store_true")
 
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
     validate.add_argument("dataset")

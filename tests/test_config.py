@@ -76,7 +76,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert "not valid YAML" in error_of(tmp_path, "data: [unclosed")
 
 
-@pytest.mark.parametrize("name", ["m3ae", "mae"])
+@pytest.mark.parametrize("name", ["m3ae", "mae", "maskvlm", "momo"])
 def test_shipped_recipe_configs_are_valid(name):
     config = load_config(f"configs/{name}.yaml")
-    assert config.train is not None and config.train.use_text == (name == "m3ae")
+    assert config.train is not None and config.train.use_text == (name != "mae") and config.train.steps == 3000

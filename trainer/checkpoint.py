@@ -80,7 +80,7 @@ def load_model(path: str | Path):
     state = load_checkpoint(path)
     spec = state["model_spec"]
     model = build_model(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
-                        spec.get("norm_pix_loss", True))
+                        spec.get("norm_pix_loss", True), spec.get("alignment", False))
     model.load_state_dict(state["model"])
     model.eval()
     return model, state

@@ -94,3 +94,50 @@ def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, s
     test_y = torch.tensor([index[row["label"]] for row in test_rows])
     top1 = linear_probe(train_x, train_y, test_x, test_y, len(names), epochs=epochs, seed=seed)
     return {"top1": top1, "n_train": len(train_rows), "n_test": len(test_rows), "classes": len(names)}
+
+
+def paired_rows(dataset: str, limit: int) -> list[dict[str, Any]]:
+    manifest = read_manifest(dataset)
+    rows = []
+    for entry in manifest["shards"]:
+        if entry["kind"] != "paired":
+            continue
+        url = f"{dataset.rstrip('/')}/{entry['path']}"
+        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            rows += [row for row in parquet.read(columns=["id", "image", "tokens"]).to_pylist() if row["tokens"]]
+    rows.sort(key=lambda row: row["id"])
+    if len(rows) < 2:
+        raise DataError(f"{dataset}: retrieval needs at least 2 paired rows")
+    return rows[:limit]
+
+
+@torch.no_grad()
+def retrieval(checkpoint: str, dataset: str, limit: int = 1000) -> dict[str, Any]:
+    """Image->text and text->image recall@1/5 over the dataset's paired rows (first `limit` by id)."""
+    from trainer.model import Inputs
+
+    model, _ = load_model(checkpoint)
+    if not model.alignment:
+        raise DataError(f"{checkpoint} was trained without ITC (train.loss_weights.itc = 0): no retrieval heads")
+    rows = paired_rows(dataset, limit)
+    image_z, text_z = [], []
+    for start in range(0, len(rows), 256):
+        chunk = rows[start:start + 256]
+        images = torch.stack([eval_view(row["image"], model.image_size) for row in chunk])
+        tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in chunk]
+        n = len(chunk)
+        image_inputs = Inputs(images, torch.arange(n), torch.empty(0, dtype=torch.long),
+                              torch.zeros(n, dtype=torch.long), [row["id"] for row in chunk])
+        text_inputs = Inputs(images[:0], torch.full((n,), -1), torch.cat(tokens),
+                             torch.tensor([len(t) for t in tokens]), [row["id"] for row in chunk])
+        image_z.append(torch.nn.functional.normalize(model.itc_image_proj(model.cls_features(image_inputs)), dim=-1))
+        text_z.append(torch.nn.functional.normalize(model.itc_text_proj(model.cls_features(text_inputs)), dim=-1))
+    similarity = torch.cat(image_z) @ torch.cat(text_z).T  # [N images, N texts]
+    truth = torch.arange(len(rows))
+
+    def recall(scores: torch.Tensor, k: int) -> float:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        return float((top == truth[:, None]).any(dim=1).float().mean())
+
+    return {"n": len(rows), "image_to_text": {"r1": recall(similarity, 1), "r5": recall(similarity, 5)},
+            "text_to_image": {"r1": recall(similarity.T, 1), "r5": recall(similarity.T, 5)}}

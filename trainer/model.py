@@ -16,6 +16,7 @@ lengths, so no FLOP is spent on padding unless the attention backend asks for it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -113,11 +114,13 @@ class Output:
     counts: dict[str, int]  # masked patches / text tokens that carried a loss
     encoder_tokens: int
     decoder_tokens: int
+    itc_loss: Optional[torch.Tensor] = None
+    itm_loss: Optional[torch.Tensor] = None
 
 
 class MultimodalMAE(nn.Module):
     def __init__(self, size: ModelSize, vocab_size: int, image_size: int, max_text_tokens: int = 256,
-                 norm_pix_loss: bool = True) -> None:
+                 norm_pix_loss: bool = True, alignment: bool = False) -> None:
         super().__init__()
         if image_size % size.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch size {size.patch_size}")
@@ -151,6 +154,13 @@ class MultimodalMAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.image_head = nn.Linear(decoder_dim, patch_dim)
         self.text_head = nn.Linear(decoder_dim, vocab_size)
+        self.alignment = alignment
+        if alignment:  # MaskVLM's ITC (projections + learnable temperature) and ITM head
+            projection = min(256, dim)
+            self.itc_image_proj = nn.Linear(dim, projection)
+            self.itc_text_proj = nn.Linear(dim, projection)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.itm_head = nn.Linear(dim, 2)
         self._init_weights()
         self.layout_kind, self.backend = "padded", "sdpa"
 
@@ -308,7 +318,8 @@ class MultimodalMAE(nn.Module):
 
     def forward(self, inputs: Inputs, image_ratio: float = 0.75, text_ratio: float = 0.75, seed: int = 0,
                 weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                normalisers: Optional[dict[str, float]] = None, plans=None) -> Output:
+                normalisers: Optional[dict[str, float]] = None, plans=None,
+                alignment: tuple[float, float] = (0.0, 0.0)) -> Output:
         """`normalisers`: global counts of masked patches / paired / unpaired text tokens (for DDP);
         defaults to this batch's own counts, i.e. plain means."""
         plans = plans or self.random_masking(inputs, image_ratio, text_ratio, seed)
@@ -348,7 +359,71 @@ class MultimodalMAE(nn.Module):
         text_loss = paired_sum / max(1, norm["paired_text"])
         unpaired_loss = unpaired_sum / max(1, norm["unpaired_text"])
         loss = weights[0] * image_loss + weights[1] * text_loss + weights[2] * unpaired_loss
-        return Output(loss, image_loss, text_loss, unpaired_loss, counts, sum(seqlens), len(decoded))
+        itc = itm = None
+        if self.alignment and (alignment[0] or alignment[1]):
+            itc, itm = self.alignment_losses(inputs, seed)
+            loss = loss + alignment[0] * itc + alignment[1] * itm
+        return Output(loss, image_loss, text_loss, unpaired_loss, counts, sum(seqlens), len(decoded), itc, itm)
+
+    # -- alignment (MaskVLM) ------------------------------------------------------------
+
+    def cls_features(self, inputs: Inputs) -> torch.Tensor:
+        """Unmasked forward of whatever each sample holds -> its CLS [B, D] (with gradients)."""
+        plans = []
+        for index, length in enumerate(inputs.token_lengths.tolist()):
+            has_image = int(inputs.image_index[index]) >= 0
+            everything = torch.arange(self.num_patches) if has_image else torch.empty(0, dtype=torch.long)
+            plans.append((everything, everything[:0], torch.arange(length), torch.empty(0, dtype=torch.long)))
+        encoded, seqlens, _ = self.forward_encoder(inputs, plans)
+        starts = torch.tensor([0, *seqlens[:-1]], device=encoded.device).cumsum(0)
+        return encoded[starts]
+
+    def alignment_losses(self, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC between image-only and text-only passes of the paired samples (gathered over ranks),
+        and ITM on joint passes: each pair, plus one hard negative text per image and one hard
+        negative image per text, drawn from the in-batch ITC similarities."""
+        device = self.cls_token.device
+        lengths = inputs.token_lengths.tolist()
+        paired = [i for i in range(len(lengths)) if int(inputs.image_index[i]) >= 0 and lengths[i] > 0]
+        zero = self.logit_scale * 0.0
+        if len(paired) < 2:
+            return zero, zero
+        token_rows = torch.split(inputs.tokens, lengths)
+        images = inputs.images[inputs.image_index[paired]]
+        texts = [token_rows[i] for i in paired]
+        n = len(paired)
+
+        def make(image_rows, text_rows) -> Inputs:
+            has_image = image_rows is not None
+            return Inputs(
+                images=images[image_rows] if has_image else images[:0],
+                image_index=torch.arange(len(image_rows if has_image else text_rows)) if has_image
+                else torch.full((len(text_rows),), -1),
+                tokens=torch.cat([texts[j] for j in text_rows]) if text_rows is not None else inputs.tokens[:0],
+                token_lengths=torch.tensor([len(texts[j]) for j in text_rows]) if text_rows is not None
+                else torch.zeros(len(image_rows), dtype=torch.long),
+                ids=[str(k) for k in range(len(image_rows if has_image else text_rows))],
+            )
+
+        image_z = F.normalize(self.itc_image_proj(self.cls_features(make(list(range(n)), None))), dim=-1)
+        text_z = F.normalize(self.itc_text_proj(self.cls_features(make(None, list(range(n))))), dim=-1)
+        all_image, all_text, offset = _gather(image_z), _gather(text_z), _rank_offset(n)
+        scale = self.logit_scale.exp().clamp(max=100)
+        labels = torch.arange(n, device=device) + offset
+        itc = (F.cross_entropy(scale * image_z @ all_text.T, labels)
+               + F.cross_entropy(scale * text_z @ all_image.T, labels)) / 2
+
+        with torch.no_grad():  # hard negatives, sampled in proportion to similarity
+            similarity = (image_z @ text_z.T).float()
+            similarity.fill_diagonal_(-float("inf"))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            negative_text = torch.multinomial(similarity.softmax(dim=1).cpu(), 1, generator=generator).flatten()
+            negative_image = torch.multinomial(similarity.T.softmax(dim=1).cpu(), 1, generator=generator).flatten()
+        image_rows = list(range(n)) + list(range(n)) + negative_image.tolist()
+        text_rows = list(range(n)) + negative_text.tolist() + list(range(n))
+        logits = self.itm_head(self.cls_features(make(image_rows, text_rows)))
+        targets = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(device)
+        return itc, F.cross_entropy(logits.float(), targets)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
@@ -362,6 +437,32 @@ class MultimodalMAE(nn.Module):
         return encoded[:, 0] if pool == "cls" else encoded[:, 1:].mean(dim=1)
 
 
+def _gather(features: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (with gradients for ours); ranks may hold different numbers of rows."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(features)], device=features.device))
+    width = int(max(size.item() for size in sizes))
+    padded = F.pad(features, (0, 0, 0, width - len(features)))
+    parts = all_gather(padded)
+    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)])
+
+
+def _rank_offset(count: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([count]))
+    return int(sum(size.item() for size in sizes[: dist.get_rank()]))
+
+
 def _sample_seed(seed: int, sample_id: str) -> int:
     import hashlib
 
@@ -370,10 +471,10 @@ def _sample_seed(seed: int, sample_id: str) -> int:
 
 
 def build_model(preset: str, vocab_size: int, image_size: int, max_text_tokens: int,
-                norm_pix_loss: bool = True) -> MultimodalMAE:
+                norm_pix_loss: bool = True, alignment: bool = False) -> MultimodalMAE:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return MultimodalMAE(PRESETS[preset], vocab_size, image_size, max_text_tokens, norm_pix_loss)
+    return MultimodalMAE(PRESETS[preset], vocab_size, image_size, max_text_tokens, norm_pix_loss, alignment)
 
 
 def count_parameters(model: nn.Module) -> int:

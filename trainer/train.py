@@ -156,6 +156,9 @@ class Trainer:
         self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
                            "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
                            "norm_pix_loss": config.model.norm_pix_loss}
+        objectives = [config.loss_weights] + [stage.objectives for stage in config.stages if stage.objectives]
+        if any(weights.itc or weights.itm for weights in objectives):
+            self.model_spec["alignment"] = True
         torch.manual_seed(config.seed)
         self.model = build_model(**self.model_spec).to(self.device)
         self.backend, self.layout = resolve_backend(config.attention)
@@ -285,18 +288,24 @@ class Trainer:
         normalisers = {key: float(value) / self.env.world_size
                        for key, value in zip(("image", "paired_text", "unpaired_text"), totals.tolist())}
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "unpaired_text_loss": 0.0}
+        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "unpaired_text_loss": 0.0, "itc_loss": 0.0,
+                "itm_loss": 0.0}
         encoder_tokens = 0
         for micro, (item, plan) in enumerate(zip(inputs, plans)):
             sync = micro == len(inputs) - 1 or self.env.world_size == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else _nullcontext()
             with context, self.autocast:
-                output = model(item, plans=plan, weights=weights, normalisers=normalisers)
+                output = model(item, plans=plan, weights=weights, normalisers=normalisers,
+                               alignment=(objectives.itc, objectives.itm), seed=step_seed(config.seed, self.step))
             output.loss.backward()
             sums["loss"] += float(output.loss.detach())
             sums["image_loss"] += float(output.image_loss.detach())
             sums["text_loss"] += float(output.text_loss.detach())
             sums["unpaired_text_loss"] += float(output.unpaired_text_loss.detach())
+            for name in ("itc_loss", "itm_loss"):
+                value = getattr(output, name)
+                if value is not None:
+                    sums[name] += float(value.detach()) / len(inputs)
             encoder_tokens += output.encoder_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), config.optimizer.grad_clip or float("inf"))
@@ -345,6 +354,8 @@ class Trainer:
                     "image_loss": result["image_loss"],
                     "text_loss": result["text_loss"],
                     "unpaired_text_loss": result["unpaired_text_loss"],
+                    "itc_loss": result["itc_loss"],
+                    "itm_loss": result["itm_loss"],
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": result["grad_norm"],
                     "samples_per_s": window_samples / elapsed,
