@@ -9,6 +9,7 @@ is instant and the data side never imports torch.
     mmae train [--config F] [--set k=v]... [--nproc N]
     mmae eval probe --checkpoint CKPT --data DATASET [--json]
     mmae eval retrieval --checkpoint CKPT --data DATASET [--json]
+    mmae eval reconstruct --checkpoint CKPT --data DATASET --out grid.png
 """
 
 from __future__ import annotations
@@ -117,9 +118,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from trainer.data import DataError
-    from trainer.evaluate import probe, retrieval
+    from trainer.evaluate import probe, reconstruct, retrieval
 
     try:
+        if args.evaluation == "reconstruct":
+            result = reconstruct(args.checkpoint, args.data, args.out, count=args.samples, seed=args.seed)
+            print(f"wrote {result['out']} ({result['samples']} samples: original | masked | reconstruction)")
+            return 0
         if args.evaluation == "retrieval":
             result = retrieval(args.checkpoint, args.data, limit=args.limit)
         else:
@@ -196,6 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=100)
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--json", action="store_true")
+    rebuild = evaluations.add_parser("reconstruct", help="a PNG of original | masked | reconstruction + captions")
+    rebuild.add_argument("--checkpoint", required=True)
+    rebuild.add_argument("--data", required=True)
+    rebuild.add_argument("--out", required=True, help="the PNG to write")
+    rebuild.add_argument("--samples", type=int, default=6)
+    rebuild.add_argument("--seed", type=int, default=0)
     retrieve = evaluations.add_parser("retrieval", help="image<->text recall@1/5 (checkpoints trained with ITC)")
     retrieve.add_argument("--checkpoint", required=True)
     retrieve.add_argument("--data", required=True)

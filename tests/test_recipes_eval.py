@@ -182,3 +182,18 @@ def test_itc_gathers_unequal_rows_across_ranks(tmp_path):
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err[-2000:]
         assert "[0.0, 0.0, 1.0, 1.0, 1.0]" in out
+
+
+def test_reconstruct_grid(dataset, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=1"), check=True, capture_output=True,
+                   timeout=300)
+    grid = tmp_path / "grid.png"
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "reconstruct", "--checkpoint",
+                          str(run / "checkpoints" / "step-0000001.pt"), "--data", str(dataset), "--out", str(grid),
+                          "--samples", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    image = Image.open(grid)
+    assert image.size == (3 * 192 + 40, 3 * (192 + 64) + 10)
+    left, middle = image.crop((10, 5, 202, 197)), image.crop((212, 5, 404, 197))
+    assert left.tobytes() != middle.tobytes()  # the masked view hides patches

@@ -141,3 +141,76 @@ def retrieval(checkpoint: str, dataset: str, limit: int = 1000) -> dict[str, Any
 
     return {"n": len(rows), "image_to_text": {"r1": recall(similarity, 1), "r5": recall(similarity, 5)},
             "text_to_image": {"r1": recall(similarity.T, 1), "r5": recall(similarity.T, 5)}}
+
+
+def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: int = 0,
+                image_ratio: float = 0.75, text_ratio: float = 0.75) -> dict[str, Any]:
+    """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
+    caption and the caption with the predicted tokens filled in written underneath."""
+    import sentencepiece as spm
+    from PIL import Image, ImageDraw
+
+    from trainer.model import Inputs
+    from trainer.transforms import MEAN, STD
+
+    model, _ = load_model(checkpoint)
+    manifest = read_manifest(dataset)
+    tokenizer = None
+    if manifest.get("tokenizer"):
+        with fsspec.open(f"{dataset.rstrip('/')}/{manifest['tokenizer']['path']}", "rb") as handle:
+            tokenizer = spm.SentencePieceProcessor(model_proto=handle.read())
+    rows = paired_rows(dataset, count)
+    images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])
+    tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
+    inputs = Inputs(images, torch.arange(len(rows)), torch.cat(tokens), torch.tensor([len(t) for t in tokens]),
+                    [row["id"] for row in rows])
+    with torch.no_grad():
+        plans = model.random_masking(inputs, image_ratio, text_ratio, seed)
+        encoded, seqlens, _ = model.forward_encoder(inputs, plans)
+        decoded, image_targets, text_targets = model.forward_decoder(encoded, seqlens, inputs, plans)
+        patches = model.patchify(images)  # [N, P, p*p*3]
+        predicted = patches.clone()
+        masked_view = patches.clone()
+        if image_targets:
+            rows_t = torch.tensor([t[0] for t in image_targets])
+            guess = model.image_head(decoded[rows_t])
+            for (_, image_row, patch, _), value in zip(image_targets, guess):
+                target = patches[image_row, patch]
+                if model.norm_pix_loss:  # undo the per-patch normalisation with the true patch's statistics
+                    value = value * (target.var() + 1e-6) ** 0.5 + target.mean()
+                predicted[image_row, patch] = value
+                masked_view[image_row, patch] = (torch.tensor([0.5, 0.5, 0.5]) - MEAN.flatten()).div(
+                    STD.flatten()).repeat(model.patch_size**2)
+        token_guess = {}
+        if text_targets:
+            logits = model.text_head(decoded[torch.tensor([t[0] for t in text_targets])])
+            for (_, flat_index, _, _), best in zip(text_targets, logits.argmax(dim=-1).tolist()):
+                token_guess[flat_index] = best
+
+    def to_pil(tensor: torch.Tensor) -> Image.Image:
+        pixels = (tensor * STD + MEAN).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(pixels).resize((192, 192), Image.Resampling.NEAREST)
+
+    def text_of(ids: list[int]) -> str:
+        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+    cell, text_height = 192, 64
+    sheet = Image.new("RGB", (3 * cell + 40, len(rows) * (cell + text_height) + 10), "white")
+    draw = ImageDraw.Draw(sheet)
+    offset = 0
+    for index, row in enumerate(rows):
+        top = index * (cell + text_height) + 5
+        for column, tensor in enumerate((images[index], model.unpatchify(masked_view[index:index + 1])[0],
+                                         model.unpatchify(predicted[index:index + 1])[0])):
+            sheet.paste(to_pil(tensor), (10 + column * (cell + 10), top))
+        ids = tokens[index].tolist()
+        masked_positions = set(plans[index][3].tolist())
+        masked_words = " ".join("[MASK]" if i in masked_positions else text_of([t]) for i, t in enumerate(ids))
+        filled = [token_guess.get(offset + i, t) if i in masked_positions else t for i, t in enumerate(ids)]
+        offset += len(ids)
+        for line, text in enumerate((f"caption:   {text_of(ids)}", f"masked:    {masked_words}",
+                                     f"predicted: {text_of(filled)}")):
+            draw.text((10, top + cell + 4 + 18 * line), text[:110], fill="black")
+    with fsspec.open(out, "wb") as handle:
+        sheet.save(handle, format="PNG")
+    return {"out": out, "samples": len(rows)}
