@@ -12,6 +12,7 @@ has one. Prints top-1 accuracy (`--json`: {"top1", "n_train", "n_test", "classes
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import fsspec
@@ -21,6 +22,8 @@ import torch
 from trainer.checkpoint import load_model
 from trainer.data import DataError, read_manifest
 from trainer.transforms import eval_view
+
+log = logging.getLogger("mmae.eval")
 
 
 def labelled_rows(dataset: str) -> list[dict[str, Any]]:
@@ -157,8 +160,12 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
     manifest = read_manifest(dataset)
     tokenizer = None
     if manifest.get("tokenizer"):
-        with fsspec.open(f"{dataset.rstrip('/')}/{manifest['tokenizer']['path']}", "rb") as handle:
-            tokenizer = spm.SentencePieceProcessor(model_proto=handle.read())
+        path = f"{dataset.rstrip('/')}/{manifest['tokenizer']['path']}"
+        try:
+            with fsspec.open(path, "rb") as handle:
+                tokenizer = spm.SentencePieceProcessor(model_proto=handle.read())
+        except (FileNotFoundError, RuntimeError) as error:
+            log.warning("cannot load %s (%s): captions are written as token ids", path, error)
     rows = paired_rows(dataset, count)
     images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])
     tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
