@@ -6,7 +6,8 @@ Needs the demo shards (`make demo`). Every run has the same preset, steps, batch
 seed; only the recipe differs:
   (a) M3AE (paired + unpaired, text ratio 0.75) vs MAE (same images, use_text: false)
   (b) M3AE text mask ratio 0.15 / 0.5 / 0.75 / 0.9
-  (c) MaskVLM-style cross masking (one modality of each pair masked, the other visible)
+  (c) cross masking alone, the MaskVLM config (cross + ITC + ITM) and the MoMo config (three
+      stages of equal length, per-kind steps)
 Each checkpoint is scored with `mmae eval probe` (linear probe on the shape label). Results
 go to build/reproduce/results.json and a plot to docs/reproduce_m3ae.png.
 """
@@ -29,7 +30,18 @@ RUNS = {
     "m3ae_text0.5": ("configs/m3ae.yaml", ["train.masking.text_ratio=0.5"]),
     "m3ae_text0.9": ("configs/m3ae.yaml", ["train.masking.text_ratio=0.9"]),
     "cross": ("configs/m3ae.yaml", ["train.masking.strategy=cross"]),
+    "maskvlm": ("configs/maskvlm.yaml", []),
+    "momo": ("configs/momo.yaml", []),
 }
+
+
+def stage_overrides(name: str, steps: int) -> list[str]:
+    """MoMo's three stages share the same total steps as every other run."""
+    if name != "momo":
+        return []
+    third = steps // 3
+    return [f"train.stages.0.steps={third}", f"train.stages.1.steps={third}",
+            f"train.stages.2.steps={steps - 2 * third}"]
 
 
 def mmae(*args: str) -> str:
@@ -62,7 +74,8 @@ def main() -> None:
             config, overrides = RUNS[name]
             run = out / name / f"seed{seed}"
             sets = [f"train.out={run}", f"train.steps={args.steps}", f"train.seed={seed}",
-                    f"train.checkpoint_every={args.steps}", f"train.data={data}", *overrides]
+                    f"train.checkpoint_every={args.steps}", f"train.data={data}", *overrides,
+                    *stage_overrides(name, args.steps)]
             started = time.perf_counter()
             mmae("train", "--config", config, *[item for value in sets for item in ("--set", value)])
             minutes = (time.perf_counter() - started) / 60
