@@ -28,11 +28,11 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
     out_dir = Path(out)
     raw = out_dir / "raw"
     shards = out_dir / "shards"
-    print(f"[demo] 1/3 generating the demo corpus in {raw}", flush=True)
+    print(f"[demo] 1/5 generating the demo corpus in {raw}", flush=True)
     counts = generate(raw, pairs=pairs, images=max(1, pairs // 3), texts=pairs)
     print(f"[demo]     {counts}", flush=True)
     with serve_directory(str(raw)) as base_url:
-        print(f"[demo] 2/3 serving {raw} at {base_url}", flush=True)
+        print(f"[demo] 2/5 serving {raw} at {base_url}", flush=True)
         command = [
             sys.executable, "-m", "mmae.cli", "build",
             "--config", config_path,
@@ -47,7 +47,7 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
         ]
         if beam_args:
             command += ["--", *beam_args]
-        print("[demo] 3/3 " + " ".join(command[2:]), flush=True)
+        print("[demo] 3/5 build: " + " ".join(command[2:]), flush=True)
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if completed.returncode != 0:
         print(f"[demo] build failed with exit code {completed.returncode}", file=sys.stderr)
@@ -61,6 +61,7 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
     print(f"  balanced (read = written + rejected per source): {report['balanced']}")
     print(f"[demo] shards, manifest.json and build_report.json are in {shards}")
 
+    print("[demo] 4/5 validate and inspect", flush=True)
     validate = subprocess.run([sys.executable, "-m", "mmae.cli", "validate", str(shards)])
     if validate.returncode != 0:
         return validate.returncode
@@ -76,7 +77,7 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
     # The rebuilt shards hold this run's server port in their URLs, so their hashes differ from
     # an earlier demo's; a resumed run would rightly refuse them. The demo trains afresh.
     shutil.rmtree(run, ignore_errors=True)
-    print(f"[demo] training the tiny preset on {shards} for a couple of minutes", flush=True)
+    print(f"[demo] 5/5 training the tiny preset on {shards} for a couple of minutes", flush=True)
     command = [sys.executable, "-m", "mmae.cli", "train", "--config", config_path,
                "--set", f"train.data={shards}", "--set", f"train.out={run}"]
     if train_steps is not None:
