@@ -1,5 +1,5 @@
-"""The streaming loader, model and training loop (`mmae train`, `mmae eval`).
+"""Training side: streaming loader (`data`), transforms, model and attention backends,
+training loop (`train`, also `python -m trainer` for torchrun), checkpoints and evaluation.
 
-Imports torch, xformers (optional), pyarrow and fsspec; never apache_beam. The loader and model
-land with the trainer issues; the shard format they read is defined in `schemas/`.
+Imports torch, xformers (optional, CUDA only), pyarrow and fsspec; never apache_beam.
 """
