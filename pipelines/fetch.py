@@ -168,7 +168,7 @@ def build_opener(config: DownloadConfig) -> urllib.request.OpenerDirector:
     return opener
 
 
-def _read_capped(stream, max_bytes: int, deadline: float, url: str) -> bytes:
+def _read_capped(stream, max_bytes: int, deadline: float) -> bytes:
     parts = []
     total = 0
     while True:
@@ -240,7 +240,7 @@ class Fetcher:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > self.config.max_bytes:
                     raise FetchError("too_large", f"Content-Length {length} > {self.config.max_bytes}")
-                data = _read_capped(response, self.config.max_bytes, deadline, url)
+                data = _read_capped(response, self.config.max_bytes, deadline)
                 return FetchResult(
                     data=data,
                     content_type=response.headers.get("Content-Type", ""),

@@ -50,7 +50,6 @@ def solid(colour) -> bytes:
 
 def test_linear_probe_separates_what_is_separable(tmp_path):
     """Colour labels on solid images: any features keep colour, so the probe must be near 100%."""
-    from trainer.checkpoint import load_checkpoint
     from trainer.evaluate import probe
     from trainer.model import build_model
 

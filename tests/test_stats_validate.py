@@ -20,7 +20,6 @@ from pipelines.dataset import Dataset
 from pipelines.demo_data import generate
 from pipelines.shards import table_bytes
 from pipelines.stats import compute_stats
-from pipelines.validate import validate
 from schemas.config import load_config
 from schemas.shard import SHARD_SCHEMA
 

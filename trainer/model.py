@@ -245,7 +245,7 @@ class MultimodalMAE(nn.Module):
         cls = (self.cls_token + self.type_embed.weight[CLS]).unsqueeze(0)  # [1, D]
         pool = torch.cat([cls, image_tokens.reshape(-1, image_tokens.shape[-1]), text_tokens])
         image_base, text_base = 1, 1 + image_tokens.shape[0] * self.num_patches
-        index, seqlens, where = [], [], []
+        index, seqlens = [], []
         text_offset = 0
         for sample, (image_keep, _, text_keep, _) in enumerate(plans):
             parts = [torch.zeros(1, dtype=torch.long)]

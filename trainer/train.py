@@ -12,6 +12,7 @@ losses bit for bit (data order, masks and augmentations are functions of seed an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -293,7 +294,7 @@ class Trainer:
         encoder_tokens = 0
         for micro, (item, plan) in enumerate(zip(inputs, plans)):
             sync = micro == len(inputs) - 1 or self.env.world_size == 1
-            context = model.no_sync() if not sync and hasattr(model, "no_sync") else _nullcontext()
+            context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             with context, self.autocast:
                 output = model(item, plans=plan, weights=weights, normalisers=normalisers,
                                alignment=(objectives.itc, objectives.itm), seed=step_seed(config.seed, self.step))
@@ -389,14 +390,6 @@ class Trainer:
             log.info("checkpoint %s", path)
         if self.env.world_size > 1:
             dist.barrier()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
