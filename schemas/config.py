@@ -203,7 +203,8 @@ class TrainConfig(_Section):
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
     max_text_tokens: int = Field(64, ge=1)
     data_errors: Literal["fail", "skip"] = Field(
-        "fail", description="a shard that cannot be opened: fail naming it, or skip it and log the count"
+        "fail", description="unreadable data (a shard that cannot be opened, a row group that cannot be read, an "
+        "image that does not decode): fail naming it, or skip it, log it and count it in metrics (skipped_samples)"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)

@@ -69,3 +69,17 @@ def write_dataset(root: Path, shard_rows: dict[str, list[int]], rows_per_group: 
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def corrupt_row_group(path: Path, group: int, column: str) -> set[str]:
+    """Overwrite one column chunk of one row group with junk; return that row group's ids."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    ids = set(parquet.read_row_group(group, columns=["id"]).column("id").to_pylist())
+    chunk = parquet.metadata.row_group(group).column(parquet.schema_arrow.get_field_index(column))
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + chunk.total_compressed_size] = b"\x07" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+    return ids

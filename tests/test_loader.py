@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from schemas.config import TrainConfig
-from tests.datasets import write_dataset
+from tests.datasets import corrupt_row_group, write_dataset
 from trainer.data import DataError, MixedLoader, apportion
 from trainer.transforms import eval_view, random_resized_crop_box, train_view
 
@@ -189,6 +189,42 @@ def test_undecodable_image_names_the_row(tmp_path):
     loader = MixedLoader(config(root, mix={"paired": 0, "image": 1, "text": 0}, batch_size=4))
     with pytest.raises(DataError, match="row i0000002 .*does not decode"):
         take(loader, 1)
+
+
+def test_unreadable_row_group_fails_naming_it_or_is_skipped_and_counted(dataset, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    shard = sorted((copy / "paired").glob("*.parquet"))[2]  # 90 rows, 12 row groups
+    lost = corrupt_row_group(shard, 3, "tokens")
+    assert len(lost) == 8
+    with pytest.raises(DataError, match=f"{shard.name}: cannot read row group 3"):
+        take(MixedLoader(config(copy)), 40)  # 40 batches x 5 paired rows cover the 132 paired rows
+    batches = take(MixedLoader(config(copy, data_errors="skip")), 40)
+    seen = {sample for batch in batches for sample in batch.ids}
+    assert not seen & lost and len(seen & {f"p{index:07d}" for index in range(132)}) == 132 - 8
+    assert all(len(batch.ids) + batch.dropped == 10 for batch in batches)
+    assert sum(batch.dropped for batch in batches) >= 8 and "cannot read row group 3" in caplog.text
+    # Skipping keeps the plan: two workers over the same single slot yield the same batches.
+    with_workers = take(MixedLoader(config(copy, data_errors="skip", num_workers=2), slots=1), 40)
+    assert [batch.ids for batch in with_workers] == [batch.ids for batch in batches]
+
+
+def test_undecodable_image_is_skipped_and_counted_with_skip(tmp_path):
+    from tests.datasets import row
+    from pipelines.shards import write_shard
+    import json
+
+    root = tmp_path / "ds"
+    rows = [row("image", index) for index in range(4)]
+    rows[2]["image"] = b"\xff\xd8 not really"
+    entry = write_shard(str(root), "image", 0, 1, rows, 8)
+    (root / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"image": 4}, "shards": [entry]}))
+    loader = MixedLoader(config(root, mix={"paired": 0, "image": 1, "text": 0}, batch_size=4, data_errors="skip"))
+    batch = take(loader, 1)[0]
+    assert sorted(batch.ids) == ["i0000000", "i0000001", "i0000003"] and batch.dropped == 1
+    assert batch.images.shape[0] == 3 and batch.image_index.tolist() == [0, 1, 2]
 
 
 def test_transforms():

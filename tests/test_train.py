@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from schemas.config import TrainConfig
-from tests.datasets import write_dataset
+from tests.datasets import corrupt_row_group, write_dataset
 from trainer.checkpoint import Checkpointer, load_model
 from trainer.data import MixedLoader
 from trainer.model import Inputs, build_model
@@ -269,3 +269,18 @@ def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
     assert grads[1].keys() == grads[2].keys()
     for name in grads[1]:
         assert torch.allclose(grads[1][name], grads[2][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_unreadable_data_is_skipped_and_counted_in_metrics(dataset, tmp_path):
+    import shutil
+
+    from trainer.train import Distributed, Trainer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    for shard in sorted((copy / "paired").glob("*.parquet")):
+        corrupt_row_group(shard, 0, "tokens")  # 32 of the 90 paired rows become unreadable
+    last = Trainer(train_config(copy, tmp_path / "run", steps=12, data_errors="skip"), Distributed()).fit()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert last["step"] == 12 and sum(m["skipped_samples"] for m in metrics) > 0
+    assert all(m["seen_paired"] + m["seen_image"] + m["seen_text"] + m["skipped_samples"] == 8 for m in metrics)

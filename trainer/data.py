@@ -323,7 +323,8 @@ class SlotStream:
 class ChunkReader:
     """Reads row groups (projected columns) with a small read-ahead pool; per worker process."""
 
-    def __init__(self, read_ahead: int = 2) -> None:
+    def __init__(self, skip_errors: bool = False, read_ahead: int = 2) -> None:
+        self.skip_errors = skip_errors
         self._files: dict[str, pq.ParquetFile] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -341,7 +342,12 @@ class ChunkReader:
                     parquet = self._files[url] = _open_parquet(url)
                 table = parquet.read_row_group(group, columns=COLUMNS[stream.kind])
         except (OSError, pa.ArrowException) as error:
-            raise DataError(f"{url}: cannot read row group {group} ({type(error).__name__}: {error})") from None
+            message = f"{url}: cannot read row group {group} ({type(error).__name__}: {error})"
+            if not self.skip_errors:
+                raise DataError(message) from None
+            # Placeholders keep every later position where it was: the plan (and so resume) is unchanged.
+            log.warning("skipping %d rows (train.data_errors: skip): %s", chunk.rows, message)
+            return [None] * chunk.rows
         rows = table.to_pylist()
         if stream.source is not None:
             rows = [row for row in rows if row["source"] == stream.source]
@@ -375,6 +381,7 @@ class Batch:
     tokens: torch.Tensor  # [sum(token_lengths)] packed, no padding
     token_lengths: torch.Tensor  # [B] 0 for image-only
     epochs: torch.Tensor  # [B] the stream epoch each sample came from
+    dropped: int = 0  # samples of this batch lost to unreadable data (train.data_errors: skip)
 
     def counts(self) -> dict[str, int]:
         return {kind: int((self.kinds == code).sum()) for kind, code in KIND_CODES.items()}
@@ -415,7 +422,8 @@ class Batch:
         """The same samples with every token dropped (the MAE baseline uses captions as nothing)."""
         return Batch(step=self.step, ids=self.ids, kinds=self.kinds, sources=self.sources, labels=self.labels,
                      images=self.images, image_index=self.image_index, tokens=self.tokens[:0],
-                     token_lengths=torch.zeros_like(self.token_lengths), epochs=self.epochs)
+                     token_lengths=torch.zeros_like(self.token_lengths), epochs=self.epochs,
+                     dropped=self.dropped)
 
     def pin_memory(self) -> "Batch":
         for name in ("kinds", "images", "image_index", "tokens", "token_lengths", "epochs"):
@@ -443,6 +451,7 @@ class LoaderPlan:
     crop_scale: tuple[float, float]
     max_tokens: int
     train: bool = True
+    skip_errors: bool = False
     period: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -481,14 +490,14 @@ class MixedStreamDataset(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         plan = self.plan
-        reader = ChunkReader()
+        reader = ChunkReader(skip_errors=plan.skip_errors)
         slot_streams: dict[tuple[int, int], SlotStream] = {}
         step = self.start + worker
         end = None if self.count is None else self.start + self.count
         while end is None or step < end:
             slot = step % plan.slots
             global_slot = plan.rank * plan.slots + slot
-            samples = []
+            samples, dropped = [], 0
             for index, (stream, count, position) in enumerate(
                 zip(plan.streams, plan.counts(step), plan.positions(step))
             ):
@@ -499,14 +508,17 @@ class MixedStreamDataset(IterableDataset):
                     slot_streams[key] = SlotStream(stream, plan.seed, global_slot, plan.world_size * plan.slots,
                                                    plan.window, reader)
                 for row, epoch in slot_streams[key].take(position, count):
-                    samples.append((stream.kind, row, epoch))
-            yield self._collate(step, samples)
+                    if row is None:  # its row group could not be read (train.data_errors: skip)
+                        dropped += 1
+                    else:
+                        samples.append((stream.kind, row, epoch))
+            yield self._collate(step, samples, dropped)
             step += workers
 
-    def _collate(self, step: int, samples: list[tuple[str, dict[str, Any], int]]) -> Batch:
+    def _collate(self, step: int, samples: list[tuple[str, dict[str, Any], int]], dropped: int = 0) -> Batch:
         plan = self.plan
         samples.sort(key=lambda sample: KIND_CODES[sample[0]])
-        images, image_index, tokens, lengths = [], [], [], []
+        images, image_index, tokens, lengths, kept = [], [], [], [], []
         for kind, row, epoch in samples:
             if kind in ("paired", "image"):
                 try:
@@ -516,7 +528,12 @@ class MixedStreamDataset(IterableDataset):
                     else:
                         view = eval_view(row["image"], plan.image_size)
                 except Exception as error:  # noqa: BLE001 - name the row, whatever the decoder raised
-                    raise DataError(f"row {row['id']} ({kind}): image does not decode ({error})") from None
+                    message = f"row {row['id']} ({kind}): image does not decode ({error})"
+                    if not plan.skip_errors:
+                        raise DataError(message) from None
+                    log.warning("skipping a sample (train.data_errors: skip): %s", message)
+                    dropped += 1
+                    continue
                 image_index.append(len(images))
                 images.append(view)
             else:
@@ -524,6 +541,10 @@ class MixedStreamDataset(IterableDataset):
             row_tokens = truncate_tokens(row.get("tokens"), plan.max_tokens) if kind != "image" else []
             tokens.extend(row_tokens)
             lengths.append(len(row_tokens))
+            kept.append((kind, row, epoch))
+        if not kept:
+            raise DataError(f"batch {step}: none of its {dropped} samples could be read (train.data_errors: skip)")
+        samples = kept
         size = plan.image_size
         return Batch(
             step=step,
@@ -536,6 +557,7 @@ class MixedStreamDataset(IterableDataset):
             tokens=torch.tensor(tokens, dtype=torch.long),
             token_lengths=torch.tensor(lengths, dtype=torch.long),
             epochs=torch.tensor([epoch for _, _, epoch in samples], dtype=torch.long),
+            dropped=dropped,
         )
 
 
@@ -554,7 +576,7 @@ class MixedLoader:
             streams=self.streams, seed=config.seed, rank=rank, world_size=world_size,
             slots=slots or max(1, config.num_workers), batch_size=config.batch_size,
             window=config.shuffle_window, image_size=config.image_size, crop_scale=tuple(config.crop_scale),
-            max_tokens=config.max_text_tokens, train=train,
+            max_tokens=config.max_text_tokens, train=train, skip_errors=config.data_errors == "skip",
         )
         self.consumed = 0  # batches handed to the caller
 

@@ -407,7 +407,7 @@ class MultimodalMAE(nn.Module):
 
         image_z = F.normalize(self.itc_image_proj(self.cls_features(make(list(range(n)), None))), dim=-1)
         text_z = F.normalize(self.itc_text_proj(self.cls_features(make(None, list(range(n))))), dim=-1)
-        all_image, all_text, offset = _gather(image_z), _gather(text_z), _rank_offset(n)
+        all_image, all_text, offset = _gather(image_z), _gather(text_z), _rank_offset(n, image_z.device)
         scale = self.logit_scale.exp().clamp(max=100)
         labels = torch.arange(n, device=device) + offset
         itc = (F.cross_entropy(scale * image_z @ all_text.T, labels)
@@ -475,13 +475,13 @@ def _gather(features: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)])
 
 
-def _rank_offset(count: int) -> int:
+def _rank_offset(count: int, device: torch.device | str = "cpu") -> int:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([count]))
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([count], device=device))  # NCCL takes device tensors only
     return int(sum(size.item() for size in sizes[: dist.get_rank()]))
 
 

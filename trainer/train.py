@@ -60,11 +60,10 @@ def init_distributed() -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before the process group, so NCCL binds the right GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -283,7 +282,8 @@ class Trainer:
         for item, plan in zip(inputs, plans):
             for key, value in masked_counts(item, plan).items():
                 counts[key] += value
-        totals = torch.tensor([counts["image"], counts["paired_text"], counts["unpaired_text"]], dtype=torch.float64)
+        totals = torch.tensor([counts["image"], counts["paired_text"], counts["unpaired_text"]], dtype=torch.float64,
+                              device=self.device)  # NCCL reduces device tensors only
         if self.env.world_size > 1:
             dist.all_reduce(totals)
         normalisers = {key: float(value) / self.env.world_size
@@ -333,7 +333,7 @@ class Trainer:
         writer = _tensorboard(self.run) if config.tensorboard and env.main else None
         progress = _Progress(config.steps, self.step) if env.main else None
         batches = None
-        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
         last: dict[str, Any] = {}
         while self.step < config.steps:
             stage = self.stage_of(self.step)
@@ -345,10 +345,15 @@ class Trainer:
             result = self.train_step(model, step_batches)
             window_samples += sum(len(batch.ids) for batch in step_batches) * env.world_size
             window_tokens += result["encoder_tokens"] * env.world_size
+            window_skipped += sum(batch.dropped for batch in step_batches)
             if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                 self._checkpoint()
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
+                if env.world_size > 1:
+                    skipped = torch.tensor([window_skipped], dtype=torch.long, device=self.device)
+                    dist.all_reduce(skipped)
+                    window_skipped = int(skipped.item())
                 last = {
                     "step": self.step,
                     "loss": result["loss"],
@@ -366,6 +371,7 @@ class Trainer:
                     "seen_image": result["seen"]["image"],
                     "seen_text": result["seen"]["text"],
                     "stage": self.stage_index,
+                    "skipped_samples": window_skipped,
                 }
                 if env.main:
                     with open(self.run / "metrics.jsonl", "a") as handle:
@@ -375,7 +381,7 @@ class Trainer:
                             if isinstance(value, (int, float)) and key != "step":
                                 writer.add_scalar(f"train/{key}", value, self.step)
                     progress.update(self.step, last)
-                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
             elif progress is not None:
                 progress.update(self.step, None)
         if progress is not None:
