@@ -217,6 +217,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     compile: bool = Field(False, description="torch.compile the model (dynamic shapes)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: DDP (a model replica per process) or FSDP (parameters, "
+        "gradients and optimizer state sharded over processes; for the large presets)"
+    )
     tensorboard: bool = Field(False, description="also write TensorBoard events to RUN/tensorboard")
     use_text: bool = Field(
         True, description="false: the image-only MAE baseline on the same data (captions dropped, text skipped)")

@@ -244,7 +244,7 @@ def test_transforms():
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from schemas.config import TrainConfig
     from trainer.data import MixedLoader
@@ -262,6 +262,9 @@ DDP_SCRIPT = textwrap.dedent("""
     dist.barrier()
     print("rank", rank, "steps", steps, "unique", len(set(ids)))
     dist.destroy_process_group()
+    # Leave as the trainer's entry point does: gloo's worker threads can abort interpreter
+    # teardown ("terminate called without an active exception", pytorch/pytorch#179291).
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
 """)
 
 

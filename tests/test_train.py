@@ -198,32 +198,42 @@ DDP_STEP = textwrap.dedent("""
     from schemas.config import TrainConfig
     from trainer.data import MixedLoader
     from trainer.train import Distributed, Trainer, parallelize
-    world = int(sys.argv[1]); rank = int(sys.argv[2]) if world > 1 else 0
+    world = int(sys.argv[1]); rank = int(sys.argv[2]) if world > 1 else 0; parallel = sys.argv[3]
     if world > 1:
         dist.init_process_group("gloo", init_method="file://{init}", rank=rank, world_size=world)
     config = TrainConfig(data={data!r}, out={out!r}, batch_size=8, num_workers=0, image_size=16, max_text_tokens=16,
-                         steps=3, optimizer={{"lr": 0.01, "warmup_steps": 0}})
+                         steps=3, optimizer={{"lr": 0.01, "warmup_steps": 0}}, parallel=parallel)
     trainer = Trainer(config, Distributed(rank, world, 0))
     model = parallelize(trainer.model, Distributed(rank, world, 0), config)
     trainer.optimizer.step = lambda: None  # keep the gradients of the step to compare them
     source = MixedLoader(config)  # rank 0 of one process: the same global batch of 8 everywhere
     batch = next(source.batches(1))
     half = list(range(rank * 8 // world, (rank + 1) * 8 // world))
-    trainer.train_step(model, [batch.select(half)])
+    result = trainer.train_step(model, [batch.select(half)])
     if rank == 0:
         grads = {{name: p.grad.detach() for name, p in trainer.model.named_parameters() if p.grad is not None}}
+    else:
+        grads = {{}}
+    if parallel == "fsdp" and world > 1:  # sharded gradients: every rank takes part in gathering them
+        grads = {{name: p.grad.full_tensor() for name, p in trainer.model.named_parameters() if p.grad is not None}}
+    if rank == 0:  # the reported loss is the global batch's, whatever the number of processes
+        grads["reported loss"] = torch.tensor([result["loss"], result["image_loss"], result["text_loss"]])
         torch.save(grads, {result!r} + str(world))
     if world > 1:
         dist.destroy_process_group()
+    # Leave as the trainer's entry point does: gloo's worker threads can abort interpreter
+    # teardown ("terminate called without an active exception", pytorch/pytorch#179291).
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
 """)
 
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(dataset, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_on_the_same_global_batch(dataset, tmp_path, parallel):
     script = tmp_path / "step.py"
     script.write_text(DDP_STEP.format(root=str(ROOT), init=str(tmp_path / "init"), data=str(dataset),
                                       out=str(tmp_path / "out"), result=str(tmp_path / "params-")))
-    subprocess.run([sys.executable, str(script), "1"], check=True, capture_output=True, timeout=300)
-    processes = [subprocess.Popen([sys.executable, str(script), "2", str(rank)], stdout=subprocess.PIPE,
+    subprocess.run([sys.executable, str(script), "1", "0", parallel], check=True, capture_output=True, timeout=300)
+    processes = [subprocess.Popen([sys.executable, str(script), "2", str(rank), parallel], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for rank in range(2)]
     for process in processes:
         _, err = process.communicate(timeout=300)
@@ -231,7 +241,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(dataset, t
     single = torch.load(tmp_path / "params-1", weights_only=True)
     double = torch.load(tmp_path / "params-2", weights_only=True)
     assert single.keys() == double.keys() and len(single) > 20
-    for name in single:  # DDP's averaged gradient == the one-process gradient of the whole batch
+    for name in single:  # the averaged gradient == the one-process gradient of the whole batch
         assert torch.allclose(single[name], double[name], atol=1e-6, rtol=1e-4), name
     assert max(float(g.abs().max()) for g in single.values()) > 1e-3
 
@@ -245,6 +255,29 @@ def test_mmae_train_nproc_2_runs_ddp(dataset, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["samples_per_s"] > 0
+    assert all(m["seen_paired"] + m["seen_image"] + m["seen_text"] == 16 for m in metrics)  # 2 ranks x 8
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [metrics[-1]]  # one summary, rank 0's
+
+
+def test_fsdp_run_checkpoints_full_weights_and_resumes_exactly(dataset, tmp_path):
+    def train(run: Path, steps: int) -> subprocess.CompletedProcess:
+        sets = train_command(dataset, run, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
+                             "--set", "train.parallel=fsdp")[5:]
+        return subprocess.run([sys.executable, "-m", "mmae.cli", "train", "--config", str(ROOT / "pipeline.yaml"),
+                               "--nproc", "2", *sets], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    result = train(whole, 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train(split, 2).returncode == 0
+    result = train(split, 4)  # the same command with more steps resumes from step 2
+    assert result.returncode == 0 and "at step 2" in result.stderr, result.stderr[-3000:]
+    assert losses(split) == losses(whole) and sorted(losses(whole)) == [1, 2, 3, 4]
+    model, state = load_model(whole / "checkpoints" / "step-0000004.pt")  # full weights, loadable anywhere
+    assert state["parallel"] == "fsdp" and model.encode_images(torch.zeros(1, 3, 16, 16)).shape == (1, 64)
+    single = subprocess.run(train_command(dataset, whole, "--set", "train.steps=6"), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode != 0 and "train.parallel: fsdp" in single.stderr
 
 
 def test_tensorboard_events(dataset, tmp_path):

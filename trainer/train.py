@@ -93,15 +93,26 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def shard_model(model: MultimodalMAE) -> None:
+    """FSDP2 in place: every encoder and decoder block is its own unit (gathered just before it
+    runs, freed after), the embeddings, heads and norms form the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [*model.blocks, *model.decoder_blocks]:
+        fully_shard(block)
+    fully_shard(model)
+
+
 def parallelize(model: MultimodalMAE, env: Distributed, config: TrainConfig) -> torch.nn.Module:
-    """DDP (and optionally torch.compile) around single-device model code."""
+    """DDP (and optionally torch.compile) around single-device model code; an FSDP model
+    (sharded by `shard_model` when the trainer was built) is returned as it is."""
     wrapped: torch.nn.Module = model
     if config.compile:
         # The blocks hold nearly all FLOPs and have regular shapes; the masking and packing code
         # around them is index bookkeeping that would only cause graph breaks.
         for block in [*model.blocks, *model.decoder_blocks]:
             block.compile(dynamic=True)
-    if env.world_size > 1:
+    if env.world_size > 1 and config.parallel == "ddp":
         device_ids = [env.local_rank] if torch.cuda.is_available() else None
         # Some parameters sit idle in some steps when a kind is absent (a zero share, a stage, MAE).
         missing_kind = min(config.mix.shares().values()) == 0 or not config.use_text or bool(config.stages)
@@ -163,6 +174,9 @@ class Trainer:
         self.model = build_model(**self.model_spec).to(self.device)
         self.backend, self.layout = resolve_backend(config.attention)
         self.model.set_attention(self.backend, self.layout)
+        self.sharded = config.parallel == "fsdp" and env.world_size > 1
+        if self.sharded:
+            shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
         # Stages: (first step, end step, stage config or None for a single-stage run).
         self.stages: list[tuple[int, int, Any]] = []
         start = 0
@@ -223,10 +237,22 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The whole training state. With FSDP every rank must call it (it gathers the shards) and
+        only rank 0 gets the full tensors; the saved checkpoint is the same full model either way."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "parallel": "fsdp" if self.sharded else "replicated",
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "stage": self.stage_index,
@@ -236,8 +262,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        written = state.get("parallel", "replicated")
+        if written != ("fsdp" if self.sharded else "replicated"):
+            # The optimizer state is keyed by parameter name under FSDP and by position otherwise.
+            raise TrainError(f"this checkpoint was written with train.parallel: {'fsdp' if written == 'fsdp' else 'ddp'}"
+                             f" over several processes; resume it the same way (its model weights load anywhere)")
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("stage", 0) != self.stage_index:
             self.stage_index = state["stage"]
@@ -263,6 +302,8 @@ class Trainer:
         config = self.config
         objectives = self.loss_weights()
         weights = (objectives.image, objectives.text, objectives.unpaired_text)
+        seen = {kind: sum(batch.counts()[kind] for batch in batches) for kind in ("paired", "image", "text")}
+        skipped = sum(batch.dropped for batch in batches)
         if not config.use_text:
             batches = [batch.without_text() for batch in batches]
         if config.step_mode == "per_kind":
@@ -295,6 +336,8 @@ class Trainer:
         for micro, (item, plan) in enumerate(zip(inputs, plans)):
             sync = micro == len(inputs) - 1 or self.env.world_size == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            if self.sharded:  # FSDP: reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(sync)
             with context, self.autocast:
                 output = model(item, plans=plan, weights=weights, normalisers=normalisers,
                                alignment=(objectives.itc, objectives.itm), seed=step_seed(config.seed, self.step))
@@ -310,11 +353,24 @@ class Trainer:
             encoder_tokens += output.encoder_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), config.optimizer.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        seen = {kind: sum(batch.counts()[kind] for batch in batches) for kind in ("paired", "image", "text")}
-        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen}
+        if self.env.world_size > 1:
+            # Report the global step: losses averaged over ranks (each rank's loss is its share of
+            # the global mean, scaled by the world size), counts summed.
+            keys = list(sums)
+            totals = torch.tensor([*(sums[key] for key in keys), *seen.values(), skipped, encoder_tokens],
+                                  dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals)
+            values = totals.tolist()
+            sums = {key: value / self.env.world_size for key, value in zip(keys, values)}
+            seen = {kind: int(value) for kind, value in zip(seen, values[len(keys):])}
+            skipped, encoder_tokens = int(values[-2]), int(values[-1])
+        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen,
+                "skipped": skipped}
 
     def fit(self) -> dict[str, Any]:
         config, env = self.config, self.env
@@ -343,17 +399,13 @@ class Trainer:
                 batches = self.loader.batches((end - self.step) * config.grad_accum)
             step_batches = [next(batches) for _ in range(config.grad_accum)]
             result = self.train_step(model, step_batches)
-            window_samples += sum(len(batch.ids) for batch in step_batches) * env.world_size
-            window_tokens += result["encoder_tokens"] * env.world_size
-            window_skipped += sum(batch.dropped for batch in step_batches)
+            window_samples += sum(result["seen"].values())
+            window_tokens += result["encoder_tokens"]
+            window_skipped += result["skipped"]
             if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                 self._checkpoint()
             if self.step % config.log_every == 0 or self.step == config.steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                if env.world_size > 1:
-                    skipped = torch.tensor([window_skipped], dtype=torch.long, device=self.device)
-                    dist.all_reduce(skipped)
-                    window_skipped = int(skipped.item())
                 last = {
                     "step": self.step,
                     "loss": result["loss"],
@@ -391,8 +443,9 @@ class Trainer:
         return last
 
     def _checkpoint(self) -> None:
+        state = self.state_dict() if self.env.main or self.sharded else None  # FSDP: a collective
         if self.env.main:
-            path = self.checkpoints.save(self.step, self.state_dict())
+            path = self.checkpoints.save(self.step, state)
             log.info("checkpoint %s", path)
         if self.env.world_size > 1:
             dist.barrier()
@@ -447,7 +500,8 @@ def run_training(config: Config) -> dict[str, Any]:
     env = init_distributed()
     try:
         trainer = Trainer(config.train, env)
-        return trainer.fit()
+        last = trainer.fit()
+        return last if env.main else {}  # one summary, from rank 0
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
