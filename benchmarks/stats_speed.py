@@ -4,7 +4,7 @@
 
 Synthesises a dataset directly as schema-v1 Parquet (tiny images, ~20 tokens per caption,
 10 shards + rejects + a manifest + a tokenizer), then runs, each in a fresh process:
-  mmae:   pipelines.stats.compute_stats (polars lazy scans, column projection, footers)
+  mmae:   pipelines.inspect.stats.compute_stats (polars lazy scans, column projection, footers)
   pandas: pd.read_parquet of every full file, concat, then the same aggregates
 and prints both times, the ratio and each process's peak RSS.
 """
@@ -39,7 +39,7 @@ def _write(table: pa.Table, path: Path) -> dict:
 
 
 def synthesise(root: Path, rows: int, shards: int = 10, seed: int = 0) -> None:
-    from pipelines.tokenizer import train_sentencepiece
+    from pipelines.build.tokenizer import train_sentencepiece
     from schemas.config import TokenizerConfig
     from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
@@ -111,8 +111,8 @@ MMAE_CODE = """
 import resource, sys, time, json
 sys.path.insert(0, {root!r})
 started = time.perf_counter()
-from pipelines.dataset import Dataset
-from pipelines.stats import compute_stats
+from pipelines.inspect.dataset import Dataset
+from pipelines.inspect.stats import compute_stats
 stats = compute_stats(Dataset.open({data!r}))
 print(json.dumps({{"seconds": time.perf_counter() - started, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rows": stats["rows"], "mean_tokens": stats["tokens"]["mean"]}}))

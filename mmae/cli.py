@@ -2,7 +2,7 @@
 is instant and the data side never imports torch.
 
     mmae demo-data OUT_DIR                       write the synthetic demo corpus
-    mmae build [--config F] [--set k=v]... [--overwrite] [-- BEAM_OPTIONS...]
+    mmae build [--config F] [--set k=v]... [--overwrite | --retry-transient] [-- BEAM_OPTIONS...]
     mmae demo [--out build/demo]                 corpus -> loopback HTTP -> build -> report
     mmae stats DATASET [--json] [--html F] [--samples N]
     mmae validate DATASET [--no-decode]
@@ -42,7 +42,7 @@ def _split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipelines.demo_data import generate
+    from pipelines.demo.corpus import generate
 
     counts = generate(args.out_dir, pairs=args.pairs, images=args.images, texts=args.texts, seed=args.seed)
     print(json.dumps({"out_dir": args.out_dir, **counts}))
@@ -50,12 +50,12 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.build import BuildError, run
+    from pipelines.build.pipeline import BuildError, run
     from schemas.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.set)
-        report = run(config, beam_args, overwrite=args.overwrite)
+        report = run(config, beam_args, overwrite=args.overwrite, retry_transient=args.retry_transient)
     except (ConfigError, BuildError) as error:
         print(f"mmae build: error: {error}", file=sys.stderr)
         return 2
@@ -64,8 +64,8 @@ def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from pipelines.dataset import Dataset, DatasetError
-    from pipelines.stats import compute_stats, print_tables
+    from pipelines.inspect.dataset import Dataset, DatasetError
+    from pipelines.inspect.stats import compute_stats, print_tables
 
     try:
         dataset = Dataset.open(args.dataset)
@@ -76,7 +76,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.html:
         import fsspec
 
-        from pipelines.report_html import render_html, sample_rows
+        from pipelines.inspect.report_html import render_html, sample_rows
 
         page = render_html(stats, sample_rows(dataset, args.samples, seed=args.seed), dataset.tokenizer_model())
         with fsspec.open(args.html, "w", encoding="utf-8") as handle:
@@ -90,7 +90,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipelines.validate import validate
+    from pipelines.inspect.validate import validate
 
     report = validate(args.dataset, decode_images=not args.no_decode)
     if report.problems:
@@ -145,7 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.demo.run import run_demo
 
     return run_demo(args.out, config_path=args.config, beam_args=beam_args, pairs=args.pairs,
                     train_steps=args.train_steps)
@@ -172,7 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--config", default="pipeline.yaml", help="pipeline YAML (default: pipeline.yaml)")
     build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. data.image.size=128 or data.sources.0.base_url=...")
-    build.add_argument("--overwrite", action="store_true", help="replace an earlier build in data.output")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier build in data.output (an unfinished one resumes without it)")
+    build.add_argument("--retry-transient", action="store_true",
+                       help="on a finished build: fetch again only its timeouts, connection errors, 5xx and 429, "
+                       "and rewrite the shards with the new successes")
 
     demo = commands.add_parser("demo", help="generate the demo corpus, serve it on loopback HTTP, build it")
     demo.add_argument("--out", default="build/demo")

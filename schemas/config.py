@@ -51,7 +51,14 @@ class DownloadConfig(_Section):
     timeout_s: float = Field(10.0, gt=0, description="whole-request deadline (connect + all bytes)")
     retries: int = Field(1, ge=0, description="extra attempts after a timeout/connection error/5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
-    threads: int = Field(32, ge=1, le=1024, description="concurrent downloads per worker")
+    threads: int = Field(
+        32, ge=1, le=1024,
+        description="requests in flight per worker process; each result is used as it completes, so a hanging "
+        "URL holds one slot for at most timeout_s")
+    max_per_host: Optional[int] = Field(
+        None, ge=1, description="requests in flight to one host per worker (hosts that rate-limit ban crawlers "
+        "that hammer them); null = no cap")
+    dns_cache_s: float = Field(300.0, ge=0, description="seconds a host's resolved addresses are reused; 0 = off")
     max_bytes: int = Field(20_000_000, gt=0, description="larger bodies are rejected as too_large")
     max_redirects: int = Field(5, ge=0)
     allow_private_addresses: bool = Field(
@@ -118,6 +125,12 @@ class DataConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
+    chunk_rows: int = Field(
+        1000, ge=1, description="input rows per work unit: one worker downloads a chunk and commits it to "
+        "OUT/staging; an interrupted build resumes from the committed chunks")
+    keep_staging: bool = Field(
+        True, description="keep OUT/staging (a second copy of the images) after a finished build, so "
+        "`mmae build --retry-transient` can retry timeouts/5xx/429 later; false deletes it on success")
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "DataConfig":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build import BuildError, run
+from pipelines.build.pipeline import BuildError, run
 from pipelines.shards import write_atomic
 from schemas.config import load_config
 from schemas.shard import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
@@ -165,7 +165,7 @@ def test_shards_follow_schema_v1(built):
 
 
 def test_rows_have_images_tokens_and_labels(built):
-    from pipelines.tokenizer import Tokenizer
+    from pipelines.build.tokenizer import Tokenizer
 
     _, output, _, _ = built
     tokenizer = Tokenizer((output / "tokenizer.model").read_bytes(), 64)
@@ -235,9 +235,10 @@ def test_progress_is_logged(tmp_path, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="mmae.build")
-    run(_text_only_config(tmp_path, str(tmp_path / "out"), progress_every_s=1e-6))
+    run(_text_only_config(tmp_path, str(tmp_path / "out"), progress_every_s=0.01))
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("progress:")]
-    assert lines and "rows_read=" in lines[-1] and "images/s" in lines[-1]
+    assert lines and lines[-1].startswith("progress: 50 of 50 input rows (100.0%) in 1 of 1 chunks;")
+    assert "rows/s; ETA" in lines[-1]
 
 
 def test_output_through_fsspec(tmp_path):

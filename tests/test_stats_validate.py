@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build import run
-from pipelines.dataset import Dataset
-from pipelines.demo_data import generate
+from pipelines.build.pipeline import run
+from pipelines.inspect.dataset import Dataset
+from pipelines.demo.corpus import generate
 from pipelines.shards import table_bytes
-from pipelines.stats import compute_stats
+from pipelines.inspect.stats import compute_stats
 from schemas.config import load_config
 from schemas.shard import SHARD_SCHEMA
 
@@ -87,7 +87,7 @@ def test_bytes_per_image_from_footers_is_exact(dataset):
 
 
 def test_stats_never_reads_the_image_column(dataset, monkeypatch):
-    import pipelines.stats as stats_module
+    import pipelines.inspect.stats as stats_module
 
     requested: list[list[str]] = []
     real_scan = stats_module.scan
@@ -170,7 +170,7 @@ def test_html_report_renders_its_images_in_a_browser(dataset, tmp_path):
 
 
 def test_gallery_decodes_tokens_and_flags_mismatches(dataset):
-    from pipelines.report_html import render_html, sample_rows
+    from pipelines.inspect.report_html import render_html, sample_rows
 
     data = Dataset.open(str(dataset))
     samples = sample_rows(data, 6)
@@ -278,7 +278,7 @@ def test_distribution_from_histogram_matches_polars_on_raw_values():
 
     import polars as pl
 
-    from pipelines.stats import _distribution_from_counts
+    from pipelines.inspect.stats import _distribution_from_counts
 
     rng = random.Random(1)
     for size in (1, 2, 7, 100, 1001):

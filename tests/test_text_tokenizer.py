@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.text import clean_text
-from pipelines.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
+from pipelines.build.text import clean_text
+from pipelines.build.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
 from schemas.config import TokenizerConfig
 
 
@@ -48,7 +48,7 @@ def test_no_text_no_model():
 def test_default_tokenizer_learns_words_on_a_small_corpus():
     import random
 
-    from pipelines.demo_data import _scene, caption_for
+    from pipelines.demo.corpus import _scene, caption_for
 
     rng = random.Random(0)
     texts = sorted({caption_for(_scene(rng), rng) for _ in range(2000)})

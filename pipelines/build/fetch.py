@@ -17,9 +17,11 @@ Every failure becomes a `FetchError` with a machine-readable `reason` (`http_404
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +35,13 @@ from schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "Mozilla/5.0 (compatible; mmae-build; +https://github.com/mmae/mmae)"
-RETRYABLE = ("timeout", "connection_error")
+TRANSIENT = ("timeout", "connection_error", "http_429")
+
+
+def is_transient(reason: str) -> bool:
+    """Failures worth trying again later: timeouts, connection errors, 5xx and 429 (rate limited)."""
+    return reason in TRANSIENT or reason.startswith("http_5")
+
 # Object stores and local files are read through fsspec. Network protocols that would bypass the
 # address guard (ftp, sftp, smb, webdav...) are refused.
 FSSPEC_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
@@ -76,13 +84,33 @@ class AddressGuard:
 
     allow_private: bool = False
     allowed_networks: list = field(default_factory=list)
+    dns_cache_s: float = 0.0
+    _resolved: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_config(cls, config: DownloadConfig) -> "AddressGuard":
         return cls(
             allow_private=config.allow_private_addresses,
             allowed_networks=[ipaddress.ip_network(n, strict=False) for n in config.allowed_networks],
+            dns_cache_s=config.dns_cache_s,
         )
+
+    def resolve(self, host: str, port: int) -> list:
+        """getaddrinfo, remembered for dns_cache_s: a corpus hits the same CDN hosts millions of times."""
+        now = time.monotonic()
+        key = (host, port)
+        with self._lock:
+            cached = self._resolved.get(key)
+        if cached is not None and now - cached[0] < self.dns_cache_s:
+            return cached[1]
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if self.dns_cache_s > 0:
+            with self._lock:
+                if len(self._resolved) > 100_000:
+                    self._resolved.clear()
+                self._resolved[key] = (now, infos)
+        return infos
 
     def is_allowed(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -97,7 +125,7 @@ class AddressGuard:
     def connect(self, host: str, port: int, timeout: Optional[float]) -> socket.socket:
         """Resolve, check every candidate address, connect to an allowed one."""
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = self.resolve(host, port)
         except socket.gaierror as error:
             raise FetchError("connection_error", f"cannot resolve {host}: {error}") from None
         refused = [info[4][0] for info in infos if not self.is_allowed(info[4][0])]
@@ -206,18 +234,31 @@ class Fetcher:
         self.opener = build_opener(config)
         self.user_agent_token = (config.user_agent_token or "").strip().lower() or None
         self.directives = {d.strip().lower() for d in config.disallowed_header_directives}
+        self._host_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._host_lock = threading.Lock()
+
+    def _host_slot(self, url: str):
+        """A per-host semaphore when download.max_per_host is set (else a no-op context)."""
+        if not self.config.max_per_host:
+            return contextlib.nullcontext()
+        host = (urlsplit(url).hostname or "").lower()
+        with self._host_lock:
+            slot = self._host_slots.get(host)
+            if slot is None:
+                slot = self._host_slots[host] = threading.BoundedSemaphore(self.config.max_per_host)
+        return slot
 
     def fetch(self, url: str) -> FetchResult:
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = self._fetch_once(url)
+                with self._host_slot(url):
+                    result = self._fetch_once(url)
                 result.attempts = attempt
                 return result
             except FetchError as error:
-                retryable = error.reason in RETRYABLE or error.reason.startswith("http_5")
-                if not retryable or attempt > self.config.retries:
+                if not is_transient(error.reason) or attempt > self.config.retries:
                     raise
                 time.sleep(self.config.backoff_s * (2 ** (attempt - 1)))
 

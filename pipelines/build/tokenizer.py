@@ -111,3 +111,21 @@ def special_ids(model: bytes) -> dict[str, Optional[int]]:
         "eos": known(processor.eos_id()),
         "mask": mask if processor.id_to_piece(mask) == "<mask>" else None,
     }
+
+
+class TrainTokenizer(beam.PTransform):
+    """Cleaned texts -> one serialized SentencePiece model (or the given one); b"" when there is no text."""
+
+    def __init__(self, config: TokenizerConfig, given_model: Optional[bytes]) -> None:
+        super().__init__()
+        self.config = config
+        self.given_model = given_model
+
+    def expand(self, texts):
+        if self.given_model is not None:
+            return texts.pipeline | "GivenModel" >> beam.Create([self.given_model])
+        return (
+            texts
+            | "Sample" >> beam.CombineGlobally(SampleTexts(self.config.sample_size))
+            | "Train" >> beam.Map(train_sentencepiece, self.config)
+        )

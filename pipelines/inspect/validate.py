@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
 
-from pipelines.dataset import Dataset, DatasetError
+from pipelines.inspect.dataset import Dataset, DatasetError
 from schemas.manifest import Manifest
 from schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import polars as pl
 
-from pipelines.dataset import Dataset, column_bytes, scan
+from pipelines.inspect.dataset import Dataset, column_bytes, scan
 from schemas.shard import KINDS
 
 IMAGE_SIZE_COLUMNS = ("width", "height", "original_width", "original_height")

@@ -1,0 +1,168 @@
+"""`mmae build`: the Beam pipeline that turns input corpora into Parquet shards.
+
+    mmae demo-data build/demo/raw            # a synthetic corpus to try it on
+    mmae build --config pipeline.yaml        # embedded DirectRunner
+    mmae build --config pipeline.yaml -- --direct_num_workers=2 --direct_running_mode=multi_processing
+    mmae build --config pipeline.yaml -- --runner=FlinkRunner --flink_master=localhost:8081
+    mmae build --config pipeline.yaml                    # again after a crash: resumes
+    mmae build --config pipeline.yaml --retry-transient  # a finished build: retry timeouts/5xx/429
+
+Read top-down, the pipeline is a few named composites (one module each):
+
+    ReadSources -> CleanText -> DedupBy(url), DedupBy(text)
+        -> DownloadChunks (image bytes go straight to OUT/staging, one file per chunk)
+        -> DedupBy(image) -> TrainTokenizer -> WriteShards (streams staging) + WriteRejects
+        -> Finalize (tokenizer.model, build_report.json, manifest.json)
+
+Every input row ends either in a shard or in `rejects/` with a reason; the build fails if
+`read = written + rejected` does not hold per source, or if it wrote no rows at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Optional
+
+import apache_beam as beam
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.build.dedup import DedupBy, image_key, text_key, url_key
+from pipelines.build.download import CAPTIONS, DownloadChunks
+from pipelines.build.finalize import Finalize
+from pipelines.build.output import BuildError, Mode, prepare_output
+from pipelines.build.plan import BuildPlan, make_plan
+from pipelines.build.progress import ProgressMonitor
+from pipelines.build.read import REJECTED, CleanText, ReadSources
+from pipelines.build.staging import STAGING
+from pipelines.build.sources import SourceError
+from pipelines.build.tokenizer import Tokenizer, TrainTokenizer
+from pipelines.build.write import WriteRejects, WriteShards
+from pipelines.shards import join, write_json
+from schemas.config import Config, DataConfig
+
+__all__ = ["BuildError", "build_pipeline", "run"]
+
+log = logging.getLogger("mmae.build")
+
+
+def has_image(record: dict[str, Any]) -> bool:
+    return record["kind"] != "text"
+
+
+def is_text_only(record: dict[str, Any]) -> bool:
+    return record["kind"] == "text"
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan, given_model: Optional[bytes],
+                   retry_transient: bool = False) -> None:
+    read = pipeline | "ReadSources" >> ReadSources(config, plan.elements())
+    cleaned = read.records | "CleanText" >> CleanText(config)
+
+    with_image = cleaned.records | "HasImage" >> beam.Filter(has_image)
+    text_only = cleaned.records | "TextOnly" >> beam.Filter(is_text_only)
+    unique_urls = with_image | "DedupUrl" >> DedupBy(url_key, "url")
+    unique_texts = text_only | "DedupText" >> DedupBy(text_key, "text")
+    to_stage = (unique_urls["records"], unique_texts["records"]) | "ToStage" >> beam.Flatten()
+
+    staged = to_stage | "DownloadChunks" >> DownloadChunks(config, retry_transient)
+    kept = staged.candidates | "DedupImage" >> DedupBy(image_key, "image")
+    model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
+    shards = kept["records"] | "WriteShards" >> WriteShards(config, model)
+
+    rejects = (
+        read[REJECTED],
+        cleaned[REJECTED],
+        unique_urls[REJECTED],
+        unique_texts[REJECTED],
+        staged[REJECTED],
+        kept[REJECTED],
+    ) | "AllRejects" >> beam.Flatten()
+    reject_shards = rejects | "WriteRejects" >> WriteRejects(config)
+    reads = (read.records, read[REJECTED]) | "AllRead" >> beam.Flatten()
+    pipeline | "Finalize" >> Finalize(config, reads, rejects, shards, reject_shards, model)
+
+
+def _load_tokenizer(data: DataConfig) -> Optional[bytes]:
+    if not data.tokenizer.model:
+        return None
+    try:
+        with fsspec.open(data.tokenizer.model, "rb") as handle:
+            model = handle.read()
+        Tokenizer(model, 1)
+    except (OSError, RuntimeError) as error:
+        raise BuildError(f"tokenizer.model {data.tokenizer.model}: cannot load ({error})") from None
+    return model
+
+
+def _remove_stale_files(data: DataConfig, report_manifest: dict[str, Any]) -> None:
+    """Shard files of an earlier attempt that this build did not write (other counts, temp files)."""
+    listed = {entry["path"] for entry in report_manifest["shards"] + report_manifest["rejects"]}
+    fs, root = fsspec.core.url_to_fs(data.output)
+    for folder in ("paired", "image", "text", "rejects"):
+        path = join(root, folder)
+        if not fs.exists(path):
+            continue
+        for name in fs.ls(path, detail=False):
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if (base.startswith("part-") or base.startswith(".tmp-")) and f"{folder}/{base}" not in listed:
+                fs.rm(name)
+
+
+def _empty_build_message(report: dict[str, Any]) -> str:
+    top = list(report["reasons"].items())[:5]
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in top) or "no rows read"
+    message = f"the build wrote no rows: {report['read']:,} read, {report['rejected']:,} rejected ({reasons})"
+    if "private_address" in report["reasons"]:
+        message += (". Hint: the URLs resolve to private/loopback addresses, refused by default; allow a "
+                    "trusted network with data.download.allowed_networks (e.g. [10.0.0.0/8]) or "
+                    "data.download.allow_private_addresses: true, then rerun with --overwrite")
+    elif "bad_url" in report["reasons"] or "not_found" in report["reasons"]:
+        message += ". Hint: check url_column and base_url of the sources"
+    return message
+
+
+def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = False,
+        retry_transient: bool = False) -> dict[str, Any]:
+    """Plan, run (or resume) the pipeline, and return the build report (with timing)."""
+    data = config.data
+    if data is None:
+        raise BuildError("the config has no data: section (sources, output, ...) to build")
+    try:
+        plan = make_plan(data, log)
+    except SourceError as error:
+        raise BuildError(str(error)) from None
+    given_model = _load_tokenizer(data)
+    mode = prepare_output(data, overwrite=overwrite, retry_transient=retry_transient)
+    log.info("building %s (%s): %s input rows in %s chunks of %s rows from %d file(s)", data.output, mode.value,
+             f"{plan.total_rows:,}", f"{plan.total_chunks:,}", f"{data.chunk_rows:,}", len(plan.files))
+
+    options = PipelineOptions(beam_args or [])
+    started = time.monotonic()
+    with ProgressMonitor(data, plan) as progress:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, data, plan, given_model, retry_transient=mode is Mode.RETRY)
+        log.info(progress.line())
+    wall = time.monotonic() - started
+
+    report_url = join(data.output, "build_report.json")
+    with fsspec.open(report_url, "r") as handle:
+        report = json.load(handle)
+    if report["problems"]:
+        raise BuildError("rows were lost: " + "; ".join(report["problems"]))
+    if sum(report["written"].values()) == 0:
+        raise BuildError(_empty_build_message(report))
+    with fsspec.open(join(data.output, "manifest.json"), "r") as handle:
+        _remove_stale_files(data, json.load(handle))
+    images = report["written"].get("paired", 0) + report["written"].get("image", 0)
+    report["mode"] = mode.value
+    report["wall_time_s"] = round(wall, 3)
+    report["images_per_s"] = round(images / wall, 2) if wall > 0 else None
+    report["rows_per_s"] = round(report["read"] / wall, 2) if wall > 0 else None
+    write_json(report_url, report)
+    if not data.keep_staging:
+        fs, root = fsspec.core.url_to_fs(data.output)
+        fs.rm(join(root, STAGING), recursive=True)
+    return report

@@ -1,0 +1,1 @@
+"""Inspecting a built dataset: `mmae stats` (tables, JSON, HTML report) and `mmae validate`."""
