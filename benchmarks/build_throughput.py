@@ -1,10 +1,14 @@
 """`mmae build` vs the `img2dataset` CLI on the same URL list, side by side.
 
-    .venv/bin/python benchmarks/build_throughput.py [--images 3000] [--side 512] [--processes 2]
+    .venv/bin/python benchmarks/build_throughput.py [--images 4000] [--sizes 64 256] [--modes instant web]
 
 Both download the same ~512 px JPEGs from a loopback HTTP server, resize them to the same size
-with the same mode, and write Parquet with the same number of processes. mmae also cleans and
-tokenizes captions (training a SentencePiece model), deduplicates, and writes schema'd shards,
+with the same mode, and write Parquet with the same number of processes. Two servers:
+- `instant`: answers at once and never fails (the best case; hides what users meet);
+- `web`: like the web, decided per path by a seeded hash so both tools meet the same web —
+  20-150 ms latency per request, 3% of requests hang past the timeout, 5% answer 404.
+Both tools use a 3 s timeout and no retries. mmae also cleans and tokenizes captions (training
+a SentencePiece model), deduplicates, stages chunks for resume, and writes schema'd shards,
 rejects, a manifest and a report. Times are whole-command wall clock, startup included.
 """
 
@@ -28,7 +32,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.demo.serve import serve_directory  # noqa: E402
+from pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
 
 
 def make_images(folder: Path, count: int, side: int, seed: int = 0) -> list[dict]:
@@ -93,13 +97,52 @@ def mean_psnr(i2d_out: Path, mmae_out: Path, limit: int = 200) -> float:
     return sum(scores) / max(1, len(scores))
 
 
+def run_img2dataset(work: Path, bin_dir: Path, size: int, args) -> tuple[int, float]:
+    out = work / f"img2dataset-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    seconds = run([
+        str(bin_dir / "img2dataset"), "--url_list", str(work / "urls.parquet"), "--input_format", "parquet",
+        "--url_col", "url", "--caption_col", "caption", "--output_format", "parquet",
+        "--output_folder", str(out), "--processes_count", str(args.processes),
+        "--thread_count", str(args.threads), "--image_size", str(size), "--resize_mode", "center_crop",
+        "--encode_format", "jpg", "--encode_quality", "90", "--number_sample_per_shard", "1000",
+        "--timeout", str(args.timeout), "--retries", "0",
+        "--distributor", "multiprocessing", "--enable_wandb", "False",
+    ], work / f"img2dataset-{size}.log")
+    return count_img2dataset(out), seconds
+
+
+def run_mmae(work: Path, bin_dir: Path, size: int, processes: int, args) -> tuple[int, float]:
+    out = work / f"mmae-{size}-{processes}"
+    shutil.rmtree(out, ignore_errors=True)
+    config = work / "pipeline.yaml"
+    config.write_text(json.dumps({"data": {
+        "output": str(out),
+        "sources": [{"name": "bench", "kind": "paired", "path": str(work / "urls.jsonl")}],
+        "download": {"threads": args.threads, "timeout_s": args.timeout, "retries": 0,
+                     "allowed_networks": ["127.0.0.1/32"]},
+        "image": {"size": size, "resize_mode": "center_crop", "format": "jpeg", "quality": 90},
+        "shards": {"rows_per_shard": 1000},
+    }}))
+    beam_args = []
+    if processes > 1:
+        beam_args = ["--", f"--direct_num_workers={processes}", "--direct_running_mode=multi_processing"]
+    seconds = run([str(bin_dir / "mmae"), "build", "--config", str(config), *beam_args],
+                  work / f"mmae-{size}-{processes}.log")
+    report = json.loads((out / "build_report.json").read_text())
+    return report["written"]["paired"], seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--side", type=int, default=512)
-    parser.add_argument("--size", type=int, default=64, help="output image side")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="output image sides")
+    parser.add_argument("--modes", nargs="+", default=["instant", "web"], choices=["instant", "web"])
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=128)
+    parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--single", action="store_true", help="also time mmae's default one-process runner")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_build"))
     args = parser.parse_args()
 
@@ -109,59 +152,46 @@ def main() -> None:
     started = time.perf_counter()
     rows = make_images(raw, args.images, args.side)
     mean_kb = sum((raw / row["url"]).stat().st_size for row in rows) / len(rows) / 1024
-    print(f"corpus: {len(rows)} JPEGs of {args.side}px (mean {mean_kb:.0f} KB), made in {time.perf_counter() - started:.1f}s")
+    print(f"corpus: {len(rows)} JPEGs of {args.side}px (mean {mean_kb:.0f} KB), made in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
 
     bin_dir = Path(sys.executable).parent
-    with serve_directory(str(raw)) as base_url:
-        absolute = [{"url": base_url + row["url"], "caption": row["caption"]} for row in rows]
-        pq.write_table(pa.Table.from_pylist(absolute), work / "urls.parquet")
-        with open(work / "urls.jsonl", "w") as handle:
-            for row in absolute:
-                handle.write(json.dumps(row) + "\n")
+    results = []
+    for mode in args.modes:
+        behaviour = WebBehaviour(instant=mode == "instant", hang_s=args.timeout * 10)
+        with serve_weblike(str(raw), behaviour) as server:
+            absolute = [{"url": server.base_url + row["url"], "caption": row["caption"]} for row in rows]
+            pq.write_table(pa.Table.from_pylist(absolute), work / "urls.parquet")
+            with open(work / "urls.jsonl", "w") as handle:
+                for row in absolute:
+                    handle.write(json.dumps(row) + "\n")
+            for size in args.sizes:
+                i2d_ok, i2d_s = run_img2dataset(work, bin_dir, size, args)
+                mmae_ok, mmae_s = run_mmae(work, bin_dir, size, args.processes, args)
+                line = {"mode": mode, "size": size, "i2d": (i2d_ok, i2d_s), "mmae": (mmae_ok, mmae_s)}
+                if args.single:
+                    line["single"] = run_mmae(work, bin_dir, size, 1, args)
+                psnr = mean_psnr(work / f"img2dataset-{size}", work / f"mmae-{size}-{args.processes}")
+                line["psnr"] = psnr
+                results.append(line)
+                ratio = (mmae_ok / mmae_s) / (i2d_ok / i2d_s)
+                print(f"{mode:<8} {size:>4}px  img2dataset {i2d_ok} ok in {i2d_s:.1f}s  mmae {mmae_ok} ok in "
+                      f"{mmae_s:.1f}s  ratio {ratio:.2f}x  PSNR {psnr:.1f} dB", flush=True)
 
-        i2d_out = work / "img2dataset"
-        i2d_time = run([
-            str(bin_dir / "img2dataset"), "--url_list", str(work / "urls.parquet"), "--input_format", "parquet",
-            "--url_col", "url", "--caption_col", "caption", "--output_format", "parquet",
-            "--output_folder", str(i2d_out), "--processes_count", str(args.processes),
-            "--thread_count", str(args.threads), "--image_size", str(args.size), "--resize_mode", "center_crop",
-            "--encode_format", "jpg", "--encode_quality", "90", "--number_sample_per_shard", "1000",
-            "--distributor", "multiprocessing", "--enable_wandb", "False",
-        ], work / "img2dataset.log")
-        i2d_ok = count_img2dataset(i2d_out)
-
-        config = work / "pipeline.yaml"
-        config.write_text(json.dumps({"data": {
-            "output": str(work / "mmae"),
-            "sources": [{"name": "bench", "kind": "paired", "path": str(work / "urls.jsonl")}],
-            "download": {"threads": args.threads, "allowed_networks": ["127.0.0.1/32"]},
-            "image": {"size": args.size, "resize_mode": "center_crop", "format": "jpeg", "quality": 90},
-            "shards": {"rows_per_shard": 1000},
-        }}))
-        beam_args = ["--", f"--direct_num_workers={args.processes}", "--direct_running_mode=multi_processing"]
-        mmae_time = run([str(bin_dir / "mmae"), "build", "--config", str(config), *beam_args],
-                        work / "mmae.log")
-        report = json.loads((work / "mmae" / "build_report.json").read_text())
-        mmae_ok = report["written"]["paired"]
-        # The default embedded runner: one process, whose pool threads decode in parallel.
-        single_time = run([str(bin_dir / "mmae"), "build", "--config", str(config), "--overwrite"],
-                          work / "mmae-single.log")
-        single_ok = json.loads((work / "mmae" / "build_report.json").read_text())["written"]["paired"]
-
-    i2d_rate, mmae_rate = i2d_ok / i2d_time, mmae_ok / mmae_time
+    print(f"\n{args.images} URLs, {args.side}px JPEGs -> center_crop, JPEG q90, {args.threads} threads, "
+          f"timeout {args.timeout}s, no retries, {args.processes} processes each")
+    print(f"{'server':<8} {'size':>5} {'i2d ok':>7} {'i2d s':>7} {'i2d img/s':>10} {'mmae ok':>8} {'mmae s':>7} "
+          f"{'mmae img/s':>11} {'ratio':>6}" + ("  mmae 1-proc img/s (ratio)" if args.single else ""))
+    for line in results:
+        (i2d_ok, i2d_s), (mmae_ok, mmae_s) = line["i2d"], line["mmae"]
+        i2d_rate, mmae_rate = i2d_ok / i2d_s, mmae_ok / mmae_s
+        extra = ""
+        if "single" in line:
+            single_rate = line["single"][0] / line["single"][1]
+            extra = f"  {single_rate:>8.1f} ({single_rate / i2d_rate:.2f}x)"
+        print(f"{line['mode']:<8} {line['size']:>5} {i2d_ok:>7} {i2d_s:>7.1f} {i2d_rate:>10.1f} {mmae_ok:>8} "
+              f"{mmae_s:>7.1f} {mmae_rate:>11.1f} {mmae_rate / i2d_rate:>5.2f}x{extra}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"\n{'tool':<12} {'images ok':>10} {'wall s':>8} {'images/s':>9}")
-    print(f"{'img2dataset':<12} {i2d_ok:>10} {i2d_time:>8.1f} {i2d_rate:>9.1f}")
-    print(f"{'mmae build':<12} {mmae_ok:>10} {mmae_time:>8.1f} {mmae_rate:>9.1f}   "
-          f"(--direct_num_workers={args.processes} --direct_running_mode=multi_processing)")
-    single_rate = single_ok / single_time
-    print(f"{'mmae build':<12} {single_ok:>10} {single_time:>8.1f} {single_rate:>9.1f}   (default: one process)")
-    print(f"\nratio mmae / img2dataset, same number of processes ({args.processes}): {mmae_rate / i2d_rate:.2f}x")
-    print(f"ratio mmae default runner / img2dataset: {single_rate / i2d_rate:.2f}x")
-    print(f"({args.threads} threads, {args.side}px -> {args.size}px center_crop, JPEG q90)")
-    print(f"output agreement with img2dataset (mean PSNR over 200 images): "
-          f"{mean_psnr(work / 'img2dataset', work / 'mmae'):.1f} dB")
-    print(f"mmae's own report: {report['images_per_s']} images/s over {report['wall_time_s']} s of pipeline time")
     print(f"peak RSS of the largest child process: {peak:.0f} MB")
 
 

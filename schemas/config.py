@@ -52,7 +52,7 @@ class DownloadConfig(_Section):
     retries: int = Field(1, ge=0, description="extra attempts after a timeout/connection error/5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
     threads: int = Field(
-        32, ge=1, le=1024,
+        128, ge=1, le=1024,
         description="requests in flight per worker process; each result is used as it completes, so a hanging "
         "URL holds one slot for at most timeout_s")
     max_per_host: Optional[int] = Field(
