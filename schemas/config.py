@@ -126,7 +126,7 @@ class DataConfig(_Section):
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
     chunk_rows: int = Field(
-        1000, ge=1, description="input rows per work unit: one worker downloads a chunk and commits it to "
+        500, ge=1, description="input rows per work unit: one worker downloads a chunk and commits it to "
         "OUT/staging; an interrupted build resumes from the committed chunks")
     keep_staging: bool = Field(
         True, description="keep OUT/staging (a second copy of the images) after a finished build, so "
