@@ -1,6 +1,6 @@
 """`mmae build` vs the `img2dataset` CLI on the same URL list, side by side.
 
-    .venv/bin/python benchmarks/build_throughput.py [--images 4000] [--sizes 64 256] [--modes instant web]
+    .venv/bin/python benchmarks/build_throughput.py [--images 10000] [--sizes 64 256] [--modes instant web]
 
 Both download the same ~512 px JPEGs from a loopback HTTP server, resize them to the same size
 with the same mode, and write Parquet with the same number of processes. Two servers:
@@ -135,7 +135,7 @@ def run_mmae(work: Path, bin_dir: Path, size: int, processes: int, args) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="output image sides")
     parser.add_argument("--modes", nargs="+", default=["instant", "web"], choices=["instant", "web"])
