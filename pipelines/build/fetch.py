@@ -156,7 +156,7 @@ class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
         try:
             return self.guard.connect(self._dns_host, self.port, timeout)
         except (socket.timeout, TimeoutError) as error:
-            raise FetchError("timeout", f"connect to {self._dns_host}: {error}") from None
+            raise FetchError("timeout", "connecting timed out") from None
         except FetchError:
             raise
         except OSError as error:
@@ -188,7 +188,7 @@ def _read_capped(stream, max_bytes: int, deadline: float) -> bytes:
     total = 0
     while True:
         if time.monotonic() > deadline:
-            raise FetchError("timeout", f"body not complete before the deadline ({total} bytes read)")
+            raise FetchError("timeout", "body not complete before the deadline")
         chunk = stream.read1(CHUNK_BYTES) if hasattr(stream, "read1") else stream.read(CHUNK_BYTES)
         if not chunk:
             return b"".join(parts)
@@ -204,8 +204,12 @@ def _classify(error: BaseException) -> FetchError:
     reason = getattr(error, "reason", None)
     if isinstance(reason, FetchError):
         return reason
+    # Timeout details say which step timed out, never how long it had left: rejects are part of
+    # the build's output and must come out byte-identical on a rebuild.
+    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
+        return FetchError("timeout", "connecting timed out")
     if isinstance(error, (urllib3.exceptions.TimeoutError, socket.timeout, TimeoutError)):
-        return FetchError("timeout", str(error))
+        return FetchError("timeout", "waiting for the answer timed out")
     return FetchError("connection_error", f"{type(error).__name__}: {error}")
 
 
