@@ -1,0 +1,332 @@
+"""`DownloadChunks`: each chunk of records -> a committed staging file + small metadata.
+
+One worker process keeps `download.threads` fetch+decode jobs in flight over *all* the chunks it
+has been given, and uses each result as it completes: a hanging URL holds one slot for at most
+`download.timeout_s` while the other slots move on to the rows after it, in its chunk and in the
+next ones. A chunk is committed (written to the staging area) as soon as its last row is done,
+whichever chunk that is; at most `MAX_OPEN_CHUNKS` are open at once, which bounds memory.
+
+Image bytes go from the thread pool straight into the chunk's staging file; what leaves this
+stage is only metadata (ids, hashes, reasons, captions for the tokenizer sample), so no shuffle
+ever carries an image. A chunk already committed by an earlier run is read back (without its
+image column) instead of being fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import signal
+import threading
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipelines.build import staging
+from pipelines.build.fetch import Fetcher, FetchError, FetchResult, is_transient
+from pipelines.build.images import ImageReject, process_image
+from pipelines.build.plan import ChunkKey, chunk_of
+from pipelines.build.sources import reject
+from schemas.config import DataConfig
+
+log = logging.getLogger("mmae.build")
+
+REJECTED = "rejected"
+CAPTIONS = "captions"
+MAX_OPEN_CHUNKS = 8
+# A deterministic crash point for the resume tests: the worker SIGKILLs itself right after
+# committing this many chunks (what `kill -9` or a lost node does at an arbitrary moment).
+KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
+
+
+def image_dedup_key(kind: str, sha256: str, caption: Optional[str]) -> str:
+    # Paired rows keep one row per (image, caption): COCO-style multiple captions are not duplicates.
+    text = f"{kind}\x00{sha256}\x00{caption if caption is not None else ''}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def chunk_key_of(record: dict[str, Any], chunk_rows: int) -> tuple[ChunkKey, dict[str, Any]]:
+    return chunk_of(record["order"], chunk_rows), record
+
+
+def _looks_like_text(content_type: str) -> bool:
+    content_type = content_type.lower()
+    return content_type.startswith("text/") or "json" in content_type or "xml" in content_type
+
+
+def _failed(record: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    log.warning("row %s (%s): unexpected %s: %s", record.get("key"), record.get("url"), type(error).__name__, error)
+    return {**record, "reason": "processing_error", "detail": f"{type(error).__name__}: {error}"[:500]}
+
+
+class RowProcessor:
+    """The two steps of one record: `fetch` (network, many in flight) and `decode` (CPU: decode,
+    check, resize, encode). Neither raises: every failure is a row with a reason."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config = config
+        self.fetcher = Fetcher(config.download)
+
+    def fetch(self, record: dict[str, Any]) -> FetchResult | dict[str, Any]:
+        """The body, or the finished (rejected) row."""
+        try:
+            return self.fetcher.fetch(record["url"])
+        except FetchError as error:
+            return {**record, "reason": error.reason, "detail": error.detail[:500]}
+        except Exception as error:  # a row must never take the build down with it
+            return _failed(record, error)
+
+    def decode(self, record: dict[str, Any], result: FetchResult) -> dict[str, Any]:
+        try:
+            image = process_image(result.data, self.config.image)
+        except ImageReject as error:
+            if error.reason == "decode_error" and _looks_like_text(result.content_type):
+                return {**record, "reason": "not_image", "detail": f"Content-Type {result.content_type}"}
+            return {**record, "reason": error.reason, "detail": error.detail[:500]}
+        except Exception as error:
+            return _failed(record, error)
+        return {
+            **record,
+            "image": image.data,
+            "image_format": image.format,
+            "width": image.width,
+            "height": image.height,
+            "original_width": image.original_width,
+            "original_height": image.original_height,
+            "image_sha256": image.sha256,
+            "reason": None,
+        }
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        fetched = self.fetch(record)
+        return fetched if isinstance(fetched, dict) else self.decode(record, fetched)
+
+
+@dataclass
+class _OpenChunk:
+    key: ChunkKey
+    url: str
+    digest: str
+    rows: list[Optional[dict[str, Any]]]
+    remaining: int
+    fetched: int = 0
+
+
+class _Workers:
+    """`count` daemon threads applying `handle` to items of a queue.
+
+    Not a ThreadPoolExecutor: its `submit` takes a lock shared by every executor in the
+    process, and with a hundred network threads handing bodies to the decoders that lock,
+    not the network, set the pace."""
+
+    def __init__(self, count: int, name: str, handle) -> None:
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.handle = handle
+        self.threads = [threading.Thread(target=self._run, name=f"{name}-{index}", daemon=True)
+                        for index in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            self.handle(*item)
+
+    def put(self, *item) -> None:
+        self.queue.put(item)
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+
+
+class _Window:
+    """Rows in flight in one worker process, and the chunks they belong to. Network waits and
+    CPU work have separate threads: `download.threads` requests in flight, and as many decoding
+    threads as cores (Pillow releases the GIL while it decodes, resizes and encodes), so a
+    hundred waiting sockets never compete for the GIL with the decoders."""
+
+    def __init__(self, processor: "RowProcessor", threads: int) -> None:
+        self.processor = processor
+        self.done: "queue.SimpleQueue[tuple[_OpenChunk, int, dict[str, Any]]]" = queue.SimpleQueue()
+        self.open_chunks: dict[ChunkKey, _OpenChunk] = {}
+        self.in_flight = 0
+        self.decoders = _Workers(os.cpu_count() or 2, "mmae-decode", self._decode)
+        self.network = _Workers(threads, "mmae-fetch", self._fetch)
+
+    def submit(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
+        self.in_flight += 1
+        self.network.put(chunk, index, record)
+
+    def _fetch(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
+        """A reject is done here; a body goes on to a decoding thread."""
+        try:
+            outcome = self.processor.fetch(record)
+            if isinstance(outcome, dict):
+                self.done.put((chunk, index, outcome))
+            else:
+                self.decoders.put(chunk, index, record, outcome)
+        except BaseException as error:  # never lose a row: in_flight would never reach 0
+            self.done.put((chunk, index, _failed(record, error)))
+
+    def _decode(self, chunk: "_OpenChunk", index: int, record: dict[str, Any], fetched: FetchResult) -> None:
+        try:
+            row = self.processor.decode(record, fetched)
+        except BaseException as error:
+            row = _failed(record, error)
+        self.done.put((chunk, index, row))
+
+    def stop(self) -> None:
+        self.network.stop()
+        self.decoders.stop()
+
+
+class DownloadChunkFn(beam.DoFn):
+    """(chunk key, records) -> candidates for the image dedup, plus tagged rejects and captions."""
+
+    def __init__(self, config: DataConfig, retry_transient: bool = False) -> None:
+        self.config = config
+        self.retry_transient = retry_transient
+        self.fetched = Metrics.counter("mmae", "rows_fetched")
+        self.resumed = Metrics.counter("mmae", "chunks_resumed")
+        self.committed = Metrics.counter("mmae", "chunks_committed")
+
+    def setup(self) -> None:
+        self.processor = RowProcessor(self.config)
+        self.window = _Window(self.processor, self.config.download.threads)
+        self.committed_here = 0
+
+    def teardown(self) -> None:
+        self.window.stop()
+
+    # ---------------------------------------------------------------------------------------
+
+    def process(self, element: tuple[ChunkKey, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+        key, records = element
+        records = sorted(records, key=lambda record: record["order"])
+        source = self.config.sources[key[0]]
+        url = staging.chunk_url(self.config.output, source.name, key)
+        digest = staging.records_digest(records)
+        staged = staging.read_chunk(url, digest)
+        if staged is not None:
+            redo = [index for index, row in enumerate(staged) if row["reason"] and is_transient(row["reason"])]
+            if not (self.retry_transient and redo):
+                self.resumed.inc()
+                yield from self._outputs(key, staged)
+                return
+            rows = list(staging.read_rows(url, list(range(len(staged)))))
+            self._open(key, url, digest, rows, {index: self._record(rows[index]) for index in redo})
+        elif source.kind == "text":
+            rows = [{**record, "reason": None} for record in records]
+            self._commit(url, rows, digest)
+            yield from self._outputs(key, rows)
+            return
+        else:
+            self._open(key, url, digest, [None] * len(records), dict(enumerate(records)))
+        # Hand control back to Beam (for more chunks) as long as enough work is queued to keep
+        # every slot busy; block only when too much is open.
+        window = self.window
+        while window.in_flight > 2 * self.config.download.threads or len(window.open_chunks) > MAX_OPEN_CHUNKS:
+            yield from self._complete_one(block=True)
+        yield from self._complete_ready()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self.window.in_flight:
+            for output in self._complete_one(block=True):
+                yield _windowed(output)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _commit(self, url: str, rows: list[dict[str, Any]], digest: str) -> None:
+        staging.write_chunk(url, rows, digest)
+        self.committed.inc()
+        self.committed_here += 1
+        kill_after = os.environ.get(KILL_AFTER_CHUNKS_ENV)
+        if kill_after and self.committed_here >= int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _record(row: dict[str, Any]) -> dict[str, Any]:
+        fields = ("id", "source", "kind", "key", "url", "caption", "label", "order")
+        return {name: row.get(name) for name in fields}
+
+    def _open(self, key, url, digest, rows, jobs: dict[int, dict[str, Any]]) -> None:
+        chunk = _OpenChunk(key, url, digest, rows, remaining=len(jobs))
+        self.window.open_chunks[key] = chunk
+        for index, record in jobs.items():
+            self.window.submit(chunk, index, record)
+
+    def _complete_ready(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield from self._complete_one(block=False)
+            except queue.Empty:
+                return
+
+    def _complete_one(self, block: bool) -> Iterator[Any]:
+        chunk, index, row = self.window.done.get(block=block)
+        self.window.in_flight -= 1
+        chunk.rows[index] = row
+        chunk.remaining -= 1
+        chunk.fetched += 1
+        self.fetched.inc()
+        if chunk.remaining == 0:
+            del self.window.open_chunks[chunk.key]
+            self._commit(chunk.url, chunk.rows, chunk.digest)
+            yield from self._outputs(chunk.key, chunk.rows)
+
+    def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:
+        for index, row in enumerate(rows):
+            if row.get("reason"):
+                yield beam.pvalue.TaggedOutput(REJECTED, reject(row, row["reason"], row.get("detail") or ""))
+                continue
+            if row.get("caption") is not None:
+                yield beam.pvalue.TaggedOutput(CAPTIONS, row["caption"])
+            dedup = None
+            if row["kind"] != "text":
+                dedup = image_dedup_key(row["kind"], row["image_sha256"], row.get("caption"))
+            yield {
+                "id": row["id"],
+                "source": row["source"],
+                "kind": row["kind"],
+                "key": row["key"],
+                "url": row.get("url"),
+                "chunk": key,
+                "index": index,
+                "order": (*key, index),
+                "dedup": dedup,
+            }
+
+
+def _windowed(output: Any) -> Any:
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, MIN_TIMESTAMP, [GlobalWindow()]))
+    return WindowedValue(output, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class DownloadChunks(beam.PTransform):
+    """Records -> chunks -> committed staging files; outputs: main (candidates), rejected, captions."""
+
+    def __init__(self, config: DataConfig, retry_transient: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.retry_transient = retry_transient
+
+    def expand(self, records):
+        return (
+            records
+            | "KeyByChunk" >> beam.Map(chunk_key_of, self.config.chunk_rows)
+            | "GroupChunks" >> beam.GroupByKey()
+            | "Fetch" >> beam.ParDo(DownloadChunkFn(self.config, self.retry_transient)).with_outputs(
+                REJECTED, CAPTIONS, main="candidates")
+        )

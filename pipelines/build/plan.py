@@ -1,0 +1,132 @@
+"""The work plan of a build: which files each source has, how many rows, and how rows are cut
+into chunks.
+
+A chunk is the unit of downloading, committing and resuming: a run of `chunk_rows` consecutive
+input rows of one source file (for an image folder, of its sorted file list). A row's place in
+the input, its `order` = (source index, file number, row number), decides its chunk and which of
+two duplicates is kept, so the plan is the same on every runner and every run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipelines.build.sources import SourceError, SourceFile, expand_source, required_columns
+from schemas.config import DataConfig
+
+Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
+ChunkKey = tuple[int, int, int]  # (source index, file number, chunk number)
+
+
+def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:
+    """Where a record stood in the input. Image-folder files are the rows of one virtual file."""
+    if source_file.format == "image":
+        return (source_index, 0, file_number + 1)
+    row = key.rpartition(":")[2]
+    return (source_index, file_number, int(row) if row.isdigit() else 0)
+
+
+def chunk_of(order: Order, chunk_rows: int) -> ChunkKey:
+    source_index, file_number, row = order
+    return (source_index, file_number, max(row - 1, 0) // chunk_rows)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    source_index: int
+    number: int  # position among its source's files
+    file: SourceFile
+    rows: int  # input rows (lines for JSONL); image files count 1
+
+
+@dataclass
+class BuildPlan:
+    files: list[PlannedFile]
+    chunk_rows: int
+    chunk_input_rows: dict[ChunkKey, int] = field(default_factory=dict)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.chunk_input_rows.values())
+
+    @property
+    def total_chunks(self) -> int:
+        return len(self.chunk_input_rows)
+
+    def elements(self) -> list[tuple[int, int, SourceFile]]:
+        """What the pipeline's reader is given: (source index, file number, file)."""
+        return [(planned.source_index, planned.number, planned.file) for planned in self.files]
+
+
+def count_rows(source_file: SourceFile, columns: list[str]) -> int:
+    """Input rows of one file, read once by the driver (cheap next to downloading them)."""
+    if source_file.format == "image":
+        return 1
+    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+        if source_file.format == "parquet":
+            with pq.ParquetFile(handle) as parquet:
+                return parquet.metadata.num_rows
+        if source_file.format == "jsonl":
+            lines, last = 0, b"\n"
+            while True:
+                block = handle.read(1 << 22)
+                if not block:
+                    return lines + (0 if last == b"\n" else 1)
+                lines += block.count(b"\n")
+                last = block[-1:]
+        reader = pacsv.open_csv(
+            handle,
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t" if source_file.format == "tsv" else ",",
+                invalid_row_handler=lambda row: "skip",
+                newlines_in_values=True,
+            ),
+            convert_options=pacsv.ConvertOptions(include_columns=columns[:1], column_types={columns[0]: pa.binary()}),
+            read_options=pacsv.ReadOptions(block_size=1 << 22),
+        )
+        return sum(batch.num_rows for batch in reader)
+
+
+def make_plan(config: DataConfig, log=None) -> BuildPlan:
+    """Expand every source (SourceError names the problem) and count its rows into chunks."""
+    files: list[PlannedFile] = []
+    for source_index, source in enumerate(config.sources):
+        source_files = expand_source(source)
+        columns = required_columns(source)
+        for number, source_file in enumerate(source_files):
+            try:
+                rows = count_rows(source_file, columns)
+            except (OSError, ValueError, pa.ArrowException) as error:
+                raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
+            files.append(PlannedFile(source_index, number, source_file, rows))
+        if log is not None:
+            log.info("source %s (%s): %d file(s)", source.name, source.kind, len(source_files))
+    plan = BuildPlan(files=files, chunk_rows=config.chunk_rows)
+    for planned in files:
+        if planned.file.format == "image":
+            key = chunk_of(record_order(planned.source_index, planned.number, planned.file, ""), config.chunk_rows)
+            plan.chunk_input_rows[key] = plan.chunk_input_rows.get(key, 0) + 1
+            continue
+        for chunk in range(math.ceil(planned.rows / config.chunk_rows)):
+            rows = min(config.chunk_rows, planned.rows - chunk * config.chunk_rows)
+            plan.chunk_input_rows[(planned.source_index, planned.number, chunk)] = rows
+    return plan
+
+
+def chunk_name(key: ChunkKey) -> str:
+    return f"{key[1]:05d}-{key[2]:06d}"
+
+
+def parse_chunk_name(name: str) -> Optional[tuple[int, int]]:
+    stem = name.rsplit("/", 1)[-1].removesuffix(".parquet")
+    parts = stem.split("-")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        return None
+    return int(parts[0]), int(parts[1])

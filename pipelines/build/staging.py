@@ -1,0 +1,96 @@
+"""The staging area: one committed Parquet file per finished chunk, `OUT/staging/chunks/SOURCE/FFFFF-CCCCCC.parquet`.
+
+A chunk file holds every row that reached the download stage for that chunk, in input order:
+rows that succeeded (with their image bytes) and rows that failed (with `reason`/`detail`,
+and the caption/label they had, so a later retry can redo them). It is written to a temporary
+name and renamed, so its presence means the chunk is done; a resumed build never fetches it
+again. Only the final shard writer reads the image bytes back, streaming one row group at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Iterator, Optional
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.build.plan import ChunkKey, chunk_name
+from pipelines.shards import join, table_bytes, write_atomic
+from schemas.shard import SHARD_SCHEMA
+
+STAGING = "staging"
+IDS_KEY = b"mmae.chunk_records"
+ROW_GROUP = 64  # the unit the shard writer reads back
+
+STAGING_SCHEMA = pa.schema(
+    [field for field in SHARD_SCHEMA if field.name != "tokens"]
+    + [
+        pa.field("key", pa.string()),
+        pa.field("reason", pa.string()),  # null: the row succeeded
+        pa.field("detail", pa.string()),
+    ]
+)
+META_COLUMNS = [name for name in STAGING_SCHEMA.names if name != "image"]
+
+
+def chunk_url(output: str, source_name: str, key: ChunkKey) -> str:
+    return join(output, STAGING, "chunks", source_name, chunk_name(key) + ".parquet")
+
+
+def records_digest(records: Iterable[dict[str, Any]]) -> str:
+    """Which input rows a chunk holds, and what they say: a resumed build reuses a committed chunk
+    only if its rows are the same (an edited URL or caption on a line redoes that chunk)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for record in records:
+        for name in ("id", "url", "caption", "label"):
+            value = record.get(name)
+            digest.update(b"\x00" if value is None else value.encode("utf-8", "surrogatepass") + b"\x01")
+    return digest.hexdigest()
+
+
+def write_chunk(url: str, rows: list[dict[str, Any]], digest: str) -> None:
+    projected = [{name: row.get(name) for name in STAGING_SCHEMA.names} for row in rows]
+    schema = STAGING_SCHEMA.with_metadata({IDS_KEY: digest.encode()})
+    write_atomic(url, table_bytes(projected, schema, ROW_GROUP))
+
+
+def read_chunk(url: str, expected_digest: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
+    """A committed chunk's rows without image bytes; None if absent, unreadable or for other rows."""
+    try:
+        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            metadata = parquet.schema_arrow.metadata or {}
+            if expected_digest is not None and metadata.get(IDS_KEY, b"").decode() != expected_digest:
+                return None
+            return parquet.read(columns=META_COLUMNS).to_pylist()
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException):
+        return None  # a damaged file is redone, not trusted
+
+
+def read_tables(url: str, indices: list[int]) -> Iterator[pa.Table]:
+    """The rows at `indices` (ascending) of a chunk file, image bytes included, one row group at a time."""
+    with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+        metadata = parquet.metadata
+        start = 0
+        position = 0
+        for group in range(metadata.num_row_groups):
+            size = metadata.row_group(group).num_rows
+            wanted = []
+            while position < len(indices) and indices[position] < start + size:
+                wanted.append(indices[position] - start)
+                position += 1
+            if wanted:
+                yield parquet.read_row_group(group).take(pa.array(wanted, pa.int64()))
+            start += size
+            if position == len(indices):
+                return
+    if position != len(indices):
+        raise ValueError(f"{url}: {len(indices) - position} row(s) past its end")
+
+
+def read_rows(url: str, indices: list[int]) -> Iterator[dict[str, Any]]:
+    for table in read_tables(url, indices):
+        yield from table.to_pylist()
