@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.build.dedup import DedupBy, image_key, url_key
+from pipelines.build.dedup import DedupBy, DedupImages, url_key
 from pipelines.build.download import CAPTIONS, REJECTED, DownloadChunks
 from pipelines.build.plan import make_plan
 from pipelines.build.read import CleanText, ReadSources
@@ -86,12 +86,23 @@ def test_dedup_keeps_the_first_in_input_order_whatever_the_arrival_order():
                     equal_to([("r5", "same url as r2"), ("r7", "same url as r2")]), label="rejects")
 
 
-def test_dedup_passes_rows_without_a_key():
-    records = [{"id": "a", "dedup": None, "order": (0, 0, 0, 1)}, {"id": "b", "dedup": "h", "order": (0, 0, 0, 2)},
-               {"id": "c", "dedup": "h", "order": (0, 0, 0, 3), "source": "s", "kind": "image", "key": "k", "url": "u"}]
+def test_dedup_images_keeps_the_first_and_rejects_copies_with_key_and_url(tmp_path, http_server):
+    config = data_config(tmp_path)
+    records = [
+        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}", "url": f"{http_server}{path}",
+         "caption": caption, "label": None, "order": (0, 0, row)}
+        for row, path, caption in [(1, "/img/red.jpg?a", "red"), (2, "/img/blue.jpg", "blue"),
+                                   (3, "/img/red.jpg?b", "red"), (4, "/img/red.jpg?c", "another caption")]
+    ]
+    text = {"id": "t1", "source": "t", "kind": "text", "key": "t.jsonl:1", "caption": "hello", "label": None,
+            "order": (1, 0, 1)}
     with beam_pipeline() as pipeline:
-        result = pipeline | beam.Create(records) | DedupBy(image_key, "image")
-        assert_that(result["records"] | beam.Map(lambda record: record["id"]), equal_to(["a", "b"]))
+        staged = pipeline | beam.Create(records + [text]) | DownloadChunks(config)
+        result = staged.candidates | DedupImages(config)
+        assert_that(result["records"] | beam.Map(lambda candidate: candidate[2]), equal_to(["i1", "i2", "i4", "t1"]))
+        assert_that(result["rejected"] | beam.Map(lambda row: (row["id"], row["key"], row["url"], row["detail"])),
+                    equal_to([("i3", "p.jsonl:3", f"{http_server}/img/red.jpg?b", "same image as i1")]),
+                    label="rejects")
 
 
 def test_download_chunks_commits_staging_and_emits_only_metadata(tmp_path, http_server):
@@ -103,8 +114,9 @@ def test_download_chunks_commits_staging_and_emits_only_metadata(tmp_path, http_
     ]
     with beam_pipeline() as pipeline:
         staged = pipeline | beam.Create(records) | DownloadChunks(config)
-        assert_that(staged.candidates | beam.Map(lambda c: (c["id"], c["chunk"], c["index"], "image" in c)),
-                    equal_to([("i1", (0, 0, 0), 0, False), ("i3", (0, 0, 1), 0, False)]))
+        # Candidates are small: (dedup key, position, id); the image stays in the staging file.
+        assert_that(staged.candidates | beam.Map(lambda c: (c[2], c[1], len(c[0]))),
+                    equal_to([("i1", (0, 0, 0, 0), 16), ("i3", (0, 0, 1, 0), 16)]))
         assert_that(staged[REJECTED] | beam.Map(_id_and("reason")), equal_to([("i2", "http_404")]), label="rejects")
         assert_that(staged[CAPTIONS], equal_to(["caption 1", "caption 3"]), label="captions")
     chunks = sorted((tmp_path / "out" / "staging" / "chunks" / "p").glob("*.parquet"))

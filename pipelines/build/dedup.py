@@ -1,6 +1,8 @@
-"""`DedupBy`: exact deduplication on a key; the row that came first in the input wins, whatever
-order the runner delivers rows in. Used three times: URLs within a source and texts before
-downloading, image bytes (+ caption) after."""
+"""Exact deduplication; the row that came first in the input wins, whatever order the runner
+delivers rows in. `DedupBy` works on records (URLs within a source and texts, before
+downloading); `DedupImages` on the download stage's small candidates (the same stored image,
+plus caption for paired rows, within a kind), looking up the few duplicates' key and URL in
+the staging area for their reject rows."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 
+from pipelines.build import staging
+from pipelines.build.download import Candidate, candidate_dedup, candidate_id, candidate_position
 from pipelines.build.sources import reject
+from schemas.config import DataConfig
 
 REJECTED = "rejected"
 
@@ -19,11 +24,6 @@ def url_key(record: dict[str, Any]) -> tuple:
 
 def text_key(record: dict[str, Any]) -> tuple:
     return ("text", record["caption"])
-
-
-def image_key(candidate: dict[str, Any]) -> Optional[str]:
-    """Computed by the download stage (kind + image sha256 + caption); None for text rows."""
-    return candidate["dedup"]
 
 
 def _keyed(record: dict[str, Any], key_fn: Callable) -> tuple:
@@ -73,3 +73,54 @@ class DedupBy(beam.PTransform):
         )
         records_out = (first.records, unkeyed) | "Merge" >> beam.Flatten()
         return {"records": records_out, REJECTED: first[REJECTED]}
+
+
+def _keyed_candidate(candidate: Candidate) -> tuple:
+    return candidate_dedup(candidate), candidate
+
+
+def _first_candidate(element: tuple[Any, Iterable[Candidate]]) -> Iterator[Any]:
+    _, group = element
+    ordered = sorted(group, key=candidate_position)
+    yield ordered[0]
+    for candidate in ordered[1:]:
+        yield beam.pvalue.TaggedOutput(DUPLICATES, (candidate, candidate_id(ordered[0])))
+
+
+DUPLICATES = "duplicates"
+
+
+class DuplicateRejectFn(beam.DoFn):
+    """(duplicate candidate, id of the row kept) -> its reject row, key and URL read from staging."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config = config
+
+    def process(self, element: tuple[Candidate, str]) -> Iterator[dict[str, Any]]:
+        candidate, first_id = element
+        source_index, file_number, chunk_number, index = candidate_position(candidate)
+        url = staging.chunk_url(self.config.output, self.config.sources[source_index].name,
+                                (source_index, file_number, chunk_number))
+        row = next(staging.read_rows(url, [index]))
+        yield reject(row, "duplicate", f"same image as {first_id}")
+
+
+class DedupImages(beam.PTransform):
+    """Candidates -> kept candidates (text rows pass) and `rejected` rows for the duplicates."""
+
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def expand(self, candidates):
+        keyed = candidates | "Key" >> beam.Map(_keyed_candidate)
+        text_rows = keyed | "NoKey" >> beam.Filter(_no_key) | "Unwrap" >> beam.Map(_value)
+        first = (
+            keyed
+            | "HasKey" >> beam.Filter(_has_key)
+            | "Group" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.FlatMap(_first_candidate).with_outputs(DUPLICATES, main="records")
+        )
+        rejects = first[DUPLICATES] | "Rejects" >> beam.ParDo(DuplicateRejectFn(self.config))
+        records = (first.records, text_rows) | "Merge" >> beam.Flatten()
+        return {"records": records, REJECTED: rejects}

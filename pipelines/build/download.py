@@ -47,10 +47,30 @@ MAX_OPEN_CHUNKS = 8
 KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
 
 
-def image_dedup_key(kind: str, sha256: str, caption: Optional[str]) -> str:
+# What leaves this stage for each row that was stored: a *candidate*, as small as it can be,
+# because on the embedded runner every candidate is held in memory by the image-dedup shuffle:
+#   (image dedup key: 16 bytes, None for text rows; position; row id)
+# where position = (source index, file number, chunk number, index in the chunk file), which
+# sorts in input order and says where the row's bytes are staged.
+Candidate = tuple[Optional[bytes], tuple[int, int, int, int], str]
+
+
+def candidate_dedup(candidate: Candidate) -> Optional[bytes]:
+    return candidate[0]
+
+
+def candidate_position(candidate: Candidate) -> tuple[int, int, int, int]:
+    return candidate[1]
+
+
+def candidate_id(candidate: Candidate) -> str:
+    return candidate[2]
+
+
+def image_dedup_key(kind: str, sha256: str, caption: Optional[str]) -> bytes:
     # Paired rows keep one row per (image, caption): COCO-style multiple captions are not duplicates.
     text = f"{kind}\x00{sha256}\x00{caption if caption is not None else ''}"
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def chunk_key_of(record: dict[str, Any], chunk_rows: int) -> tuple[ChunkKey, dict[str, Any]]:
@@ -192,7 +212,7 @@ class _Window:
 
 
 class DownloadChunkFn(beam.DoFn):
-    """(chunk key, records) -> candidates for the image dedup, plus tagged rejects and captions."""
+    """(chunk key, records) -> candidates (see `Candidate`), plus tagged rejects and captions."""
 
     def __init__(self, config: DataConfig, retry_transient: bool = False) -> None:
         self.config = config
@@ -295,17 +315,7 @@ class DownloadChunkFn(beam.DoFn):
             dedup = None
             if row["kind"] != "text":
                 dedup = image_dedup_key(row["kind"], row["image_sha256"], row.get("caption"))
-            yield {
-                "id": row["id"],
-                "source": row["source"],
-                "kind": row["kind"],
-                "key": row["key"],
-                "url": row.get("url"),
-                "chunk": key,
-                "index": index,
-                "order": (*key, index),
-                "dedup": dedup,
-            }
+            yield (dedup, (*key, index), row["id"])
 
 
 def _windowed(output: Any) -> Any:

@@ -29,7 +29,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build.dedup import DedupBy, image_key, text_key, url_key
+from pipelines.build.dedup import DedupBy, DedupImages, text_key, url_key
 from pipelines.build.download import CAPTIONS, DownloadChunks
 from pipelines.build.finalize import Finalize
 from pipelines.build.output import BuildError, Mode, prepare_output
@@ -68,7 +68,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan,
     to_stage = (unique_urls["records"], unique_texts["records"]) | "ToStage" >> beam.Flatten()
 
     staged = to_stage | "DownloadChunks" >> DownloadChunks(config, retry_transient)
-    kept = staged.candidates | "DedupImage" >> DedupBy(image_key, "image")
+    kept = staged.candidates | "DedupImage" >> DedupImages(config)
     model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
     shards = kept["records"] | "WriteShards" >> WriteShards(config, model)
 

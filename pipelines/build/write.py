@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.build import staging
+from pipelines.build.download import Candidate, candidate_position
 from pipelines.build.plan import ChunkKey
 from pipelines.build.tokenizer import Tokenizer
 from pipelines.shards import join, shard_name, write_shard
@@ -37,8 +38,9 @@ log = logging.getLogger("mmae.build")
 ChunkRows = tuple[str, ChunkKey, list[int]]  # (kind, chunk, sorted indices of kept rows)
 
 
-def chunk_and_index(candidate: dict[str, Any]) -> tuple[tuple[str, ChunkKey], int]:
-    return (candidate["kind"], candidate["chunk"]), candidate["index"]
+def chunk_and_index(candidate: Candidate, kinds: list[str]) -> tuple[tuple[str, ChunkKey], int]:
+    source_index, file_number, chunk_number, index = candidate_position(candidate)
+    return (kinds[source_index], (source_index, file_number, chunk_number)), index
 
 
 def sorted_indices(element: tuple[tuple[str, ChunkKey], Iterable[int]]) -> ChunkRows:
@@ -192,7 +194,7 @@ class WriteShardFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """Kept candidates (id, kind, chunk, index) + tokenizer model -> shard manifest entries."""
+    """Kept candidates (where each row is staged) + tokenizer model -> shard manifest entries."""
 
     def __init__(self, config: DataConfig, model) -> None:
         super().__init__()
@@ -202,7 +204,7 @@ class WriteShards(beam.PTransform):
     def expand(self, candidates):
         per_chunk = (
             candidates
-            | "ChunkIndex" >> beam.Map(chunk_and_index)
+            | "ChunkIndex" >> beam.Map(chunk_and_index, [source.kind for source in self.config.sources])
             | "GroupByChunk" >> beam.GroupByKey()
             | "SortIndices" >> beam.Map(sorted_indices)
         )
