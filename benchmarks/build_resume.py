@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CHUNK_FILES = "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].parquet"  # committed chunks, not parts
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.build_memory import make_images  # noqa: E402
@@ -78,12 +79,12 @@ def main() -> None:
         started = time.perf_counter()
         process = subprocess.Popen(command(killed_config, args.processes), cwd=ROOT, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while process.poll() is None and len(list(chunks.glob("*.parquet"))) < total_chunks // 2:
+        while process.poll() is None and len(list(chunks.glob(CHUNK_FILES))) < total_chunks // 2:
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         first_run = time.perf_counter() - started
-        committed = len(list(chunks.glob("*.parquet")))
+        committed = len(list(chunks.glob(CHUNK_FILES)))
         hits_at_kill = sum(server.hits.values())
         started = time.perf_counter()
         resumed = subprocess.run(command(killed_config, args.processes), cwd=ROOT, capture_output=True, text=True)

@@ -23,6 +23,7 @@ from schemas.config import load_config
 from tests.conftest import jpeg_bytes, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
+CHUNK_FILES = "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].parquet"  # committed chunks, not parts
 
 
 def make_images(folder: Path, count: int) -> list[str]:
@@ -76,7 +77,7 @@ def test_kill_9_mid_build_then_resume_fetches_each_url_once(tmp_path):
         killed = cli_build(config, env={KILL_AFTER_CHUNKS_ENV: "3"})
         assert killed.returncode == -9, killed.stderr[-2000:]
         assert not (tmp_path / "out" / "manifest.json").exists()
-        committed = sorted(p.name for p in (tmp_path / "out" / "staging" / "chunks" / "pairs").glob("*.parquet"))
+        committed = sorted(p.name for p in (tmp_path / "out" / "staging" / "chunks" / "pairs").glob(CHUNK_FILES))
         assert len(committed) == 3
         hits_before_resume = Counter(server.hits)
 
@@ -150,9 +151,9 @@ def test_a_hanging_url_holds_one_slot_not_the_others(tmp_path):
         # The first chunk holds /hang. While it hangs, the four chunks after it are downloaded
         # and committed by the two other slots (with a batch-at-a-time downloader, none is).
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(chunks.glob("*.parquet"))) < 4:
+        while time.monotonic() < deadline and len(list(chunks.glob(CHUNK_FILES))) < 4:
             time.sleep(0.05)
-        committed = sorted(path.name for path in chunks.glob("*.parquet"))
+        committed = sorted(path.name for path in chunks.glob(CHUNK_FILES))
         assert not _HangHandler.release.is_set()
         assert committed == ["00000-000001.parquet", "00000-000002.parquet", "00000-000003.parquet",
                              "00000-000004.parquet"]
@@ -162,6 +163,38 @@ def test_a_hanging_url_holds_one_slot_not_the_others(tmp_path):
         builder.join(60)
         server.shutdown()
     assert result["report"]["written"]["paired"] == 25
+
+
+def test_rows_finished_in_a_chunk_held_open_by_a_hang_survive_a_kill(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HangHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _HangHandler.release.clear()
+    _HangHandler.hits.clear()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/hang"] + [f"{base}/img/{i}.jpg" for i in range(4)]  # one chunk of 5
+    config = write_config(tmp_path, tmp_path / "out", urls, download={
+        "timeout_s": 100, "retries": 0, "threads": 2, "allowed_networks": ["127.0.0.1/32"]})
+    process = subprocess.Popen([sys.executable, "-m", "mmae.cli", "build", "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        part = tmp_path / "out" / "staging" / "chunks" / "pairs" / "00000-000000.part-0000.parquet"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not part.exists():
+            time.sleep(0.05)
+        assert part.exists()  # the chunk waits on /hang; its four finished rows were saved
+        process.kill()
+        process.wait()
+    finally:
+        _HangHandler.release.set()
+    resumed = cli_build(config)
+    server.shutdown()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert all(_HangHandler.hits[f"/img/{i}.jpg"] == 1 for i in range(4))  # not fetched again
+    assert _HangHandler.hits["/hang"] == 2
+    assert not list((tmp_path / "out" / "staging").rglob("*.part-*"))  # merged into the chunk file
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["written"]["paired"] == 5
 
 
 def test_retry_transient_fetches_only_transient_failures_again(tmp_path):

@@ -20,8 +20,9 @@ import os
 import queue
 import signal
 import threading
+import time
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
@@ -42,6 +43,10 @@ log = logging.getLogger("mmae.build")
 REJECTED = "rejected"
 CAPTIONS = "captions"
 MAX_OPEN_CHUNKS = 8
+# A chunk held open by a few slow or hanging URLs saves its finished rows to a part file every
+# SAVE_EVERY_S, so a build killed at any moment loses at most that much work per open chunk.
+SAVE_EVERY_S = 1.0
+WAIT_S = 0.25  # how long the bundle thread waits for a result before it looks at open chunks
 # A deterministic crash point for the resume tests: the worker SIGKILLs itself right after
 # committing this many chunks (what `kill -9` or a lost node does at an arbitrary moment).
 KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
@@ -138,6 +143,9 @@ class _OpenChunk:
     rows: list[Optional[dict[str, Any]]]
     remaining: int
     fetched: int = 0
+    unsaved: list[int] = field(default_factory=list)  # done rows not yet in a part file
+    parts: list[str] = field(default_factory=list)
+    saved_at: float = field(default_factory=time.monotonic)
 
 
 class _Workers:
@@ -225,6 +233,7 @@ class DownloadChunkFn(beam.DoFn):
         self.processor = RowProcessor(self.config)
         self.window = _Window(self.processor, self.config.download.threads)
         self.committed_here = 0
+        self._listings: dict[str, dict[str, list[str]]] = {}
 
     def teardown(self) -> None:
         self.window.stop()
@@ -252,23 +261,59 @@ class DownloadChunkFn(beam.DoFn):
             yield from self._outputs(key, rows)
             return
         else:
-            self._open(key, url, digest, [None] * len(records), dict(enumerate(records)))
+            rows: list[Optional[dict[str, Any]]] = [None] * len(records)
+            parts = self._parts_of(url)
+            for index, row in staging.read_parts(parts, digest):
+                rows[index] = row
+            if all(row is not None for row in rows):
+                self._commit(url, rows, digest, parts)
+                yield from self._outputs(key, rows)
+                return
+            jobs = {index: record for index, record in enumerate(records) if rows[index] is None}
+            self._open(key, url, digest, rows, jobs, parts)
         # Hand control back to Beam (for more chunks) as long as enough work is queued to keep
         # every slot busy; block only when too much is open.
         window = self.window
         while window.in_flight > 2 * self.config.download.threads or len(window.open_chunks) > MAX_OPEN_CHUNKS:
-            yield from self._complete_one(block=True)
+            yield from self._wait_for_one()
         yield from self._complete_ready()
+        self._save_stuck_chunks()
 
     def finish_bundle(self) -> Iterator[Any]:
         while self.window.in_flight:
-            for output in self._complete_one(block=True):
+            for output in self._wait_for_one():
                 yield _windowed(output)
+
+    def _wait_for_one(self) -> Iterator[Any]:
+        try:
+            yield from self._complete_one(block=True)
+        except queue.Empty:
+            pass
+        self._save_stuck_chunks()
+
+    def _save_stuck_chunks(self) -> None:
+        """Write the finished rows of chunks still waiting on others to a part file."""
+        now = time.monotonic()
+        for chunk in self.window.open_chunks.values():
+            if chunk.unsaved and now - chunk.saved_at >= SAVE_EVERY_S:
+                part = staging.part_url(chunk.url, len(chunk.parts))
+                staging.write_part(part, [(index, chunk.rows[index]) for index in chunk.unsaved], chunk.digest)
+                chunk.parts.append(part)
+                chunk.unsaved = []
+                chunk.saved_at = now
+
+    def _parts_of(self, url: str) -> list[str]:
+        """Part files an earlier, interrupted run left for this chunk (one listing per folder)."""
+        folder = url.rsplit("/", 1)[0]
+        if folder not in self._listings:
+            self._listings[folder] = staging.list_parts(folder)
+        return self._listings[folder].get(url, [])
 
     # ---------------------------------------------------------------------------------------
 
-    def _commit(self, url: str, rows: list[dict[str, Any]], digest: str) -> None:
+    def _commit(self, url: str, rows: list[dict[str, Any]], digest: str, parts: Optional[list[str]] = None) -> None:
         staging.write_chunk(url, rows, digest)
+        staging.remove_parts(parts or [])
         self.committed.inc()
         self.committed_here += 1
         kill_after = os.environ.get(KILL_AFTER_CHUNKS_ENV)
@@ -280,8 +325,8 @@ class DownloadChunkFn(beam.DoFn):
         fields = ("id", "source", "kind", "key", "url", "caption", "label", "order")
         return {name: row.get(name) for name in fields}
 
-    def _open(self, key, url, digest, rows, jobs: dict[int, dict[str, Any]]) -> None:
-        chunk = _OpenChunk(key, url, digest, rows, remaining=len(jobs))
+    def _open(self, key, url, digest, rows, jobs: dict[int, dict[str, Any]], parts: Optional[list[str]] = None) -> None:
+        chunk = _OpenChunk(key, url, digest, rows, remaining=len(jobs), parts=list(parts or []))
         self.window.open_chunks[key] = chunk
         for index, record in jobs.items():
             self.window.submit(chunk, index, record)
@@ -294,15 +339,16 @@ class DownloadChunkFn(beam.DoFn):
                 return
 
     def _complete_one(self, block: bool) -> Iterator[Any]:
-        chunk, index, row = self.window.done.get(block=block)
+        chunk, index, row = self.window.done.get(block=block, timeout=WAIT_S if block else None)
         self.window.in_flight -= 1
         chunk.rows[index] = row
+        chunk.unsaved.append(index)
         chunk.remaining -= 1
         chunk.fetched += 1
         self.fetched.inc()
         if chunk.remaining == 0:
             del self.window.open_chunks[chunk.key]
-            self._commit(chunk.url, chunk.rows, chunk.digest)
+            self._commit(chunk.url, chunk.rows, chunk.digest, chunk.parts)
             yield from self._outputs(chunk.key, chunk.rows)
 
     def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:

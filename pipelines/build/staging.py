@@ -56,6 +56,60 @@ def write_chunk(url: str, rows: list[dict[str, Any]], digest: str) -> None:
     write_atomic(url, table_bytes(projected, schema, ROW_GROUP))
 
 
+PART_SCHEMA = STAGING_SCHEMA.append(pa.field("index", pa.int32()))
+
+
+def part_url(chunk_url: str, number: int) -> str:
+    return f"{chunk_url.removesuffix('.parquet')}.part-{number:04d}.parquet"
+
+
+def write_part(url: str, rows: list[tuple[int, dict[str, Any]]], digest: str) -> None:
+    """Finished rows of a chunk that is still waiting on others (saved so a kill loses little)."""
+    projected = [{**{name: row.get(name) for name in STAGING_SCHEMA.names}, "index": index} for index, row in rows]
+    schema = PART_SCHEMA.with_metadata({IDS_KEY: digest.encode()})
+    write_atomic(url, table_bytes(projected, schema, ROW_GROUP))
+
+
+def list_parts(folder: str) -> dict[str, list[str]]:
+    """chunk URL -> its part files, for one source's chunk folder."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    try:
+        names = fs.ls(path, detail=False)
+    except (FileNotFoundError, OSError):
+        return {}
+    parts: dict[str, list[str]] = {}
+    for name in sorted(names):
+        base = name.rsplit("/", 1)[-1]
+        if ".part-" in base and base.endswith(".parquet") and not base.startswith(".tmp-"):
+            chunk = join(folder, base.split(".part-", 1)[0] + ".parquet")
+            parts.setdefault(chunk, []).append(join(folder, base))
+    return parts
+
+
+def read_parts(urls: list[str], expected_digest: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, row with image bytes) from part files written for these very rows; others are skipped."""
+    for url in urls:
+        try:
+            with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+                metadata = parquet.schema_arrow.metadata or {}
+                if metadata.get(IDS_KEY, b"").decode() != expected_digest:
+                    continue
+                rows = parquet.read().to_pylist()
+        except (OSError, pa.ArrowException):
+            continue  # a damaged part is fetched again
+        for row in rows:
+            yield row.pop("index"), row
+
+
+def remove_parts(urls: list[str]) -> None:
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
 def read_chunk(url: str, expected_digest: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
     """A committed chunk's rows without image bytes; None if absent, unreadable or for other rows."""
     try:
