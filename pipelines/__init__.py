@@ -1,9 +1,13 @@
-"""Dataset building (`mmae build`) and data tooling.
+"""The data side of mmae; never imports torch.
 
-Imports Beam, pyarrow, Pillow, img2dataset, sentencepiece, polars and fsspec; never torch.
+- `pipelines.build`   — `mmae build`: the Beam pipeline, one module per stage, wired in `pipeline.py`;
+- `pipelines.inspect` — `mmae stats` / `mmae validate`: what is in a built dataset;
+- `pipelines.demo`    — `mmae demo` / `mmae demo-data`: the synthetic corpus and loopback servers;
+- `pipelines.shards`  — writing Parquet files atomically, shared by the build and the tools.
 """
 
 import os
 
-# img2dataset imports albumentations, which checks PyPI for a newer release on import.
+# img2dataset (the benchmarks' baseline) imports albumentations, which checks PyPI for a newer
+# release on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
