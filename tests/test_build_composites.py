@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.build.dedup import DedupBy, DedupImages, url_key
+from pipelines.build.dedup import DedupImages, FindDuplicates, url_key
 from pipelines.build.download import CAPTIONS, REJECTED, DownloadChunks
 from pipelines.build.plan import make_plan
 from pipelines.build.read import CleanText, ReadSources
@@ -74,16 +74,26 @@ def test_clean_text_rejects_empty_and_short_captions(tmp_path):
                     equal_to([("2", "empty_caption"), ("3", "too_few_words")]), label="rejects")
 
 
-def test_dedup_keeps_the_first_in_input_order_whatever_the_arrival_order():
+def test_find_duplicates_names_later_copies_whatever_the_arrival_order():
     records = [
         {"id": f"r{row}", "source": "s", "kind": "paired", "key": f"f:{row}", "url": url, "order": (0, 0, row)}
         for row, url in [(5, "x"), (2, "x"), (9, "y"), (7, "x")]
     ]
     with beam_pipeline() as pipeline:
-        result = pipeline | beam.Create(records) | DedupBy(url_key, "url")
-        assert_that(result["records"] | beam.Map(lambda record: record["id"]), equal_to(["r2", "r9"]))
-        assert_that(result["rejected"] | beam.Map(lambda record: (record["id"], record["detail"])),
-                    equal_to([("r5", "same url as r2"), ("r7", "same url as r2")]), label="rejects")
+        duplicates = pipeline | beam.Create(records) | FindDuplicates(url_key, "url")
+        assert_that(duplicates, equal_to([("r5", "same url as r2"), ("r7", "same url as r2")]))
+
+
+def test_download_rejects_duplicates_without_fetching(tmp_path, http_server):
+    config = data_config(tmp_path)
+    records = [
+        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}", "url": f"{http_server}/slow",
+         "caption": "c", "label": None, "order": (0, 0, row)} for row in (1, 2)
+    ]
+    with beam_pipeline() as pipeline:
+        duplicates = pipeline | "Duplicates" >> beam.Create([("i1", "same url as i0"), ("i2", "same url as i0")])
+        staged = pipeline | beam.Create(records) | DownloadChunks(config, duplicates)
+        assert_that(staged[REJECTED] | beam.Map(_id_and("reason")), equal_to([("i1", "duplicate"), ("i2", "duplicate")]))
 
 
 def test_dedup_images_keeps_the_first_and_rejects_copies_with_key_and_url(tmp_path, http_server):

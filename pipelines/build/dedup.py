@@ -1,12 +1,14 @@
 """Exact deduplication; the row that came first in the input wins, whatever order the runner
-delivers rows in. `DedupBy` works on records (URLs within a source and texts, before
-downloading); `DedupImages` on the download stage's small candidates (the same stored image,
+delivers rows in. `FindDuplicates` works before downloading (the same URL within a source,
+the same cleaned text): it names the later copies, which the download stage rejects unfetched.
+`DedupImages` works after it, on the download stage's small candidates (the same stored image,
 plus caption for paired rows, within a kind), looking up the few duplicates' key and URL in
 the staging area for their reject rows."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional
+import hashlib
+from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
 
@@ -18,16 +20,19 @@ from schemas.config import DataConfig
 REJECTED = "rejected"
 
 
-def url_key(record: dict[str, Any]) -> tuple:
-    return ("url", record["source"], record["url"])
+def _digest(*parts: str) -> bytes:
+    text = "\x00".join(parts)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def text_key(record: dict[str, Any]) -> tuple:
-    return ("text", record["caption"])
+def url_key(record: dict[str, Any]) -> bytes:
+    """The same URL within a source (16 bytes: only hashes cross the shuffle)."""
+    return _digest("url", record["source"], record["url"])
 
 
-def _keyed(record: dict[str, Any], key_fn: Callable) -> tuple:
-    return key_fn(record), record
+def text_key(record: dict[str, Any]) -> bytes:
+    """The same cleaned text."""
+    return _digest("text", record["caption"])
 
 
 def _has_key(pair: tuple) -> bool:
@@ -42,37 +47,40 @@ def _value(pair: tuple) -> Any:
     return pair[1]
 
 
-class KeepFirstFn(beam.DoFn):
+def _key_order_id(record: dict[str, Any], key_fn: Callable) -> tuple:
+    return key_fn(record), (record["order"], record["id"])
+
+
+class LaterCopiesFn(beam.DoFn):
     def __init__(self, what: str) -> None:
         self.what = what
 
-    def process(self, element: tuple[Any, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+    def process(self, element: tuple[bytes, Iterable[tuple[tuple, str]]]) -> Iterator[tuple[str, str]]:
         _, group = element
-        ordered = sorted(group, key=lambda record: record["order"])
-        yield ordered[0]
-        for record in ordered[1:]:
-            yield beam.pvalue.TaggedOutput(REJECTED, reject(record, "duplicate", f"same {self.what} as {ordered[0]['id']}"))
+        ordered = sorted(group)
+        for _, row_id in ordered[1:]:
+            yield row_id, f"same {self.what} as {ordered[0][1]}"
 
 
-class DedupBy(beam.PTransform):
-    """Outputs: main (first of each key; rows whose key is None pass through) and `rejected`."""
+class FindDuplicates(beam.PTransform):
+    """Records -> (id, detail) of every row whose key an earlier row (in input order) has.
 
-    def __init__(self, key_fn: Callable[[dict[str, Any]], Any], what: str) -> None:
+    Only a 16-byte hash, the input position and the id of each row cross the shuffle; the
+    duplicates (usually few) become a side input of the download stage, which rejects them
+    without fetching anything."""
+
+    def __init__(self, key_fn: Callable[[dict[str, Any]], bytes], what: str) -> None:
         super().__init__()
         self.key_fn = key_fn
         self.what = what
 
     def expand(self, records):
-        keyed = records | "Key" >> beam.Map(_keyed, self.key_fn)
-        unkeyed = keyed | "NoKey" >> beam.Filter(_no_key) | "Unwrap" >> beam.Map(_value)
-        first = (
-            keyed
-            | "HasKey" >> beam.Filter(_has_key)
+        return (
+            records
+            | "Key" >> beam.Map(_key_order_id, self.key_fn)
             | "Group" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(KeepFirstFn(self.what)).with_outputs(REJECTED, main="records")
+            | "LaterCopies" >> beam.ParDo(LaterCopiesFn(self.what))
         )
-        records_out = (first.records, unkeyed) | "Merge" >> beam.Flatten()
-        return {"records": records_out, REJECTED: first[REJECTED]}
 
 
 def _keyed_candidate(candidate: Candidate) -> tuple:

@@ -240,9 +240,12 @@ class DownloadChunkFn(beam.DoFn):
 
     # ---------------------------------------------------------------------------------------
 
-    def process(self, element: tuple[ChunkKey, Iterable[dict[str, Any]]]) -> Iterator[Any]:
+    def process(self, element: tuple[ChunkKey, Iterable[dict[str, Any]]], duplicates: dict[str, str]) -> Iterator[Any]:
         key, records = element
         records = sorted(records, key=lambda record: record["order"])
+        # Later copies of a URL or text (FindDuplicates) are rejected here, never fetched.
+        copies = {index: {**record, "reason": "duplicate", "detail": duplicates[record["id"]]}
+                  for index, record in enumerate(records) if record["id"] in duplicates}
         source = self.config.sources[key[0]]
         url = staging.chunk_url(self.config.output, source.name, key)
         digest = staging.records_digest(records)
@@ -256,12 +259,12 @@ class DownloadChunkFn(beam.DoFn):
             rows = list(staging.read_rows(url, list(range(len(staged)))))
             self._open(key, url, digest, rows, {index: self._record(rows[index]) for index in redo})
         elif source.kind == "text":
-            rows = [{**record, "reason": None} for record in records]
+            rows = [copies.get(index) or {**record, "reason": None} for index, record in enumerate(records)]
             self._commit(url, rows, digest)
             yield from self._outputs(key, rows)
             return
         else:
-            rows: list[Optional[dict[str, Any]]] = [None] * len(records)
+            rows: list[Optional[dict[str, Any]]] = [copies.get(index) for index in range(len(records))]
             parts = self._parts_of(url)
             for index, row in staging.read_parts(parts, digest):
                 rows[index] = row
@@ -371,18 +374,23 @@ def _windowed(output: Any) -> Any:
 
 
 class DownloadChunks(beam.PTransform):
-    """Records -> chunks -> committed staging files; outputs: main (candidates), rejected, captions."""
+    """Records -> chunks -> committed staging files; outputs: main (candidates), rejected, captions.
+    `duplicates`: (id, detail) of rows to reject as duplicates without fetching them."""
 
-    def __init__(self, config: DataConfig, retry_transient: bool = False) -> None:
+    def __init__(self, config: DataConfig, duplicates=None, retry_transient: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.duplicates = duplicates
         self.retry_transient = retry_transient
 
     def expand(self, records):
+        duplicates = self.duplicates
+        if duplicates is None:
+            duplicates = records.pipeline | "NoDuplicates" >> beam.Create([])
         return (
             records
             | "KeyByChunk" >> beam.Map(chunk_key_of, self.config.chunk_rows)
             | "GroupChunks" >> beam.GroupByKey()
-            | "Fetch" >> beam.ParDo(DownloadChunkFn(self.config, self.retry_transient)).with_outputs(
-                REJECTED, CAPTIONS, main="candidates")
+            | "Fetch" >> beam.ParDo(DownloadChunkFn(self.config, self.retry_transient),
+                                   beam.pvalue.AsDict(duplicates)).with_outputs(REJECTED, CAPTIONS, main="candidates")
         )

@@ -9,9 +9,9 @@
 
 Read top-down, the pipeline is a few named composites (one module each):
 
-    ReadSources -> CleanText -> DedupBy(url), DedupBy(text)
-        -> DownloadChunks (image bytes go straight to OUT/staging, one file per chunk)
-        -> DedupBy(image) -> TrainTokenizer -> WriteShards (streams staging) + WriteRejects
+    ReadSources -> CleanText -> FindDuplicates(url), FindDuplicates(text)
+        -> DownloadChunks (copies rejected unfetched; image bytes go straight to OUT/staging)
+        -> DedupImages -> TrainTokenizer -> WriteShards (streams staging) + WriteRejects
         -> Finalize (tokenizer.model, build_report.json, manifest.json)
 
 Every input row ends either in a shard or in `rejects/` with a reason; the build fails if
@@ -29,7 +29,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build.dedup import DedupBy, DedupImages, text_key, url_key
+from pipelines.build.dedup import DedupImages, FindDuplicates, text_key, url_key
 from pipelines.build.download import CAPTIONS, DownloadChunks
 from pipelines.build.finalize import Finalize
 from pipelines.build.output import BuildError, Mode, prepare_output
@@ -63,11 +63,12 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan,
 
     with_image = cleaned.records | "HasImage" >> beam.Filter(has_image)
     text_only = cleaned.records | "TextOnly" >> beam.Filter(is_text_only)
-    unique_urls = with_image | "DedupUrl" >> DedupBy(url_key, "url")
-    unique_texts = text_only | "DedupText" >> DedupBy(text_key, "text")
-    to_stage = (unique_urls["records"], unique_texts["records"]) | "ToStage" >> beam.Flatten()
+    duplicates = (
+        with_image | "DuplicateUrls" >> FindDuplicates(url_key, "url"),
+        text_only | "DuplicateTexts" >> FindDuplicates(text_key, "text"),
+    ) | "Duplicates" >> beam.Flatten()
 
-    staged = to_stage | "DownloadChunks" >> DownloadChunks(config, retry_transient)
+    staged = cleaned.records | "DownloadChunks" >> DownloadChunks(config, duplicates, retry_transient)
     kept = staged.candidates | "DedupImage" >> DedupImages(config)
     model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
     shards = kept["records"] | "WriteShards" >> WriteShards(config, model)
@@ -75,8 +76,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan,
     rejects = (
         read[REJECTED],
         cleaned[REJECTED],
-        unique_urls[REJECTED],
-        unique_texts[REJECTED],
         staged[REJECTED],
         kept[REJECTED],
     ) | "AllRejects" >> beam.Flatten()
