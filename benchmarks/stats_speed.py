@@ -39,7 +39,7 @@ def _write(table: pa.Table, path: Path) -> dict:
 
 
 def synthesise(root: Path, rows: int, shards: int = 10, seed: int = 0) -> None:
-    from pipelines.build.tokenizer import train_sentencepiece
+    from pipelines.builder.tokenizer import train_sentencepiece
     from schemas.config import TokenizerConfig
     from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 

@@ -50,7 +50,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.build.pipeline import BuildError, run
+    from pipelines.builder.pipeline import BuildError, run
     from schemas.config import ConfigError, load_config
 
     try:

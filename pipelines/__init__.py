@@ -1,6 +1,6 @@
 """The data side of mmae; never imports torch.
 
-- `pipelines.build`   — `mmae build`: the Beam pipeline, one module per stage, wired in `pipeline.py`;
+- `pipelines.builder` — `mmae build`: the Beam pipeline, one module per stage, wired in `pipeline.py`;
 - `pipelines.inspect` — `mmae stats` / `mmae validate`: what is in a built dataset;
 - `pipelines.demo`    — `mmae demo` / `mmae demo-data`: the synthetic corpus and loopback servers;
 - `pipelines.shards`  — writing Parquet files atomically, shared by the build and the tools.

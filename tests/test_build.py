@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build.pipeline import BuildError, run
+from pipelines.builder.pipeline import BuildError, run
 from pipelines.shards import write_atomic
 from schemas.config import load_config
 from schemas.shard import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
@@ -165,7 +165,7 @@ def test_shards_follow_schema_v1(built):
 
 
 def test_rows_have_images_tokens_and_labels(built):
-    from pipelines.build.tokenizer import Tokenizer
+    from pipelines.builder.tokenizer import Tokenizer
 
     _, output, _, _ = built
     tokenizer = Tokenizer((output / "tokenizer.model").read_bytes(), 64)

@@ -12,11 +12,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.build.dedup import DedupImages, FindDuplicates, url_key
-from pipelines.build.download import CAPTIONS, REJECTED, DownloadChunks
-from pipelines.build.plan import make_plan
-from pipelines.build.read import CleanText, ReadSources
-from pipelines.build.write import SplitIntoShardsFn, WriteShards
+from pipelines.builder.dedup import DedupImages, FindDuplicates, url_key
+from pipelines.builder.download import CAPTIONS, REJECTED, DownloadChunks
+from pipelines.builder.plan import make_plan
+from pipelines.builder.read import CleanText, ReadSources
+from pipelines.builder.write import SplitIntoShardsFn, WriteShards
 from schemas.config import DataConfig
 from tests.conftest import write_jsonl
 

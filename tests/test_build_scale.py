@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build.download import KILL_AFTER_CHUNKS_ENV
-from pipelines.build.pipeline import BuildError, run
+from pipelines.builder.download import KILL_AFTER_CHUNKS_ENV
+from pipelines.builder.pipeline import BuildError, run
 from pipelines.demo.serve import WebBehaviour, serve_weblike
 from schemas.config import load_config
 from tests.conftest import jpeg_bytes, write_jsonl

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipelines.build.fetch import AddressGuard, Fetcher, FetchError
+from pipelines.builder.fetch import AddressGuard, Fetcher, FetchError
 from schemas.config import DownloadConfig
 
 
@@ -157,7 +157,7 @@ def test_opt_out_agrees_with_img2dataset(headers):
 
     from img2dataset.downloader import is_disallowed
 
-    from pipelines.build.fetch import opt_out
+    from pipelines.builder.fetch import opt_out
 
     directives = {"noai", "noimageai", "noindex", "noimageindex"}
     message = Message()

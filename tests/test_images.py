@@ -8,7 +8,7 @@ import resource
 import pytest
 from PIL import Image
 
-from pipelines.build.images import ImageReject, process_image
+from pipelines.builder.images import ImageReject, process_image
 from schemas.config import ImageConfig
 from tests.conftest import jpeg_bytes
 

@@ -13,7 +13,7 @@ def imported_after(statement: str) -> set[str]:
 
 
 def test_pipelines_never_import_torch():
-    modules = imported_after("import pipelines.build.pipeline, pipelines.demo.run, pipelines.build.fetch, pipelines.build.images")
+    modules = imported_after("import pipelines.builder.pipeline, pipelines.demo.run, pipelines.builder.fetch, pipelines.builder.images")
     assert "torch" not in modules
     assert "cv2" not in modules  # heavy; the data side decodes with Pillow
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build.sources import SourceError, expand_source, read_source_file, row_id
+from pipelines.builder.sources import SourceError, expand_source, read_source_file, row_id
 from schemas.config import SourceConfig
 from tests.conftest import write_jsonl
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build.pipeline import run
+from pipelines.builder.pipeline import run
 from pipelines.inspect.dataset import Dataset
 from pipelines.demo.corpus import generate
 from pipelines.shards import table_bytes

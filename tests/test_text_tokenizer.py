@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.build.text import clean_text
-from pipelines.build.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
+from pipelines.builder.text import clean_text
+from pipelines.builder.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
 from schemas.config import TokenizerConfig
 
 

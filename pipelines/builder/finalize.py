@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
-from pipelines.build.tokenizer import Tokenizer, special_ids
+from pipelines.builder.tokenizer import Tokenizer, special_ids
 from pipelines.shards import join, write_atomic, write_json
 from schemas.config import DataConfig
 from schemas.shard import KINDS, SCHEMA_VERSION

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.build.staging import STAGING
+from pipelines.builder.staging import STAGING
 from pipelines.shards import join, write_json
 from schemas.config import DataConfig
 

@@ -10,8 +10,8 @@ from typing import Optional
 
 import fsspec
 
-from pipelines.build.plan import BuildPlan, parse_chunk_name
-from pipelines.build.staging import STAGING
+from pipelines.builder.plan import BuildPlan, parse_chunk_name
+from pipelines.builder.staging import STAGING
 from pipelines.shards import join
 from schemas.config import DataConfig
 

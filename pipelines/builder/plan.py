@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.build.sources import SourceError, SourceFile, expand_source, required_columns
+from pipelines.builder.sources import SourceError, SourceFile, expand_source, required_columns
 from schemas.config import DataConfig
 
 Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)

@@ -25,10 +25,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.build import staging
-from pipelines.build.download import Candidate, candidate_position
-from pipelines.build.plan import ChunkKey
-from pipelines.build.tokenizer import Tokenizer
+from pipelines.builder import staging
+from pipelines.builder.download import Candidate, candidate_position
+from pipelines.builder.plan import ChunkKey
+from pipelines.builder.tokenizer import Tokenizer
 from pipelines.shards import join, shard_name, write_shard
 from schemas.config import DataConfig
 from schemas.shard import SHARD_SCHEMA

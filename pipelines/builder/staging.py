@@ -16,7 +16,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.build.plan import ChunkKey, chunk_name
+from pipelines.builder.plan import ChunkKey, chunk_name
 from pipelines.shards import join, table_bytes, write_atomic
 from schemas.shard import SHARD_SCHEMA
 

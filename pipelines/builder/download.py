@@ -31,11 +31,11 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.build import staging
-from pipelines.build.fetch import Fetcher, FetchError, FetchResult, is_transient
-from pipelines.build.images import ImageReject, process_image
-from pipelines.build.plan import ChunkKey, chunk_of
-from pipelines.build.sources import reject
+from pipelines.builder import staging
+from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
+from pipelines.builder.images import ImageReject, process_image
+from pipelines.builder.plan import ChunkKey, chunk_of
+from pipelines.builder.sources import reject
 from schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
 
-from pipelines.build import staging
-from pipelines.build.download import Candidate, candidate_dedup, candidate_id, candidate_position
-from pipelines.build.sources import reject
+from pipelines.builder import staging
+from pipelines.builder.download import Candidate, candidate_dedup, candidate_id, candidate_position
+from pipelines.builder.sources import reject
 from schemas.config import DataConfig
 
 REJECTED = "rejected"

@@ -29,17 +29,17 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build.dedup import DedupImages, FindDuplicates, text_key, url_key
-from pipelines.build.download import CAPTIONS, DownloadChunks
-from pipelines.build.finalize import Finalize
-from pipelines.build.output import BuildError, Mode, prepare_output
-from pipelines.build.plan import BuildPlan, make_plan
-from pipelines.build.progress import ProgressMonitor
-from pipelines.build.read import REJECTED, CleanText, ReadSources
-from pipelines.build.staging import STAGING
-from pipelines.build.sources import SourceError
-from pipelines.build.tokenizer import Tokenizer, TrainTokenizer
-from pipelines.build.write import WriteRejects, WriteShards
+from pipelines.builder.dedup import DedupImages, FindDuplicates, text_key, url_key
+from pipelines.builder.download import CAPTIONS, DownloadChunks
+from pipelines.builder.finalize import Finalize
+from pipelines.builder.output import BuildError, Mode, prepare_output
+from pipelines.builder.plan import BuildPlan, make_plan
+from pipelines.builder.progress import ProgressMonitor
+from pipelines.builder.read import REJECTED, CleanText, ReadSources
+from pipelines.builder.staging import STAGING
+from pipelines.builder.sources import SourceError
+from pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
+from pipelines.builder.write import WriteRejects, WriteShards
 from pipelines.shards import join, write_json
 from schemas.config import Config, DataConfig
 

@@ -8,9 +8,9 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.build.plan import record_order
-from pipelines.build.sources import SourceFile, read_source_file, reject
-from pipelines.build.text import clean_text, word_count
+from pipelines.builder.plan import record_order
+from pipelines.builder.sources import SourceFile, read_source_file, reject
+from pipelines.builder.text import clean_text, word_count
 from schemas.config import DataConfig
 
 REJECTED = "rejected"
