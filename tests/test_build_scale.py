@@ -249,3 +249,20 @@ def test_staging_is_removed_when_not_kept_and_retry_then_refused(tmp_path):
         assert not (tmp_path / "out" / "staging").exists()
         retry = cli_build(config, "--retry-transient")
     assert retry.returncode == 2 and "staging area is gone" in retry.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "corrupt"])
+def test_a_damaged_gz_source_fails_before_any_work_naming_the_file(tmp_path, damage):
+    import gzip
+
+    data = gzip.compress(b"".join(json.dumps({"text": f"text {i}"}).encode() + b"\n" for i in range(2000)))
+    bad = {"truncated": data[: len(data) // 2], "not gzip": b"not gzip at all",
+           "corrupt": data[:20] + b"\x00" * 50 + data[70:]}[damage]
+    (tmp_path / "t.jsonl.gz").write_bytes(bad)
+    (tmp_path / "p.yaml").write_text(json.dumps({"data": {"output": str(tmp_path / "out"), "sources": [
+        {"name": "t", "kind": "text", "path": str(tmp_path / "t.jsonl.gz")}]}}))
+    completed = cli_build(tmp_path / "p.yaml")
+    assert completed.returncode == 2
+    assert f"source 't': cannot read {tmp_path / 't.jsonl.gz'}" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,10 +14,8 @@ import apache_beam as beam
 
 from pipelines.builder import staging
 from pipelines.builder.download import Candidate, candidate_dedup, candidate_id, candidate_position
-from pipelines.builder.sources import reject
+from pipelines.builder.sources import REJECTED, reject
 from schemas.config import DataConfig
-
-REJECTED = "rejected"
 
 
 def _digest(*parts: str) -> bytes:

@@ -35,12 +35,11 @@ from pipelines.builder import staging
 from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
 from pipelines.builder.images import ImageReject, process_image
 from pipelines.builder.plan import ChunkKey, chunk_of
-from pipelines.builder.sources import reject
+from pipelines.builder.sources import REJECTED, reject
 from schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")
 
-REJECTED = "rejected"
 CAPTIONS = "captions"
 MAX_OPEN_CHUNKS = 8
 # A chunk held open by a few slow or hanging URLs saves its finished rows to a part file every
@@ -130,10 +129,6 @@ class RowProcessor:
             "reason": None,
         }
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        fetched = self.fetch(record)
-        return fetched if isinstance(fetched, dict) else self.decode(record, fetched)
-
 
 @dataclass
 class _OpenChunk:
@@ -142,7 +137,6 @@ class _OpenChunk:
     digest: str
     rows: list[Optional[dict[str, Any]]]
     remaining: int
-    fetched: int = 0
     unsaved: list[int] = field(default_factory=list)  # done rows not yet in a part file
     parts: list[str] = field(default_factory=list)
     saved_at: float = field(default_factory=time.monotonic)
@@ -347,7 +341,6 @@ class DownloadChunkFn(beam.DoFn):
         chunk.rows[index] = row
         chunk.unsaved.append(index)
         chunk.remaining -= 1
-        chunk.fetched += 1
         self.fetched.inc()
         if chunk.remaining == 0:
             del self.window.open_chunks[chunk.key]

@@ -10,6 +10,7 @@ two duplicates is kept, so the plan is the same on every runner and every run.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -103,7 +104,7 @@ def make_plan(config: DataConfig, log=None) -> BuildPlan:
         for number, source_file in enumerate(source_files):
             try:
                 rows = count_rows(source_file, columns)
-            except (OSError, ValueError, pa.ArrowException) as error:
+            except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException) as error:
                 raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
             files.append(PlannedFile(source_index, number, source_file, rows))
         if log is not None:

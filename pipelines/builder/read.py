@@ -9,11 +9,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.builder.plan import record_order
-from pipelines.builder.sources import SourceFile, read_source_file, reject
+from pipelines.builder.sources import REJECTED, SourceFile, read_source_file, reject
 from pipelines.builder.text import clean_text, word_count
 from schemas.config import DataConfig
-
-REJECTED = "rejected"
 
 
 class ReadRowsFn(beam.DoFn):

@@ -26,6 +26,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 FETCHABLE_SCHEMES = ("http", "https")
 
 
+# The tagged output every stage routes its rejects to (rows built by `reject` below).
+REJECTED = "rejected"
+
+
 class SourceError(ValueError):
     """A source that cannot be read at all (missing file, missing column): fails before any work."""
 

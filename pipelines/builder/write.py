@@ -134,13 +134,14 @@ class WriteShardFn(beam.DoFn):
         self._tokenizer: Optional[Tokenizer] = None
         self._model: Optional[bytes] = None
 
-    def _tokenize(self, caption: Optional[str], model: bytes) -> Optional[list[int]]:
-        if caption is None or not model:
+    def _tokenizer_for(self, model: bytes) -> Optional[Tokenizer]:
+        """Loaded once per worker (per model), looked up once per shard."""
+        if not model:
             return None
-        if model is not self._model and model != self._model:  # loaded once per worker
+        if model is not self._model and model != self._model:
             self._tokenizer = Tokenizer(model, self.config.text.max_tokens)
             self._model = model
-        return self._tokenizer.encode(caption)
+        return self._tokenizer
 
     def process(self, element, model: bytes) -> Iterator[dict[str, Any]]:
         (kind, shard, count), pieces = element
@@ -154,6 +155,7 @@ class WriteShardFn(beam.DoFn):
         group_size = self.config.shards.rows_per_row_group
         rows = 0
         sources: dict[str, int] = {}
+        tokenizer = self._tokenizer_for(model)
         with fs.open(temporary, "wb") as handle:
             sink = _HashingFile(handle)
             with pq.ParquetWriter(
@@ -170,8 +172,9 @@ class WriteShardFn(beam.DoFn):
                     url = staging.chunk_url(self.config.output, self.config.sources[chunk[0]].name, chunk)
                     for table in staging.read_tables(url, indices):
                         captions = table.column("caption").to_pylist()
-                        tokens = pa.array([self._tokenize(caption, model) for caption in captions],
-                                          pa.list_(pa.int32()))
+                        tokens = pa.array(
+                            [None if caption is None or tokenizer is None else tokenizer.encode(caption)
+                             for caption in captions], pa.list_(pa.int32()))
                         columns = [tokens if name == "tokens" else table.column(name) for name in SHARD_SCHEMA.names]
                         pending.append(pa.Table.from_arrays(columns, schema=SHARD_SCHEMA))
                         pending_rows += table.num_rows
