@@ -6,6 +6,7 @@ Unique ~320 px JPEGs served from a loopback server; the same config at each size
 default embedded runner and with the 2-process runner. For each run: the peak RSS of the
 largest single process (getrusage) and the peak of the whole process tree's summed RSS
 (sampled from /proc every 0.2 s). Target: flat, within 10% plus a constant across the sizes.
+`--peer` adds img2dataset (same URLs, output size and resize mode) at each size, side by side.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 80000])
     parser.add_argument("--output-size", type=int, default=256)
     parser.add_argument("--runners", nargs="+", default=["default", "2-process"], choices=["default", "2-process"])
+    parser.add_argument("--peer", action="store_true", help="also measure img2dataset, 1 and 2 processes as the runners")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_memory"))
     args = parser.parse_args()
 
@@ -113,6 +115,28 @@ def main() -> None:
                 for index in range(size):
                     handle.write(json.dumps({"url": f"{server.base_url}img/{index:06d}.jpg",
                                              "caption": f"picture {index} of shapes"}) + "\n")
+            if args.peer:
+                import pyarrow.json as pajson
+                import pyarrow.parquet as pq
+
+                pq.write_table(pajson.read_json(urls), work / f"urls-{size}.parquet")
+                for runner in args.runners:
+                    processes = 2 if runner == "2-process" else 1
+                    out = work / f"i2d-{size}-{runner}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    command = [str(Path(sys.executable).parent / "img2dataset"), "--url_list",
+                               str(work / f"urls-{size}.parquet"), "--input_format", "parquet", "--url_col", "url",
+                               "--caption_col", "caption", "--output_format", "parquet", "--output_folder", str(out),
+                               "--processes_count", str(processes), "--thread_count", "128",
+                               "--image_size", str(args.output_size), "--resize_mode", "center_crop",
+                               "--distributor", "multiprocessing", "--enable_wandb", "False"]
+                    wall, tree, largest = measure(command, work / f"log-i2d-{size}-{runner}.txt")
+                    written = sum(pq.read_table(path, columns=["status"]).column("status").to_pylist().count("success")
+                                  for path in out.glob("*.parquet"))
+                    results.append((f"i2d {runner}", size, written, wall, tree, largest))
+                    print(f"img2dataset {runner:<10} {size:>7} images: {written} written in {wall:.0f}s, "
+                          f"peak RSS tree {tree:.0f} MB, largest process {largest:.0f} MB", flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
             for runner in args.runners:
                 out = work / f"out-{size}-{runner}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -133,11 +157,11 @@ def main() -> None:
                       f"largest process {largest:.0f} MB", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
-    print(f"\n{'runner':<10} {'images':>7} {'written':>8} {'wall s':>7} {'tree MB':>8} {'largest MB':>11} "
+    print(f"\n{'runner':<16} {'images':>7} {'written':>8} {'wall s':>7} {'tree MB':>8} {'largest MB':>11} "
           f"{'vs smallest':>12}")
     for runner, size, written, wall, tree, largest in results:
         base = next(r for r in results if r[0] == runner)
-        print(f"{runner:<10} {size:>7} {written:>8} {wall:>7.0f} {tree:>8.0f} {largest:>11.0f} "
+        print(f"{runner:<16} {size:>7} {written:>8} {wall:>7.0f} {tree:>8.0f} {largest:>11.0f} "
               f"{tree / base[4]:>11.2f}x")
 
 

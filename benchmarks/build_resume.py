@@ -5,8 +5,8 @@
 The URL list is served from a loopback server that counts requests. The build runs in its own
 process group; once half of its chunks are committed it is killed with SIGKILL (no chance to
 clean up), then the same command runs to the end. Target: at most 1.1x as many requests as
-there are URLs (img2dataset starts over: 1.5x for a kill at half-way). The result is checked
-against an uninterrupted build of the same list (same shard checksums).
+there are URLs (mmae before chunked staging started over: 1.5x for a kill at half-way). The
+result is checked against an uninterrupted build of the same list (same shard checksums).
 """
 
 from __future__ import annotations
