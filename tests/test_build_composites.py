@@ -12,11 +12,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.builder.dedup import DedupImages, FindDuplicates, url_key
-from pipelines.builder.download import CAPTIONS, REJECTED, DownloadChunks
+from pipelines.builder import staging
+from pipelines.builder.dedup import ENTRY, KEYS, FindDuplicates, HashPacker, url_key
+from pipelines.builder.download import CAPTIONS, DownloadChunks
 from pipelines.builder.plan import make_plan
-from pipelines.builder.read import CleanText, ReadSources
-from pipelines.builder.write import SplitIntoShardsFn, WriteShards
+from pipelines.builder.read import ReadChunks
+from pipelines.builder.sources import row_id
+from pipelines.builder.write import REJECTS, SplitIntoShardsFn, WriteShards
 from schemas.config import DataConfig
 from tests.conftest import write_jsonl
 
@@ -37,139 +39,147 @@ def data_config(tmp_path: Path, **extra) -> DataConfig:
     })
 
 
-def _id_and(field):
-    def pick(record):
-        return record["id"], record[field]
-    return pick
+def stage_inputs(config: DataConfig, chunks: dict[tuple, list[dict]]) -> list[tuple[tuple, int]]:
+    """Write chunk input files as ReadChunks would; return its main output for them."""
+    for key, records in chunks.items():
+        staging.write_input(staging.input_url(config.output, config.sources[key[0]].name, key), records)
+    return [(key, len(records)) for key, records in chunks.items()]
 
 
-def _key(record):
-    return record["key"]
+def paired(row: int, url: str, caption: str = "a caption") -> dict:
+    key = f"p.jsonl:{row}"
+    return {"id": row_id("p", key), "source": "p", "kind": "paired", "key": key, "url": url, "caption": caption,
+            "label": None}
 
 
-def test_read_sources_gives_every_row_its_input_order(tmp_path):
-    write_jsonl(tmp_path / "p.jsonl", [{"url": "a.jpg", "caption": "one"}, b"{bad\n", {"url": "b.jpg", "caption": "two"}])
+def _entries(element):
+    bucket, (chunk, what, packed) = element
+    return chunk, what, [index for _, index, _ in ENTRY.iter_unpack(packed)]
+
+
+def test_read_chunks_writes_each_chunks_records_in_input_order(tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"url": "a.jpg", "caption": "one two"}, b"{bad\n",
+                                       {"url": "b.jpg", "caption": "three four"}, {"url": "c.jpg", "caption": "five"},
+                                       {"url": "d.jpg", "caption": "\u200b "}])
     write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
-    config = data_config(tmp_path)
-    with beam_pipeline() as pipeline:
-        read = pipeline | ReadSources(config, make_plan(config).elements())
-        orders = read.records | beam.Map(lambda record: (record["key"], record["order"]))
-        assert_that(orders, equal_to([("p.jsonl:1", (0, 0, 1)), ("p.jsonl:3", (0, 0, 3)), ("t.jsonl:1", (1, 0, 1))]))
-        reasons = read["rejected"] | beam.Map(lambda record: (record["key"], record["reason"]))
-        assert_that(reasons, equal_to([("p.jsonl:2", "bad_row")]), label="rejects")
-
-
-def test_clean_text_rejects_empty_and_short_captions(tmp_path):
     config = data_config(tmp_path, text={"min_words": 2})
-    base = {"source": "p", "kind": "paired", "url": "u"}
-    records = [
-        {**base, "id": "1", "key": "k1", "caption": "  two\twords "},
-        {**base, "id": "2", "key": "k2", "caption": "\u200b "},
-        {**base, "id": "3", "key": "k3", "caption": "one"},
-    ]
+    plan = make_plan(config)
     with beam_pipeline() as pipeline:
-        cleaned = pipeline | beam.Create(records) | CleanText(config)
-        assert_that(cleaned.records | beam.Map(_id_and("caption")), equal_to([("1", "two words")]))
-        assert_that(cleaned["rejected"] | beam.Map(_id_and("reason")),
-                    equal_to([("2", "empty_caption"), ("3", "too_few_words")]), label="rejects")
+        read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
+        assert_that(read.chunks, equal_to([((0, 0, 0), 2), ((0, 0, 1), 2), ((0, 0, 2), 1), ((1, 0, 0), 1)]))
+        # Only rows that may be fetched are hashed for dedup: one packed string per chunk and bucket.
+        assert_that(read[KEYS] | beam.Map(_entries), equal_to([
+            ((0, 0, 0), "url", [0]), ((0, 0, 1), "url", [0]), ((1, 0, 0), "text", [0])]), label="keys")
+    inputs = tmp_path / "out" / "staging" / "inputs"
+    chunks = [staging.read_input(str(path)) for path in sorted((inputs / "p").glob("*.jsonl.gz"))]
+    assert [[(row["key"], row.get("reason"), row.get("caption")) for row in chunk] for chunk in chunks] == [
+        [("p.jsonl:1", None, "one two"), ("p.jsonl:2", "bad_row", None)],
+        [("p.jsonl:3", None, "three four"), ("p.jsonl:4", "too_few_words", None)],
+        [("p.jsonl:5", "empty_caption", None)],
+    ]
+
+
+def test_read_chunks_puts_malformed_csv_rows_after_the_others(tmp_path):
+    (tmp_path / "p.csv").write_text("url,caption\na.jpg,one caption\nb.jpg,two,extra\nc.jpg,three caption\n")
+    config = data_config(tmp_path, sources=[{"name": "p", "kind": "paired", "path": str(tmp_path / "p.csv")}])
+    plan = make_plan(config)
+    assert plan.total_rows == 3
+    with beam_pipeline() as pipeline:
+        read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
+        assert_that(read.chunks, equal_to([((0, 0, 0), 2), ((0, 0, 1), 1)]))
+    last = staging.read_input(str(tmp_path / "out" / "staging" / "inputs" / "p" / "00000-000001.jsonl.gz"))
+    assert [(row["key"], row["reason"]) for row in last] == [("p.csv:bad-row-1", "bad_row")]
 
 
 def test_find_duplicates_names_later_copies_whatever_the_arrival_order():
-    records = [
-        {"id": f"r{row}", "source": "s", "kind": "paired", "key": f"f:{row}", "url": url, "order": (0, 0, row)}
-        for row, url in [(5, "x"), (2, "x"), (9, "y"), (7, "x")]
-    ]
+    ids = [row_id("s", f"f:{row}") for row in range(4)]
+    packs = []
+    for chunk, rows in [((0, 0, 1), [(0, "x", 2), (1, "x", 3)]), ((0, 0, 0), [(0, "y", 0), (1, "x", 1)])]:
+        packer = HashPacker(buckets=3)
+        for index, url, row in rows:
+            packer.add(url_key({"source": "s", "url": url}), index, ids[row])
+        packs += [(bucket, (chunk, "url", packed)) for bucket, packed in packer.items()]
     with beam_pipeline() as pipeline:
-        duplicates = pipeline | beam.Create(records) | FindDuplicates(url_key, "url")
-        assert_that(duplicates, equal_to([("r5", "same url as r2"), ("r7", "same url as r2")]))
+        duplicates = pipeline | beam.Create(packs) | FindDuplicates()
+        assert_that(duplicates, equal_to([((0, 0, 1), [(0, f"same url as {ids[1]}"), (1, f"same url as {ids[1]}")])]))
 
 
 def test_download_rejects_duplicates_without_fetching(tmp_path, http_server):
     config = data_config(tmp_path)
-    records = [
-        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}", "url": f"{http_server}/slow",
-         "caption": "c", "label": None, "order": (0, 0, row)} for row in (1, 2)
-    ]
+    chunks = stage_inputs(config, {(0, 0, 0): [paired(1, f"{http_server}/slow"), paired(2, f"{http_server}/slow")]})
     with beam_pipeline() as pipeline:
-        duplicates = pipeline | "Duplicates" >> beam.Create([("i1", "same url as i0"), ("i2", "same url as i0")])
-        staged = pipeline | beam.Create(records) | DownloadChunks(config, duplicates)
-        assert_that(staged[REJECTED] | beam.Map(_id_and("reason")), equal_to([("i1", "duplicate"), ("i2", "duplicate")]))
+        duplicates = pipeline | "Duplicates" >> beam.Create([((0, 0, 0), [(0, "same url as x"), (1, "same url as x")])])
+        staged = pipeline | beam.Create(chunks) | DownloadChunks(config, duplicates)
+        assert_that(staged.summaries, equal_to([((0, 0, 0), 2, 0)]))
+    rows = pq.read_table(tmp_path / "out" / "staging" / "chunks" / "p" / "00000-000000.parquet").to_pylist()
+    assert [(row["reason"], row["detail"]) for row in rows] == [("duplicate", "same url as x")] * 2
 
 
-def test_dedup_images_keeps_the_first_and_rejects_copies_with_key_and_url(tmp_path, http_server):
+def test_duplicate_images_are_found_after_download(tmp_path, http_server):
     config = data_config(tmp_path)
-    records = [
-        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}", "url": f"{http_server}{path}",
-         "caption": caption, "label": None, "order": (0, 0, row)}
-        for row, path, caption in [(1, "/img/red.jpg?a", "red"), (2, "/img/blue.jpg", "blue"),
-                                   (3, "/img/red.jpg?b", "red"), (4, "/img/red.jpg?c", "another caption")]
-    ]
-    text = {"id": "t1", "source": "t", "kind": "text", "key": "t.jsonl:1", "caption": "hello", "label": None,
-            "order": (1, 0, 1)}
+    records = [paired(row, f"{http_server}{path}", caption) for row, path, caption in [
+        (1, "/img/red.jpg?a", "red"), (2, "/img/blue.jpg", "blue"),
+        (3, "/img/red.jpg?b", "red"), (4, "/img/red.jpg?c", "another caption")]]
+    chunks = stage_inputs(config, {(0, 0, 0): records[:2], (0, 0, 1): records[2:]})
     with beam_pipeline() as pipeline:
-        staged = pipeline | beam.Create(records + [text]) | DownloadChunks(config)
-        result = staged.candidates | DedupImages(config)
-        assert_that(result["records"] | beam.Map(lambda candidate: candidate[2]), equal_to(["i1", "i2", "i4", "t1"]))
-        assert_that(result["rejected"] | beam.Map(lambda row: (row["id"], row["key"], row["url"], row["detail"])),
-                    equal_to([("i3", "p.jsonl:3", f"{http_server}/img/red.jpg?b", "same image as i1")]),
-                    label="rejects")
+        staged = pipeline | beam.Create(chunks) | DownloadChunks(config)
+        duplicates = staged[KEYS] | FindDuplicates()
+        assert_that(duplicates, equal_to([((0, 0, 1), [(0, f"same image as {records[0]['id']}")])]))
 
 
 def test_download_chunks_commits_staging_and_emits_only_metadata(tmp_path, http_server):
     config = data_config(tmp_path)
-    records = [
-        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}", "url": f"{http_server}{path}",
-         "caption": f"caption {row}", "label": None, "order": (0, 0, row)}
-        for row, path in [(1, "/img/red.jpg"), (2, "/status/404"), (3, "/img/blue.jpg")]
-    ]
+    records = [paired(row, f"{http_server}{path}", f"caption {row}")
+               for row, path in [(1, "/img/red.jpg"), (2, "/status/404"), (3, "/img/blue.jpg")]]
+    chunks = stage_inputs(config, {(0, 0, 0): records[:2], (0, 0, 1): records[2:]})
     with beam_pipeline() as pipeline:
-        staged = pipeline | beam.Create(records) | DownloadChunks(config)
-        # Candidates are small: (dedup key, position, id); the image stays in the staging file.
-        assert_that(staged.candidates | beam.Map(lambda c: (c[2], c[1], len(c[0]))),
-                    equal_to([("i1", (0, 0, 0, 0), 16), ("i3", (0, 0, 1, 0), 16)]))
-        assert_that(staged[REJECTED] | beam.Map(_id_and("reason")), equal_to([("i2", "http_404")]), label="rejects")
+        staged = pipeline | beam.Create(chunks) | DownloadChunks(config)
+        # Per chunk: (chunk, rows, rows stored); the images stay in the staging file.
+        assert_that(staged.summaries, equal_to([((0, 0, 0), 2, 1), ((0, 0, 1), 1, 1)]))
         assert_that(staged[CAPTIONS], equal_to(["caption 1", "caption 3"]), label="captions")
-    chunks = sorted((tmp_path / "out" / "staging" / "chunks" / "p").glob("*.parquet"))
-    assert [path.name for path in chunks] == ["00000-000000.parquet", "00000-000001.parquet"]
-    first = pq.read_table(chunks[0]).to_pylist()
+    committed = sorted((tmp_path / "out" / "staging" / "chunks" / "p").glob("*.parquet"))
+    assert [path.name for path in committed] == ["00000-000000.parquet", "00000-000001.parquet"]
+    first = pq.read_table(committed[0]).to_pylist()
     assert [(row["id"], row["reason"], row["image"] is not None) for row in first] == [
-        ("i1", None, True), ("i2", "http_404", False)]
+        (records[0]["id"], None, True), (records[1]["id"], "http_404", False)]
 
 
 def test_split_into_shards_lays_kinds_out_in_input_order():
-    counts = [("paired", (0, 0, 0), 3), ("paired", (0, 0, 1), 4), ("text", (1, 0, 0), 2)]
+    counts = [("paired", (0, 0, 1), 4), ("paired", (0, 0, 0), 3), ("text", (1, 0, 0), 2)]
     with beam_pipeline() as pipeline:
-        pieces = (
-            pipeline
-            | beam.Create([("paired", (0, 0, 1), [0, 1, 3, 4]), ("paired", (0, 0, 0), [0, 2, 5]), ("text", (1, 0, 0), [0, 1])])
-            | beam.ParDo(SplitIntoShardsFn(rows_per_shard=5), counts)
-        )
+        pieces = pipeline | beam.Create(counts) | beam.ParDo(SplitIntoShardsFn(rows_per_shard=5), counts)
         assert_that(pieces, equal_to([
-            (("paired", 0, 2), ((0, 0, 0), [0, 2, 5])),
-            (("paired", 0, 2), ((0, 0, 1), [0, 1])),
-            (("paired", 1, 2), ((0, 0, 1), [3, 4])),
-            (("text", 0, 1), ((1, 0, 0), [0, 1])),
+            (("paired", 0, 2), ((0, 0, 0), 0, 3)),
+            (("paired", 0, 2), ((0, 0, 1), 0, 2)),
+            (("paired", 1, 2), ((0, 0, 1), 2, 4)),
+            (("text", 0, 1), ((1, 0, 0), 0, 2)),
         ]))
 
 
 def test_write_shards_streams_rows_from_staging(tmp_path, http_server):
     config = data_config(tmp_path, shards={"rows_per_shard": 2, "rows_per_row_group": 1})
-    records = [
-        {"id": f"i{row}", "source": "p", "kind": "paired", "key": f"p.jsonl:{row}",
-         "url": f"{http_server}/img/{name}.jpg", "caption": f"a {name} square", "label": None, "order": (0, 0, row)}
-        for row, name in [(1, "red"), (2, "blue"), (3, "green")]
-    ]
+    records = [paired(row, f"{http_server}{path}", f"a {row} square") for row, path in [
+        (1, "/img/red.jpg"), (2, "/img/blue.jpg"), (3, "/status/404"), (4, "/img/green.jpg"), (5, "/img/red.jpg?again")]]
+    records[4]["caption"] = records[0]["caption"]  # the same image and caption: a duplicate
+    chunks = stage_inputs(config, {(0, 0, 0): records[:2], (0, 0, 1): records[2:4], (0, 0, 2): records[4:]})
     with beam_pipeline() as pipeline:
-        staged = pipeline | beam.Create(records) | DownloadChunks(config)
+        staged = pipeline | beam.Create(chunks) | DownloadChunks(config)
         model = pipeline | "Model" >> beam.Create([b""])
-        entries = staged.candidates | WriteShards(config, model)
-        assert_that(entries | beam.Map(lambda entry: (entry["path"], entry["rows"], entry["sources"])), equal_to([
-            ("paired/part-00000-of-00002.parquet", 2, {"p": 2}),
-            ("paired/part-00001-of-00002.parquet", 1, {"p": 1}),
-        ]))
+        written = staged.summaries | WriteShards(config, staged[KEYS] | FindDuplicates(), model)
+        assert_that(written["shards"] | beam.Map(lambda entry: (entry["path"], entry["rows"], entry["sources"])),
+                    equal_to([("paired/part-00000-of-00002.parquet", 2, {"p": 2}),
+                              ("paired/part-00001-of-00002.parquet", 1, {"p": 1})]))
+        assert_that(written[REJECTS] | beam.Map(lambda entry: (entry["path"], entry["rows"], entry["reasons"])),
+                    equal_to([("rejects/part-00000-of-00001.parquet", 2, {"p": {"http_404": 1, "duplicate": 1}})]),
+                    label="rejects")
+    out = tmp_path / "out"
     rows = [row for part in ("part-00000-of-00002", "part-00001-of-00002")
-            for row in pq.read_table(tmp_path / "out" / "paired" / f"{part}.parquet").to_pylist()]
-    assert [row["id"] for row in rows] == ["i1", "i2", "i3"]
+            for row in pq.read_table(out / "paired" / f"{part}.parquet").to_pylist()]
+    assert [row["id"] for row in rows] == [records[index]["id"] for index in (0, 1, 3)]
     assert all(row["image"][:2] == b"\xff\xd8" and row["tokens"] is None for row in rows)
-    assert pq.ParquetFile(tmp_path / "out" / "paired" / "part-00000-of-00002.parquet").metadata.num_row_groups == 2
-    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    assert pq.ParquetFile(out / "paired" / "part-00000-of-00002.parquet").metadata.num_row_groups == 2
+    rejects = pq.read_table(out / "rejects" / "part-00000-of-00001.parquet").to_pylist()
+    assert [(row["id"], row["reason"], row["url"]) for row in rejects] == [
+        (records[2]["id"], "http_404", records[2]["url"]), (records[4]["id"], "duplicate", records[4]["url"])]
+    assert rejects[1]["detail"] == f"same image as {records[0]['id']}"
+    assert not list(out.rglob(".tmp-*"))

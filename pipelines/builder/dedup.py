@@ -1,21 +1,32 @@
 """Exact deduplication; the row that came first in the input wins, whatever order the runner
-delivers rows in. `FindDuplicates` works before downloading (the same URL within a source,
-the same cleaned text): it names the later copies, which the download stage rejects unfetched.
-`DedupImages` works after it, on the download stage's small candidates (the same stored image,
-plus caption for paired rows, within a kind), looking up the few duplicates' key and URL in
-the staging area for their reject rows."""
+delivers rows in.
+
+Used twice: before downloading (the same URL within a source, the same cleaned text; the later
+copies are rejected by the download stage without being fetched) and after it (the same stored
+image, plus caption for paired rows, within a kind; the shard writer leaves the copies out and
+the reject writer files them).
+
+Only packed bytes cross the shuffle: per chunk and bucket, one string of 30-byte entries
+`(16-byte hash, index in the chunk, 10-byte row id)`. A bucket (~`plan.ROWS_PER_BUCKET` rows)
+is sorted in one worker; what comes out is, per chunk with duplicates, its duplicates' indices
+and details (usually few).
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Iterator
+import struct
+from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 
-from pipelines.builder import staging
-from pipelines.builder.download import Candidate, candidate_dedup, candidate_id, candidate_position
-from pipelines.builder.sources import REJECTED, reject
-from schemas.config import DataConfig
+from pipelines.builder.plan import ChunkKey
+
+KEYS = "keys"  # the tagged output that carries packed hashes
+ENTRY = struct.Struct("<16sI10s")
+
+Packed = tuple[ChunkKey, str, bytes]  # (chunk, what is compared: url | text | image, entries)
+Duplicates = list[tuple[int, str]]  # (index in the chunk, reject detail), per chunk
 
 
 def _digest(*parts: str) -> bytes:
@@ -24,7 +35,7 @@ def _digest(*parts: str) -> bytes:
 
 
 def url_key(record: dict[str, Any]) -> bytes:
-    """The same URL within a source (16 bytes: only hashes cross the shuffle)."""
+    """The same URL within a source."""
     return _digest("url", record["source"], record["url"])
 
 
@@ -33,100 +44,65 @@ def text_key(record: dict[str, Any]) -> bytes:
     return _digest("text", record["caption"])
 
 
-def _has_key(pair: tuple) -> bool:
-    return pair[0] is not None
+def image_key(kind: str, sha256: str, caption: Optional[str]) -> bytes:
+    """The same stored image within a kind; paired rows keep one row per (image, caption), so
+    COCO-style multiple captions of one image are not duplicates."""
+    return _digest("image", kind, sha256, caption if caption is not None else "")
 
 
-def _no_key(pair: tuple) -> bool:
-    return pair[0] is None
+class HashPacker:
+    """Collects one chunk's entries per bucket."""
+
+    def __init__(self, buckets: int) -> None:
+        self.buckets = buckets
+        self.parts: dict[int, bytearray] = {}
+
+    def add(self, key: bytes, index: int, row_id: str) -> None:
+        bucket = int.from_bytes(key[:8], "little") % self.buckets
+        self.parts.setdefault(bucket, bytearray()).extend(ENTRY.pack(key, index, bytes.fromhex(row_id)))
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        for bucket in sorted(self.parts):
+            yield bucket, bytes(self.parts[bucket])
 
 
-def _value(pair: tuple) -> Any:
-    return pair[1]
-
-
-def _key_order_id(record: dict[str, Any], key_fn: Callable) -> tuple:
-    return key_fn(record), (record["order"], record["id"])
-
-
-class LaterCopiesFn(beam.DoFn):
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def process(self, element: tuple[bytes, Iterable[tuple[tuple, str]]]) -> Iterator[tuple[str, str]]:
-        _, group = element
-        ordered = sorted(group)
-        for _, row_id in ordered[1:]:
-            yield row_id, f"same {self.what} as {ordered[0][1]}"
+def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkKey, Duplicates]]:
+    """One bucket -> (chunk, [(index, "same url as <first id>"), ...]) for chunks with later copies."""
+    _, packs = element
+    entries = []
+    what_of: dict[bytes, str] = {}
+    for chunk, what, packed in packs:
+        for key, index, row_id in ENTRY.iter_unpack(packed):
+            entries.append((key, chunk, index, row_id))
+            what_of.setdefault(key, what)
+    entries.sort()
+    found: dict[ChunkKey, Duplicates] = {}
+    first: Optional[tuple] = None
+    for entry in entries:
+        key, chunk, index, row_id = entry
+        if first is not None and first[0] == key:
+            found.setdefault(chunk, []).append((index, f"same {what_of[key]} as {first[3].hex()}"))
+        else:
+            first = entry
+    for chunk in sorted(found):
+        yield chunk, sorted(found[chunk])
 
 
 class FindDuplicates(beam.PTransform):
-    """Records -> (id, detail) of every row whose key an earlier row (in input order) has.
+    """(bucket, packed entries) -> (chunk, duplicates): every row whose hash an earlier row has."""
 
-    Only a 16-byte hash, the input position and the id of each row cross the shuffle; the
-    duplicates (usually few) become a side input of the download stage, which rejects them
-    without fetching anything."""
-
-    def __init__(self, key_fn: Callable[[dict[str, Any]], bytes], what: str) -> None:
-        super().__init__()
-        self.key_fn = key_fn
-        self.what = what
-
-    def expand(self, records):
+    def expand(self, packed):
         return (
-            records
-            | "Key" >> beam.Map(_key_order_id, self.key_fn)
+            packed
             | "Group" >> beam.GroupByKey()
-            | "LaterCopies" >> beam.ParDo(LaterCopiesFn(self.what))
+            | "LaterCopies" >> beam.FlatMap(later_copies)
         )
 
 
-def _keyed_candidate(candidate: Candidate) -> tuple:
-    return candidate_dedup(candidate), candidate
-
-
-def _first_candidate(element: tuple[Any, Iterable[Candidate]]) -> Iterator[Any]:
-    _, group = element
-    ordered = sorted(group, key=candidate_position)
-    yield ordered[0]
-    for candidate in ordered[1:]:
-        yield beam.pvalue.TaggedOutput(DUPLICATES, (candidate, candidate_id(ordered[0])))
-
-
-DUPLICATES = "duplicates"
-
-
-class DuplicateRejectFn(beam.DoFn):
-    """(duplicate candidate, id of the row kept) -> its reject row, key and URL read from staging."""
-
-    def __init__(self, config: DataConfig) -> None:
-        self.config = config
-
-    def process(self, element: tuple[Candidate, str]) -> Iterator[dict[str, Any]]:
-        candidate, first_id = element
-        source_index, file_number, chunk_number, index = candidate_position(candidate)
-        url = staging.chunk_url(self.config.output, self.config.sources[source_index].name,
-                                (source_index, file_number, chunk_number))
-        row = next(staging.read_rows(url, [index]))
-        yield reject(row, "duplicate", f"same image as {first_id}")
-
-
-class DedupImages(beam.PTransform):
-    """Candidates -> kept candidates (text rows pass) and `rejected` rows for the duplicates."""
-
-    def __init__(self, config: DataConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def expand(self, candidates):
-        keyed = candidates | "Key" >> beam.Map(_keyed_candidate)
-        text_rows = keyed | "NoKey" >> beam.Filter(_no_key) | "Unwrap" >> beam.Map(_value)
-        first = (
-            keyed
-            | "HasKey" >> beam.Filter(_has_key)
-            | "Group" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.FlatMap(_first_candidate).with_outputs(DUPLICATES, main="records")
-        )
-        rejects = first[DUPLICATES] | "Rejects" >> beam.ParDo(DuplicateRejectFn(self.config))
-        records = (first.records, text_rows) | "Merge" >> beam.Flatten()
-        return {"records": records, REJECTED: rejects}
+def duplicates_of(side: Any, chunk: ChunkKey) -> dict[int, str]:
+    """index -> detail for one chunk, from an `AsMultiMap` side input of FindDuplicates' output."""
+    found: dict[int, str] = {}
+    for duplicates in side[chunk] if side is not None else ():
+        for index, detail in duplicates:
+            found[index] = detail
+    return found

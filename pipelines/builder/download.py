@@ -1,4 +1,4 @@
-"""`DownloadChunks`: each chunk of records -> a committed staging file + small metadata.
+"""`DownloadChunks`: each chunk's input file -> a committed staging file + small metadata.
 
 One worker process keeps `download.threads` fetch+decode jobs in flight over *all* the chunks it
 has been given, and uses each result as it completes: a hanging URL holds one slot for at most
@@ -6,24 +6,23 @@ has been given, and uses each result as it completes: a hanging URL holds one sl
 next ones. A chunk is committed (written to the staging area) as soon as its last row is done,
 whichever chunk that is; at most `MAX_OPEN_CHUNKS` are open at once, which bounds memory.
 
-Image bytes go from the thread pool straight into the chunk's staging file; what leaves this
-stage is only metadata (ids, hashes, reasons, captions for the tokenizer sample), so no shuffle
-ever carries an image. A chunk already committed by an earlier run is read back (without its
+Every row of the chunk, rejects included, goes into the chunk's staging file, image bytes
+straight from the thread pool; what leaves this stage is per chunk (a `ChunkSummary` and packed
+image hashes) plus captions for the tokenizer's bounded sample, so no shuffle carries an image
+or a per-row record. A chunk already committed by an earlier run is read back (without its
 image column) instead of being fetched again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
 import signal
 import threading
 import time
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -33,9 +32,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.builder import staging
 from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
+from pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
 from pipelines.builder.images import ImageReject, process_image
-from pipelines.builder.plan import ChunkKey, chunk_of
-from pipelines.builder.sources import REJECTED, reject
+from pipelines.builder.plan import ChunkKey
 from schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")
@@ -51,34 +50,10 @@ WAIT_S = 0.25  # how long the bundle thread waits for a result before it looks a
 KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
 
 
-# What leaves this stage for each row that was stored: a *candidate*, as small as it can be,
-# because on the embedded runner every candidate is held in memory by the image-dedup shuffle:
-#   (image dedup key: 16 bytes, None for text rows; position; row id)
-# where position = (source index, file number, chunk number, index in the chunk file), which
-# sorts in input order and says where the row's bytes are staged.
-Candidate = tuple[Optional[bytes], tuple[int, int, int, int], str]
-
-
-def candidate_dedup(candidate: Candidate) -> Optional[bytes]:
-    return candidate[0]
-
-
-def candidate_position(candidate: Candidate) -> tuple[int, int, int, int]:
-    return candidate[1]
-
-
-def candidate_id(candidate: Candidate) -> str:
-    return candidate[2]
-
-
-def image_dedup_key(kind: str, sha256: str, caption: Optional[str]) -> bytes:
-    # Paired rows keep one row per (image, caption): COCO-style multiple captions are not duplicates.
-    text = f"{kind}\x00{sha256}\x00{caption if caption is not None else ''}"
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def chunk_key_of(record: dict[str, Any], chunk_rows: int) -> tuple[ChunkKey, dict[str, Any]]:
-    return chunk_of(record["order"], chunk_rows), record
+# What leaves this stage per chunk (never per row): its summary (chunk, rows, rows stored with
+# an image or text), the stored rows' image hashes packed for `DedupImages`, and the captions
+# for the tokenizer's bounded sample.
+ChunkSummary = tuple[ChunkKey, int, int]
 
 
 def _looks_like_text(content_type: str) -> bool:
@@ -214,10 +189,11 @@ class _Window:
 
 
 class DownloadChunkFn(beam.DoFn):
-    """(chunk key, records) -> candidates (see `Candidate`), plus tagged rejects and captions."""
+    """(chunk key, rows) -> `ChunkSummary`, plus tagged packed image hashes and captions."""
 
-    def __init__(self, config: DataConfig, retry_transient: bool = False) -> None:
+    def __init__(self, config: DataConfig, buckets: int = 1, retry_transient: bool = False) -> None:
         self.config = config
+        self.buckets = buckets
         self.retry_transient = retry_transient
         self.fetched = Metrics.counter("mmae", "rows_fetched")
         self.resumed = Metrics.counter("mmae", "chunks_resumed")
@@ -234,13 +210,15 @@ class DownloadChunkFn(beam.DoFn):
 
     # ---------------------------------------------------------------------------------------
 
-    def process(self, element: tuple[ChunkKey, Iterable[dict[str, Any]]], duplicates: dict[str, str]) -> Iterator[Any]:
-        key, records = element
-        records = sorted(records, key=lambda record: record["order"])
-        # Later copies of a URL or text (FindDuplicates) are rejected here, never fetched.
-        copies = {index: {**record, "reason": "duplicate", "detail": duplicates[record["id"]]}
-                  for index, record in enumerate(records) if record["id"] in duplicates}
+    def process(self, element: tuple[ChunkKey, int], duplicates=None) -> Iterator[Any]:
+        key, _ = element
         source = self.config.sources[key[0]]
+        records = staging.read_input(staging.input_url(self.config.output, source.name, key))
+        # Rows the reader rejected, and later copies of a URL or text (FindDuplicates), are done
+        # already: never fetched.
+        done: dict[int, dict[str, Any]] = {index: record for index, record in enumerate(records) if "reason" in record}
+        for index, detail in duplicates_of(duplicates, key).items():
+            done[index] = {**records[index], "reason": "duplicate", "detail": detail}
         url = staging.chunk_url(self.config.output, source.name, key)
         digest = staging.records_digest(records)
         staged = staging.read_chunk(url, digest)
@@ -253,12 +231,12 @@ class DownloadChunkFn(beam.DoFn):
             rows = list(staging.read_rows(url, list(range(len(staged)))))
             self._open(key, url, digest, rows, {index: self._record(rows[index]) for index in redo})
         elif source.kind == "text":
-            rows = [copies.get(index) or {**record, "reason": None} for index, record in enumerate(records)]
+            rows = [done.get(index) or {**record, "reason": None} for index, record in enumerate(records)]
             self._commit(url, rows, digest)
             yield from self._outputs(key, rows)
             return
         else:
-            rows: list[Optional[dict[str, Any]]] = [copies.get(index) for index in range(len(records))]
+            rows: list[Optional[dict[str, Any]]] = [done.get(index) for index in range(len(records))]
             parts = self._parts_of(url)
             for index, row in staging.read_parts(parts, digest):
                 rows[index] = row
@@ -319,7 +297,7 @@ class DownloadChunkFn(beam.DoFn):
 
     @staticmethod
     def _record(row: dict[str, Any]) -> dict[str, Any]:
-        fields = ("id", "source", "kind", "key", "url", "caption", "label", "order")
+        fields = ("id", "source", "kind", "key", "url", "caption", "label")
         return {name: row.get(name) for name in fields}
 
     def _open(self, key, url, digest, rows, jobs: dict[int, dict[str, Any]], parts: Optional[list[str]] = None) -> None:
@@ -348,16 +326,19 @@ class DownloadChunkFn(beam.DoFn):
             yield from self._outputs(chunk.key, chunk.rows)
 
     def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:
+        stored = 0
+        packer = HashPacker(self.buckets)
         for index, row in enumerate(rows):
             if row.get("reason"):
-                yield beam.pvalue.TaggedOutput(REJECTED, reject(row, row["reason"], row.get("detail") or ""))
                 continue
+            stored += 1
             if row.get("caption") is not None:
                 yield beam.pvalue.TaggedOutput(CAPTIONS, row["caption"])
-            dedup = None
             if row["kind"] != "text":
-                dedup = image_dedup_key(row["kind"], row["image_sha256"], row.get("caption"))
-            yield (dedup, (*key, index), row["id"])
+                packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
+        yield key, len(rows), stored
+        for bucket, packed in packer.items():
+            yield beam.pvalue.TaggedOutput(KEYS, (bucket, (key, "image", packed)))
 
 
 def _windowed(output: Any) -> Any:
@@ -367,23 +348,25 @@ def _windowed(output: Any) -> Any:
 
 
 class DownloadChunks(beam.PTransform):
-    """Records -> chunks -> committed staging files; outputs: main (candidates), rejected, captions.
-    `duplicates`: (id, detail) of rows to reject as duplicates without fetching them."""
+    """(chunk, rows) -> committed staging files; outputs: main (`ChunkSummary`), `KEYS` (packed
+    image hashes) and captions. `duplicates`: FindDuplicates' (chunk, duplicates), rejected
+    without being fetched."""
 
-    def __init__(self, config: DataConfig, duplicates=None, retry_transient: bool = False) -> None:
+    def __init__(self, config: DataConfig, duplicates=None, buckets: int = 1, retry_transient: bool = False) -> None:
         super().__init__()
         self.config = config
         self.duplicates = duplicates
+        self.buckets = buckets
         self.retry_transient = retry_transient
 
-    def expand(self, records):
+    def expand(self, chunks):
         duplicates = self.duplicates
         if duplicates is None:
-            duplicates = records.pipeline | "NoDuplicates" >> beam.Create([])
+            duplicates = chunks.pipeline | "NoDuplicates" >> beam.Create([])
         return (
-            records
-            | "KeyByChunk" >> beam.Map(chunk_key_of, self.config.chunk_rows)
-            | "GroupChunks" >> beam.GroupByKey()
-            | "Fetch" >> beam.ParDo(DownloadChunkFn(self.config, self.retry_transient),
-                                   beam.pvalue.AsDict(duplicates)).with_outputs(REJECTED, CAPTIONS, main="candidates")
+            chunks
+            # Chunks come from few readers: spread them over the workers before downloading.
+            | "Spread" >> beam.Reshuffle()
+            | "Fetch" >> beam.ParDo(DownloadChunkFn(self.config, self.buckets, self.retry_transient),
+                                   beam.pvalue.AsMultiMap(duplicates)).with_outputs(KEYS, CAPTIONS, main="summaries")
         )

@@ -155,7 +155,7 @@ class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
         try:
             return self.guard.connect(self._dns_host, self.port, timeout)
-        except (socket.timeout, TimeoutError) as error:
+        except (socket.timeout, TimeoutError):
             raise FetchError("timeout", "connecting timed out") from None
         except FetchError:
             raise

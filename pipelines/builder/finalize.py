@@ -15,18 +15,19 @@ from schemas.config import DataConfig
 from schemas.shard import KINDS, SCHEMA_VERSION
 
 
-def source_of(record: dict[str, Any]) -> str:
-    return record["source"]
+def rows_read(summary, names: list[str]) -> tuple[str, int]:
+    """(source name, rows) of one chunk summary."""
+    chunk, rows, _ = summary
+    return names[chunk[0]], rows
 
 
-def source_and_reason(record: dict[str, Any]) -> tuple[str, str]:
-    return record["source"], record["reason"]
-
-
-def _nest(pairs) -> dict[str, dict[str, int]]:
+def _reasons(reject_shards: list[dict]) -> dict[str, dict[str, int]]:
+    """Per source and reason, from what the rejects files hold."""
     nested: dict[str, dict[str, int]] = {}
-    for (outer, inner), count in pairs:
-        nested.setdefault(outer, {})[inner] = count
+    for entry in reject_shards:
+        for source, reasons in entry["reasons"].items():
+            for reason, count in reasons.items():
+                nested.setdefault(source, {})[reason] = nested.get(source, {}).get(reason, 0) + count
     return nested
 
 
@@ -72,10 +73,11 @@ class FinalizeFn(beam.DoFn):
     def __init__(self, config: DataConfig) -> None:
         self.config = config
 
-    def process(self, _, shards, reject_shards, read_counts, reject_counts, model) -> Iterator[dict[str, Any]]:
+    def process(self, _, shards, reject_shards, read_counts, model) -> Iterator[dict[str, Any]]:
         shards = sorted(shards, key=lambda entry: entry["path"])
         reject_shards = sorted(reject_shards, key=lambda entry: entry["path"])
-        report = build_report(self.config, dict(read_counts), shards, _nest(reject_counts))
+        report = build_report(self.config, dict(read_counts), shards, _reasons(reject_shards))
+        reject_shards = [{name: value for name, value in entry.items() if name != "reasons"} for entry in reject_shards]
         tokenizer = None
         if model:
             write_atomic(join(self.config.output, "tokenizer.model"), model)
@@ -101,21 +103,18 @@ class FinalizeFn(beam.DoFn):
 
 
 class Finalize(beam.PTransform):
-    def __init__(self, config: DataConfig, reads, rejects, shards, reject_shards, model) -> None:
+    """Chunk summaries (rows read), shard and rejects entries (rows written and rejected), model."""
+
+    def __init__(self, config: DataConfig, summaries, shards, reject_shards, model) -> None:
         super().__init__()
         self.config = config
-        self.reads, self.rejects, self.shards, self.reject_shards, self.model = reads, rejects, shards, reject_shards, model
+        self.summaries, self.shards, self.reject_shards, self.model = summaries, shards, reject_shards, model
 
     def expand(self, pipeline):
         read_counts = (
-            self.reads
-            | "ReadSource" >> beam.Map(source_of)
-            | "CountRead" >> beam.combiners.Count.PerElement()
-        )
-        reject_counts = (
-            self.rejects
-            | "RejectKey" >> beam.Map(source_and_reason)
-            | "CountRejects" >> beam.combiners.Count.PerElement()
+            self.summaries
+            | "RowsRead" >> beam.Map(rows_read, [source.name for source in self.config.sources])
+            | "CountRead" >> beam.CombinePerKey(sum)
         )
         return (
             pipeline
@@ -125,7 +124,6 @@ class Finalize(beam.PTransform):
                 beam.pvalue.AsList(self.shards),
                 beam.pvalue.AsList(self.reject_shards),
                 beam.pvalue.AsList(read_counts),
-                beam.pvalue.AsList(reject_counts),
                 beam.pvalue.AsSingleton(self.model),
             )
         )

@@ -9,10 +9,15 @@
 
 Read top-down, the pipeline is a few named composites (one module each):
 
-    ReadSources -> CleanText -> FindDuplicates(url), FindDuplicates(text)
-        -> DownloadChunks (copies rejected unfetched; image bytes go straight to OUT/staging)
-        -> DedupImages -> TrainTokenizer -> WriteShards (streams staging) + WriteRejects
+    ReadChunks (read + clean text; each chunk's records go to OUT/staging/inputs)
+        -> FindDuplicates (URLs within a source, texts)
+        -> DownloadChunks (copies rejected unfetched; every row goes to OUT/staging/chunks)
+        -> FindDuplicates (stored images) -> TrainTokenizer
+        -> WriteShards (streams staging: kept rows per kind, and rejects, in input order)
         -> Finalize (tokenizer.model, build_report.json, manifest.json)
+
+Only per-chunk summaries and packed 30-byte dedup entries cross a shuffle, never a record or
+an image, so memory does not grow with the dataset on any runner.
 
 Every input row ends either in a shard or in `rejects/` with a reason; the build fails if
 `read = written + rejected` does not hold per source, or if it wrote no rows at all.
@@ -29,17 +34,17 @@ import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.builder.dedup import DedupImages, FindDuplicates, text_key, url_key
+from pipelines.builder.dedup import KEYS, FindDuplicates
 from pipelines.builder.download import CAPTIONS, DownloadChunks
 from pipelines.builder.finalize import Finalize
 from pipelines.builder.output import BuildError, Mode, prepare_output
 from pipelines.builder.plan import BuildPlan, make_plan
 from pipelines.builder.progress import ProgressMonitor
-from pipelines.builder.read import REJECTED, CleanText, ReadSources
+from pipelines.builder.read import ReadChunks
 from pipelines.builder.staging import STAGING
 from pipelines.builder.sources import SourceError
 from pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
-from pipelines.builder.write import WriteRejects, WriteShards
+from pipelines.builder.write import REJECTS, WriteShards
 from pipelines.shards import join, write_json
 from schemas.config import Config, DataConfig
 
@@ -48,40 +53,15 @@ __all__ = ["BuildError", "build_pipeline", "run"]
 log = logging.getLogger("mmae.build")
 
 
-def has_image(record: dict[str, Any]) -> bool:
-    return record["kind"] != "text"
-
-
-def is_text_only(record: dict[str, Any]) -> bool:
-    return record["kind"] == "text"
-
-
 def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan, given_model: Optional[bytes],
                    retry_transient: bool = False) -> None:
-    read = pipeline | "ReadSources" >> ReadSources(config, plan.elements())
-    cleaned = read.records | "CleanText" >> CleanText(config)
-
-    with_image = cleaned.records | "HasImage" >> beam.Filter(has_image)
-    text_only = cleaned.records | "TextOnly" >> beam.Filter(is_text_only)
-    duplicates = (
-        with_image | "DuplicateUrls" >> FindDuplicates(url_key, "url"),
-        text_only | "DuplicateTexts" >> FindDuplicates(text_key, "text"),
-    ) | "Duplicates" >> beam.Flatten()
-
-    staged = cleaned.records | "DownloadChunks" >> DownloadChunks(config, duplicates, retry_transient)
-    kept = staged.candidates | "DedupImage" >> DedupImages(config)
+    read = pipeline | "ReadChunks" >> ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
+    duplicates = read[KEYS] | "DuplicateUrlsAndTexts" >> FindDuplicates()
+    staged = read.chunks | "DownloadChunks" >> DownloadChunks(config, duplicates, plan.buckets, retry_transient)
+    image_duplicates = staged[KEYS] | "DuplicateImages" >> FindDuplicates()
     model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
-    shards = kept["records"] | "WriteShards" >> WriteShards(config, model)
-
-    rejects = (
-        read[REJECTED],
-        cleaned[REJECTED],
-        staged[REJECTED],
-        kept[REJECTED],
-    ) | "AllRejects" >> beam.Flatten()
-    reject_shards = rejects | "WriteRejects" >> WriteRejects(config)
-    reads = (read.records, read[REJECTED]) | "AllRead" >> beam.Flatten()
-    pipeline | "Finalize" >> Finalize(config, reads, rejects, shards, reject_shards, model)
+    written = staged.summaries | "WriteShards" >> WriteShards(config, image_duplicates, model)
+    pipeline | "Finalize" >> Finalize(config, staged.summaries, written["shards"], written[REJECTS], model)
 
 
 def _load_tokenizer(data: DataConfig) -> Optional[bytes]:

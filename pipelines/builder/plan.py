@@ -24,6 +24,9 @@ from schemas.config import DataConfig
 
 Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
 ChunkKey = tuple[int, int, int]  # (source index, file number, chunk number)
+ReadUnit = tuple[int, list[tuple[int, SourceFile]]]  # (source index, [(file number, file)])
+# Dedup hashes are grouped in buckets of about this many rows: the memory one dedup group needs.
+ROWS_PER_BUCKET = 50_000
 
 
 def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:
@@ -61,9 +64,23 @@ class BuildPlan:
     def total_chunks(self) -> int:
         return len(self.chunk_input_rows)
 
-    def elements(self) -> list[tuple[int, int, SourceFile]]:
-        """What the pipeline's reader is given: (source index, file number, file)."""
-        return [(planned.source_index, planned.number, planned.file) for planned in self.files]
+    @property
+    def buckets(self) -> int:
+        """How many groups the dedup hashes are spread over (~ROWS_PER_BUCKET rows each)."""
+        return max(1, math.ceil(self.total_rows / ROWS_PER_BUCKET))
+
+    def units(self) -> list[ReadUnit]:
+        """What the pipeline's reader is given: one unit per table file, one per chunk of an
+        image folder's files; a unit's rows are consecutive in input order."""
+        units: dict[tuple, ReadUnit] = {}
+        for planned in self.files:
+            if planned.file.format == "image":
+                chunk = planned.number // self.chunk_rows
+                unit = units.setdefault(("image", planned.source_index, chunk), (planned.source_index, []))
+            else:
+                unit = units.setdefault(("table", planned.source_index, planned.number), (planned.source_index, []))
+            unit[1].append((planned.number, planned.file))
+        return list(units.values())
 
 
 def count_rows(source_file: SourceFile, columns: list[str]) -> int:
@@ -82,17 +99,24 @@ def count_rows(source_file: SourceFile, columns: list[str]) -> int:
                     return lines + (0 if last == b"\n" else 1)
                 lines += block.count(b"\n")
                 last = block[-1:]
+        invalid = 0
+
+        def count_invalid(row) -> str:
+            nonlocal invalid
+            invalid += 1  # a malformed row is still a row: it becomes a reject
+            return "skip"
+
         reader = pacsv.open_csv(
             handle,
             parse_options=pacsv.ParseOptions(
                 delimiter="\t" if source_file.format == "tsv" else ",",
-                invalid_row_handler=lambda row: "skip",
+                invalid_row_handler=count_invalid,
                 newlines_in_values=True,
             ),
             convert_options=pacsv.ConvertOptions(include_columns=columns[:1], column_types={columns[0]: pa.binary()}),
             read_options=pacsv.ReadOptions(block_size=1 << 22),
         )
-        return sum(batch.num_rows for batch in reader)
+        return sum(batch.num_rows for batch in reader) + invalid
 
 
 def make_plan(config: DataConfig, log=None) -> BuildPlan:

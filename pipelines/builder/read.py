@@ -1,81 +1,124 @@
-"""`ReadSources` and `CleanText`: input files -> records, and the text checks that run before
-anything is downloaded. Rows that cannot be used go to the `rejected` output with a reason."""
+"""`ReadChunks`: input files -> chunk input files in the staging area, plus packed dedup hashes.
+
+A reader streams one unit (a table file, or a chunk's worth of an image folder's files), cleans
+every row's text (rejecting empty or too short captions before anything is downloaded), and
+writes each chunk's records, rejects included, to `OUT/staging/inputs/` (see `staging`). What
+leaves it is small and per chunk, never per row:
+
+- the chunk (`ChunkKey`, rows), which the download stage picks up and reads back;
+- for dedup, per bucket, one packed byte string of `(16-byte hash, index in chunk, 10-byte id)`
+  entries (`dedup.pack`): 30 bytes per row, whatever the runner keeps in memory while grouping.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.builder.plan import record_order
-from pipelines.builder.sources import REJECTED, SourceFile, read_source_file, reject
+from pipelines.builder import staging
+from pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
+from pipelines.builder.plan import ChunkKey, ReadUnit, chunk_of, record_order
+from pipelines.builder.sources import read_source_file, reject
 from pipelines.builder.text import clean_text, word_count
 from schemas.config import DataConfig
 
 
-class ReadRowsFn(beam.DoFn):
-    """(source index, file number, SourceFile) -> records (each with its input `order`) and rejects."""
+def clean_record(record: dict[str, Any], config: DataConfig) -> dict[str, Any]:
+    """Normalise a caption/text; a reject when it is empty or too short (nothing is downloaded for it)."""
+    if "reason" in record or "caption" not in record:
+        return record
+    text = clean_text(record["caption"], config.text.max_chars)
+    if not text:
+        return reject(record, "empty_caption")
+    words = word_count(text)
+    if words < config.text.min_words:
+        return reject(record, "too_few_words", f"{words} < {config.text.min_words}")
+    return {**record, "caption": text}
 
-    def __init__(self, config: DataConfig) -> None:
+
+def _unencodable(record: dict[str, Any]) -> Optional[str]:
+    """The first field that is not valid Unicode text (a lone surrogate cannot be stored)."""
+    for name in ("url", "caption", "label"):
+        value = record.get(name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+def dedup_key(record: dict[str, Any]) -> bytes:
+    return text_key(record) if record["kind"] == "text" else url_key(record)
+
+
+class ReadChunksFn(beam.DoFn):
+    """ReadUnit -> (chunk key, rows) per chunk; tagged `KEYS`: (bucket, (chunk, what, packed hashes))."""
+
+    def __init__(self, config: DataConfig, chunk_rows: int, buckets: int) -> None:
         self.config = config
+        self.chunk_rows = chunk_rows
+        self.buckets = buckets
         self.rows_read = Metrics.counter("mmae", "rows_read")
 
-    def process(self, element: tuple[int, int, SourceFile]) -> Iterator[Any]:
-        source_index, file_number, source_file = element
+    def process(self, unit: ReadUnit) -> Iterator[Any]:
+        source_index, files = unit
         source = self.config.sources[source_index]
-        for record in read_source_file(source, source_file):
-            self.rows_read.inc()
-            if "reason" in record:
-                yield beam.pvalue.TaggedOutput(REJECTED, record)
-                continue
-            record["order"] = record_order(source_index, file_number, source_file, record["key"])
-            yield record
+        current: Optional[ChunkKey] = None
+        records: list[dict[str, Any]] = []
+        for file_number, source_file in files:
+            last_row = 0
+            for record in read_source_file(source, source_file):
+                self.rows_read.inc()
+                order = record_order(source_index, file_number, source_file, record["key"])
+                if order[2] <= last_row:  # rows without a number of their own (CSV rows that did not parse) follow the rest
+                    order = (order[0], order[1], last_row + 1)
+                last_row = order[2]
+                field = _unencodable(record)
+                if field is not None:
+                    safe = {**record, "url": (record.get("url") or "").encode("utf-8", "replace").decode() or None}
+                    record = reject(safe, "invalid_utf8", f"{field} is not valid Unicode (lone surrogate)")
+                record = clean_record(record, self.config)
+                chunk = chunk_of(order, self.chunk_rows)
+                if chunk != current:
+                    if records:
+                        yield from self._flush(current, records)
+                    current, records = chunk, []
+                records.append(record)
+        if records:
+            yield from self._flush(current, records)
+
+    def _flush(self, key: ChunkKey, records: list[dict[str, Any]]) -> Iterator[Any]:
+        source = self.config.sources[key[0]]
+        staging.write_input(staging.input_url(self.config.output, source.name, key), records)
+        yield key, len(records)
+        what = "text" if source.kind == "text" else "url"
+        packer = HashPacker(self.buckets)
+        for index, record in enumerate(records):
+            if "reason" not in record:
+                packer.add(dedup_key(record), index, record["id"])
+        for bucket, packed in packer.items():
+            yield beam.pvalue.TaggedOutput(KEYS, (bucket, (key, what, packed)))
 
 
-class ReadSources(beam.PTransform):
-    """All sources' rows; outputs: main (records) and `rejected`."""
+class ReadChunks(beam.PTransform):
+    """All sources' rows, written as chunk input files; outputs: main (chunk, rows) and `KEYS`."""
 
-    def __init__(self, config: DataConfig, files: list[tuple[int, int, SourceFile]]) -> None:
+    def __init__(self, config: DataConfig, units: list[ReadUnit], chunk_rows: int, buckets: int) -> None:
         super().__init__()
         self.config = config
-        self.files = files
+        self.units = units
+        self.chunk_rows = chunk_rows
+        self.buckets = buckets
 
     def expand(self, pipeline):
         return (
             pipeline
-            | "ListFiles" >> beam.Create(self.files)
+            | "ListUnits" >> beam.Create(self.units)
             # One file can hold millions of rows: spread files over workers before reading.
             | "Spread" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(ReadRowsFn(self.config)).with_outputs(REJECTED, main="records")
+            | "Read" >> beam.ParDo(ReadChunksFn(self.config, self.chunk_rows, self.buckets)).with_outputs(
+                KEYS, main="chunks")
         )
-
-
-class CleanTextFn(beam.DoFn):
-    """Normalise captions/texts; reject empty or too short ones before anything is downloaded."""
-
-    def __init__(self, config: DataConfig) -> None:
-        self.config = config
-
-    def process(self, record: dict[str, Any]) -> Iterator[Any]:
-        if "caption" in record:
-            text = clean_text(record["caption"], self.config.text.max_chars)
-            if not text:
-                yield beam.pvalue.TaggedOutput(REJECTED, reject(record, "empty_caption"))
-                return
-            words = word_count(text)
-            if words < self.config.text.min_words:
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED, reject(record, "too_few_words", f"{words} < {self.config.text.min_words}"))
-                return
-            record = {**record, "caption": text}
-        yield record
-
-
-class CleanText(beam.PTransform):
-    def __init__(self, config: DataConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def expand(self, records):
-        return records | "Clean" >> beam.ParDo(CleanTextFn(self.config)).with_outputs(REJECTED, main="records")

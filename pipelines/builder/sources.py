@@ -275,6 +275,8 @@ def _read_csv(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[st
             for row in batch.to_pylist():
                 row_number += 1
                 yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
-    for number, detail in bad_rows:
-        key = f"{source_file.relative}:bad-row-{number}"
-        yield reject(_base_record(source, key), "bad_row", f"row {number}: {detail}")
+    # Malformed rows come last, each with a key of its own (the parser does not always know its line).
+    for count, (number, detail) in enumerate(bad_rows, start=1):
+        key = f"{source_file.relative}:bad-row-{count}"
+        where = f"line {number}: " if number and number > 0 else ""
+        yield reject(_base_record(source, key), "bad_row", f"{where}{detail}")

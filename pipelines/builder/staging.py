@@ -1,4 +1,6 @@
-"""The staging area: one committed Parquet file per finished chunk, `OUT/staging/chunks/SOURCE/FFFFF-CCCCCC.parquet`.
+"""The staging area: per chunk, its input rows `OUT/staging/inputs/SOURCE/FFFFF-CCCCCC.jsonl.gz`
+(written by the reader, so records never cross a shuffle) and, once finished, one committed
+Parquet file `OUT/staging/chunks/SOURCE/FFFFF-CCCCCC.parquet`.
 
 A chunk file holds every row that reached the download stage for that chunk, in input order:
 rows that succeeded (with their image bytes) and rows that failed (with `reason`/`detail`,
@@ -9,7 +11,9 @@ again. Only the final shard writer reads the image bytes back, streaming one row
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 from typing import Any, Iterable, Iterator, Optional
 
 import fsspec
@@ -37,6 +41,22 @@ META_COLUMNS = [name for name in STAGING_SCHEMA.names if name != "image"]
 
 def chunk_url(output: str, source_name: str, key: ChunkKey) -> str:
     return join(output, STAGING, "chunks", source_name, chunk_name(key) + ".parquet")
+
+
+def input_url(output: str, source_name: str, key: ChunkKey) -> str:
+    return join(output, STAGING, "inputs", source_name, chunk_name(key) + ".jsonl.gz")
+
+
+def write_input(url: str, records: list[dict[str, Any]]) -> None:
+    """A chunk's input records (rejects from reading/cleaning included), in input order. JSON with
+    ASCII escapes keeps any Python string, lone surrogates included."""
+    text = "".join(json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n" for record in records)
+    write_atomic(url, gzip.compress(text.encode("ascii"), compresslevel=1, mtime=0))
+
+
+def read_input(url: str) -> list[dict[str, Any]]:
+    with fsspec.open(url, "rb") as handle:
+        return [json.loads(line) for line in gzip.decompress(handle.read()).splitlines()]
 
 
 def records_digest(records: Iterable[dict[str, Any]]) -> str:
@@ -124,8 +144,15 @@ def read_chunk(url: str, expected_digest: Optional[str] = None) -> Optional[list
         return None  # a damaged file is redone, not trusted
 
 
-def read_tables(url: str, indices: list[int]) -> Iterator[pa.Table]:
-    """The rows at `indices` (ascending) of a chunk file, image bytes included, one row group at a time."""
+def read_reasons(url: str) -> list[Optional[str]]:
+    """A committed chunk's `reason` column: None for the rows that were stored."""
+    with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+        return parquet.read(columns=["reason"]).column("reason").to_pylist()
+
+
+def read_tables(url: str, indices: list[int], columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    """The rows at `indices` (ascending) of a chunk file (image bytes included unless `columns`
+    leaves them out), one row group at a time."""
     with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
         metadata = parquet.metadata
         start = 0
@@ -137,7 +164,7 @@ def read_tables(url: str, indices: list[int]) -> Iterator[pa.Table]:
                 wanted.append(indices[position] - start)
                 position += 1
             if wanted:
-                yield parquet.read_row_group(group).take(pa.array(wanted, pa.int64()))
+                yield parquet.read_row_group(group, columns=columns).take(pa.array(wanted, pa.int64()))
             start += size
             if position == len(indices):
                 return

@@ -1,14 +1,14 @@
-"""`WriteShards` and `WriteRejects`: the final Parquet files.
+"""`WriteShards`: the final Parquet files, kept rows per kind and rejects.
 
-Kept rows are laid out per kind in input order and cut into shards of exactly
-`shards.rows_per_shard` rows (the last one shorter). Only *positions* travel through the
-pipeline: per chunk, the sorted indices of its kept rows; a prefix sum over the chunks' counts
-places each chunk in its kind's sequence. A shard writer then streams through the few
-consecutive staging files its rows live in, one row group at a time, tokenizes captions and
-writes the shard to a temporary name that is renamed when complete. Memory per writer is one
-staging row group plus one output row group, whatever the dataset's size.
-
-Rejects are small metadata rows: they are hash-partitioned by id and sorted inside each file.
+Each kind's kept rows, and all rejects, are laid out in input order and cut into files of
+exactly `shards.rows_per_shard` rows (the last one shorter). Only *counts* travel through the
+pipeline: per chunk, how many of its rows are kept (stored, not an image duplicate) and how
+many are rejects; a prefix sum over the chunks places each chunk in its sequence, and each
+shard is given `(chunk, start, stop)` pieces. A shard writer reads a chunk's `reason` column
+and image duplicates to know which rows its piece means, then streams them from the staging
+file one row group at a time, tokenizes captions and writes the shard to a temporary name that
+is renamed when complete. Memory per writer is one staging row group plus one output row group,
+whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -26,69 +26,91 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.builder import staging
-from pipelines.builder.download import Candidate, candidate_position
+from pipelines.builder.dedup import duplicates_of
+from pipelines.builder.download import ChunkSummary
 from pipelines.builder.plan import ChunkKey
 from pipelines.builder.tokenizer import Tokenizer
-from pipelines.shards import join, shard_name, write_shard
+from pipelines.shards import join, shard_name, table_bytes, write_atomic
 from schemas.config import DataConfig
-from schemas.shard import SHARD_SCHEMA
+from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
 log = logging.getLogger("mmae.build")
 
-ChunkRows = tuple[str, ChunkKey, list[int]]  # (kind, chunk, sorted indices of kept rows)
+REJECTS = "rejects"
+ChunkCount = tuple[str, ChunkKey, int]  # (kind or "rejects", chunk, rows of it in that sequence)
+Piece = tuple[ChunkKey, int, int]  # (chunk, start, stop) in the chunk's rows of one sequence
 
 
-def chunk_and_index(candidate: Candidate, kinds: list[str]) -> tuple[tuple[str, ChunkKey], int]:
-    source_index, file_number, chunk_number, index = candidate_position(candidate)
-    return (kinds[source_index], (source_index, file_number, chunk_number)), index
+class ChunkCountsFn(beam.DoFn):
+    """`ChunkSummary` -> its kept rows (in its kind's sequence) and its rejects."""
 
+    def __init__(self, config: DataConfig) -> None:
+        self.kinds = [source.kind for source in config.sources]
 
-def sorted_indices(element: tuple[tuple[str, ChunkKey], Iterable[int]]) -> ChunkRows:
-    (kind, chunk), indices = element
-    return kind, chunk, sorted(indices)
-
-
-def chunk_count(chunk_rows: ChunkRows) -> tuple[str, ChunkKey, int]:
-    kind, chunk, indices = chunk_rows
-    return kind, chunk, len(indices)
+    def process(self, summary: ChunkSummary, image_duplicates) -> Iterator[ChunkCount]:
+        chunk, rows, stored = summary
+        copies = len(duplicates_of(image_duplicates, chunk))
+        if stored - copies:
+            yield self.kinds[chunk[0]], chunk, stored - copies
+        if rows - stored + copies:
+            yield REJECTS, chunk, rows - stored + copies
 
 
 class _Layout:
-    """Where each chunk's kept rows start in its kind's sequence, and how many shards each kind has."""
+    """Where each chunk's rows start in their sequence, and how many shards each sequence has."""
 
-    def __init__(self, counts: Iterable[tuple[str, ChunkKey, int]], rows_per_shard: int) -> None:
+    def __init__(self, counts: Iterable[ChunkCount], rows_per_shard: int) -> None:
         self.start: dict[tuple[str, ChunkKey], int] = {}
         totals: dict[str, int] = {}
-        for kind, chunk, count in sorted(counts):
-            self.start[(kind, chunk)] = totals.get(kind, 0)
-            totals[kind] = totals.get(kind, 0) + count
-        self.shards = {kind: max(1, math.ceil(total / rows_per_shard)) for kind, total in totals.items()}
+        for group, chunk, count in sorted(counts):
+            self.start[(group, chunk)] = totals.get(group, 0)
+            totals[group] = totals.get(group, 0) + count
+        self.shards = {group: max(1, math.ceil(total / rows_per_shard)) for group, total in totals.items()}
 
 
 class SplitIntoShardsFn(beam.DoFn):
-    """(kind, chunk, indices) -> ((kind, shard, shard count), (chunk, indices in that shard))."""
+    """(group, chunk, count) -> ((group, shard, shard count), (chunk, start, stop))."""
 
     def __init__(self, rows_per_shard: int) -> None:
         self.rows_per_shard = rows_per_shard
         self._layout: Optional[_Layout] = None
         self._layout_id: Optional[tuple[int, int]] = None
 
-    def process(self, element: ChunkRows, counts: list) -> Iterator[Any]:
+    def process(self, element: ChunkCount, counts: list) -> Iterator[Any]:
         # The side input is the same for every element: build the prefix sums once per worker.
         identity = (len(counts), sum(count for _, _, count in counts))
         if self._layout is None or identity != self._layout_id:
             self._layout = _Layout(counts, self.rows_per_shard)
             self._layout_id = identity
-        kind, chunk, indices = element
-        position = self._layout.start[(kind, chunk)]
-        count = self._layout.shards[kind]
+        group, chunk, count = element
+        position = self._layout.start[(group, chunk)]
+        shards = self._layout.shards[group]
         taken = 0
-        while taken < len(indices):
+        while taken < count:
             shard = (position + taken) // self.rows_per_shard
             room = (shard + 1) * self.rows_per_shard - (position + taken)
-            piece = indices[taken : taken + room]
-            yield (kind, shard, count), (chunk, piece)
-            taken += len(piece)
+            piece = min(room, count - taken)
+            yield (group, shard, shards), (chunk, taken, taken + piece)
+            taken += piece
+
+
+def _is_rejects(element, _count: int) -> int:
+    return 1 if element[0][0] == REJECTS else 0
+
+
+def piece_indices(config: DataConfig, piece: Piece, image_duplicates, rejects: bool) -> tuple[str, list[int], dict[int, str]]:
+    """(staging URL, the indices a piece means, that chunk's image duplicates)."""
+    chunk, start, stop = piece
+    url = staging.chunk_url(config.output, config.sources[chunk[0]].name, chunk)
+    copies = duplicates_of(image_duplicates, chunk)
+    reasons = staging.read_reasons(url)
+    if rejects:
+        selected = [index for index, reason in enumerate(reasons) if reason is not None or index in copies]
+    else:
+        selected = [index for index, reason in enumerate(reasons) if reason is None and index not in copies]
+    if stop > len(selected):
+        raise ValueError(f"{url}: {len(selected)} rows selected, the layout expects {stop}")
+    return url, selected[start:stop], copies
 
 
 class _HashingFile:
@@ -143,7 +165,7 @@ class WriteShardFn(beam.DoFn):
             self._model = model
         return self._tokenizer
 
-    def process(self, element, model: bytes) -> Iterator[dict[str, Any]]:
+    def process(self, element, model: bytes, image_duplicates) -> Iterator[dict[str, Any]]:
         (kind, shard, count), pieces = element
         pieces = sorted(pieces)
         relative = posixpath.join(kind, shard_name(shard, count))
@@ -168,8 +190,8 @@ class WriteShardFn(beam.DoFn):
                 # Arrow tables all the way: image bytes are never turned into Python objects.
                 pending: list[pa.Table] = []
                 pending_rows = 0
-                for chunk, indices in pieces:
-                    url = staging.chunk_url(self.config.output, self.config.sources[chunk[0]].name, chunk)
+                for piece in pieces:
+                    url, indices, _ = piece_indices(self.config, piece, image_duplicates, rejects=False)
                     for table in staging.read_tables(url, indices):
                         captions = table.column("caption").to_pylist()
                         tokens = pa.array(
@@ -196,66 +218,54 @@ class WriteShardFn(beam.DoFn):
                "sha256": sink.digest.hexdigest(), "sources": dict(sorted(sources.items()))}
 
 
-class WriteShards(beam.PTransform):
-    """Kept candidates (where each row is staged) + tokenizer model -> shard manifest entries."""
-
-    def __init__(self, config: DataConfig, model) -> None:
-        super().__init__()
-        self.config = config
-        self.model = model
-
-    def expand(self, candidates):
-        per_chunk = (
-            candidates
-            | "ChunkIndex" >> beam.Map(chunk_and_index, [source.kind for source in self.config.sources])
-            | "GroupByChunk" >> beam.GroupByKey()
-            | "SortIndices" >> beam.Map(sorted_indices)
-        )
-        counts = per_chunk | "Count" >> beam.Map(chunk_count)
-        return (
-            per_chunk
-            | "Split" >> beam.ParDo(SplitIntoShardsFn(self.config.shards.rows_per_shard), beam.pvalue.AsList(counts))
-            | "GroupByShard" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(WriteShardFn(self.config), beam.pvalue.AsSingleton(self.model))
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Rejects
-
-
-def _shard_index(row_id: str, count: int) -> int:
-    return int(row_id[:12], 16) % count
-
-
-def assign_reject_shard(record: dict[str, Any], total: int, rows_per_shard: int) -> tuple:
-    count = max(1, math.ceil(total / rows_per_shard))
-    return (_shard_index(record["id"], count), count), record
-
-
-class WriteRejectGroupFn(beam.DoFn):
-    def __init__(self, output: str, rows_per_row_group: int) -> None:
-        self.output = output
-        self.rows_per_row_group = rows_per_row_group
-
-    def process(self, element) -> Iterator[dict[str, Any]]:
-        (index, count), rows = element
-        yield write_shard(self.output, "rejects", index, count, rows, self.rows_per_row_group)
-
-
-class WriteRejects(beam.PTransform):
-    """Reject rows -> hash-partitioned files of ~rows_per_shard rows, sorted by id inside each."""
+class WriteRejectShardFn(beam.DoFn):
+    """One rejects file, in input order: the staged rows with a reason, and the image duplicates."""
 
     def __init__(self, config: DataConfig) -> None:
-        super().__init__()
         self.config = config
 
-    def expand(self, rejects):
-        total = rejects | "Total" >> beam.combiners.Count.Globally()
-        return (
-            rejects
-            | "Assign" >> beam.Map(
-                assign_reject_shard, beam.pvalue.AsSingleton(total), self.config.shards.rows_per_shard)
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(WriteRejectGroupFn(self.config.output, self.config.shards.rows_per_row_group))
+    def process(self, element, image_duplicates) -> Iterator[dict[str, Any]]:
+        (_, shard, count), pieces = element
+        rows: list[dict[str, Any]] = []
+        for piece in sorted(pieces):
+            url, indices, copies = piece_indices(self.config, piece, image_duplicates, rejects=True)
+            for table in staging.read_tables(url, indices, columns=REJECT_SCHEMA.names):
+                rows.extend(table.to_pylist())
+            for row, index in zip(rows[len(rows) - len(indices):], indices):
+                if index in copies:
+                    row["reason"], row["detail"] = "duplicate", copies[index]
+        reasons: dict[str, dict[str, int]] = {}
+        for row in rows:
+            per_source = reasons.setdefault(row["source"], {})
+            per_source[row["reason"]] = per_source.get(row["reason"], 0) + 1
+        data = table_bytes(rows, REJECT_SCHEMA, self.config.shards.rows_per_row_group)
+        relative = posixpath.join(REJECTS, shard_name(shard, count))
+        write_atomic(join(self.config.output, relative), data)
+        yield {"path": relative, "kind": REJECTS, "rows": len(rows), "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), "reasons": reasons}
+
+
+class WriteShards(beam.PTransform):
+    """Chunk summaries + image duplicates + tokenizer model -> manifest entries of the kept
+    rows' shards (main) and of the rejects files (`rejects`)."""
+
+    def __init__(self, config: DataConfig, image_duplicates, model) -> None:
+        super().__init__()
+        self.config = config
+        self.image_duplicates = image_duplicates
+        self.model = model
+
+    def expand(self, summaries):
+        duplicates = beam.pvalue.AsMultiMap(self.image_duplicates)
+        counts = summaries | "Count" >> beam.ParDo(ChunkCountsFn(self.config), duplicates)
+        shards, rejects = (
+            counts
+            | "Split" >> beam.ParDo(SplitIntoShardsFn(self.config.shards.rows_per_shard), beam.pvalue.AsList(counts))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "KeptOrRejects" >> beam.Partition(_is_rejects, 2)
         )
+        written = shards | "Write" >> beam.ParDo(
+            WriteShardFn(self.config), beam.pvalue.AsSingleton(self.model), beam.pvalue.AsMultiMap(self.image_duplicates))
+        rejected = rejects | "WriteRejects" >> beam.ParDo(
+            WriteRejectShardFn(self.config), beam.pvalue.AsMultiMap(self.image_duplicates))
+        return {"shards": written, REJECTS: rejected}
