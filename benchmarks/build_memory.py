@@ -6,6 +6,8 @@ Unique ~320 px JPEGs served from a loopback server; the same config at each size
 default embedded runner and with the 2-process runner. For each run: the peak RSS of the
 largest single process (getrusage) and the peak of the whole process tree's summed RSS
 (sampled from /proc every 0.2 s). Target: flat, within 10% plus a constant across the sizes.
+The tokenizer's training sample is such a constant (at most `tokenizer.sample_size` texts, 5,000
+here so that it is full at every size; `--sample-size 200000` measures the default).
 `--peer` adds img2dataset (same URLs, output size and resize mode) at each size, side by side.
 """
 
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--runners", nargs="+", default=["default", "2-process"], choices=["default", "2-process"])
     parser.add_argument("--peer", action="store_true", help="also measure img2dataset, 1 and 2 processes as the runners")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_memory"))
+    parser.add_argument("--sample-size", type=int, default=5000,
+                        help="tokenizer.sample_size: the tokenizer's sample is bounded by it, not by the dataset; "
+                             "the default keeps it the same at every size so what grows with rows shows")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -146,6 +151,7 @@ def main() -> None:
                     "sources": [{"name": "bench", "kind": "paired", "path": str(urls)}],
                     "download": {"allowed_networks": ["127.0.0.1/32"]},
                     "image": {"size": args.output_size, "resize_mode": "center_crop"},
+                    "tokenizer": {"sample_size": args.sample_size},
                 }}))
                 command = [str(Path(sys.executable).parent / "mmae"), "build", "--config", str(config)]
                 if runner == "2-process":

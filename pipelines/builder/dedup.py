@@ -19,6 +19,7 @@ import struct
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
+import numpy as np
 
 from pipelines.builder.plan import ChunkKey
 
@@ -66,26 +67,37 @@ class HashPacker:
             yield bucket, bytes(self.parts[bucket])
 
 
+ENTRY_DTYPE = np.dtype([("key_high", ">u8"), ("key_low", ">u8"), ("index", "<u4"), ("id", "V10")])
+
+
 def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkKey, Duplicates]]:
-    """One bucket -> (chunk, [(index, "same url as <first id>"), ...]) for chunks with later copies."""
+    """One bucket -> (chunk, [(index, "same url as <first id>"), ...]) for chunks with later copies.
+
+    The bucket is sorted as numpy arrays (42 bytes per row), not as Python objects."""
     _, packs = element
-    entries = []
-    what_of: dict[bytes, str] = {}
-    for chunk, what, packed in packs:
-        for key, index, row_id in ENTRY.iter_unpack(packed):
-            entries.append((key, chunk, index, row_id))
-            what_of.setdefault(key, what)
-    entries.sort()
-    found: dict[ChunkKey, Duplicates] = {}
-    first: Optional[tuple] = None
-    for entry in entries:
-        key, chunk, index, row_id = entry
-        if first is not None and first[0] == key:
-            found.setdefault(chunk, []).append((index, f"same {what_of[key]} as {first[3].hex()}"))
-        else:
-            first = entry
-    for chunk in sorted(found):
-        yield chunk, sorted(found[chunk])
+    packs = sorted(packs, key=lambda pack: pack[0])
+    if not packs:
+        return
+    chunks = [chunk for chunk, _, _ in packs]
+    entries = np.concatenate([np.frombuffer(packed, ENTRY_DTYPE) for _, _, packed in packs])
+    ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), [len(packed) // ENTRY.size for _, _, packed in packs])
+    order = np.lexsort((entries["index"], ordinal, entries["key_low"], entries["key_high"]))
+    high, low = entries["key_high"][order], entries["key_low"][order]
+    later = np.zeros(len(order), dtype=bool)
+    later[1:] = (high[1:] == high[:-1]) & (low[1:] == low[:-1])
+    if not later.any():
+        return
+    # For each row, the position (in sorted order) of the first row with its key.
+    starts = np.where(later, 0, np.arange(len(order)))
+    first = order[np.maximum.accumulate(starts)]
+    found: dict[int, Duplicates] = {}
+    for position in np.flatnonzero(later):
+        row, kept = order[position], first[position]
+        what = packs[ordinal[kept]][1]
+        found.setdefault(int(ordinal[row]), []).append(
+            (int(entries["index"][row]), f"same {what} as {entries['id'][kept].tobytes().hex()}"))
+    for number in sorted(found):
+        yield chunks[number], sorted(found[number])
 
 
 class FindDuplicates(beam.PTransform):

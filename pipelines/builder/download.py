@@ -34,6 +34,7 @@ from pipelines.builder import staging
 from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
 from pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
 from pipelines.builder.images import ImageReject, process_image
+from pipelines.builder.memory import release_freed_memory
 from pipelines.builder.plan import ChunkKey
 from schemas.config import DataConfig
 
@@ -43,7 +44,7 @@ CAPTIONS = "captions"
 MAX_OPEN_CHUNKS = 8
 # A chunk held open by a few slow or hanging URLs saves its finished rows to a part file every
 # SAVE_EVERY_S, so a build killed at any moment loses at most that much work per open chunk.
-SAVE_EVERY_S = 1.0
+SAVE_EVERY_S = 0.25
 WAIT_S = 0.25  # how long the bundle thread waits for a result before it looks at open chunks
 # A deterministic crash point for the resume tests: the worker SIGKILLs itself right after
 # committing this many chunks (what `kill -9` or a lost node does at an arbitrary moment).
@@ -289,6 +290,7 @@ class DownloadChunkFn(beam.DoFn):
     def _commit(self, url: str, rows: list[dict[str, Any]], digest: str, parts: Optional[list[str]] = None) -> None:
         staging.write_chunk(url, rows, digest)
         staging.remove_parts(parts or [])
+        release_freed_memory()
         self.committed.inc()
         self.committed_here += 1
         kill_after = os.environ.get(KILL_AFTER_CHUNKS_ENV)

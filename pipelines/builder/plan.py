@@ -26,7 +26,7 @@ Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 
 ChunkKey = tuple[int, int, int]  # (source index, file number, chunk number)
 ReadUnit = tuple[int, list[tuple[int, SourceFile]]]  # (source index, [(file number, file)])
 # Dedup hashes are grouped in buckets of about this many rows: the memory one dedup group needs.
-ROWS_PER_BUCKET = 50_000
+ROWS_PER_BUCKET = 250_000
 
 
 def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:

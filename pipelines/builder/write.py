@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipelines.builder import staging
 from pipelines.builder.dedup import duplicates_of
+from pipelines.builder.memory import release_freed_memory
 from pipelines.builder.download import ChunkSummary
 from pipelines.builder.plan import ChunkKey
 from pipelines.builder.tokenizer import Tokenizer
@@ -213,6 +214,7 @@ class WriteShardFn(beam.DoFn):
                     writer.write_table(pa.concat_tables(pending), row_group_size=group_size)
                     rows += pending_rows
         fs.mv(temporary, path)
+        release_freed_memory()
         log.info("wrote %s (%d rows, %.1f MB)", relative, rows, sink.size / 1e6)
         yield {"path": relative, "kind": kind, "rows": rows, "bytes": sink.size,
                "sha256": sink.digest.hexdigest(), "sources": dict(sorted(sources.items()))}
