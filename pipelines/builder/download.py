@@ -35,6 +35,7 @@ from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transie
 from pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
 from pipelines.builder.images import ImageReject, process_image
 from pipelines.builder.memory import release_freed_memory
+from pipelines.builder.tokenizer import SampleTexts
 from pipelines.builder.plan import ChunkKey
 from schemas.config import DataConfig
 
@@ -204,6 +205,10 @@ class DownloadChunkFn(beam.DoFn):
         self.processor = RowProcessor(self.config)
         self.window = _Window(self.processor, self.config.download.threads)
         self.committed_here = 0
+        self.sampler = SampleTexts(self.config.tokenizer.sample_size)
+
+    def start_bundle(self) -> None:
+        self.sample = self.sampler.create_accumulator()
         self._listings: dict[str, dict[str, list[str]]] = {}
 
     def teardown(self) -> None:
@@ -259,6 +264,9 @@ class DownloadChunkFn(beam.DoFn):
         while self.window.in_flight:
             for output in self._wait_for_one():
                 yield _windowed(output)
+        if self.sample:  # the tokenizer's sample of this bundle's captions: one element, not one per row
+            yield _windowed(beam.pvalue.TaggedOutput(CAPTIONS, self.sample))
+            self.sample = self.sampler.create_accumulator()
 
     def _wait_for_one(self) -> Iterator[Any]:
         try:
@@ -335,7 +343,7 @@ class DownloadChunkFn(beam.DoFn):
                 continue
             stored += 1
             if row.get("caption") is not None:
-                yield beam.pvalue.TaggedOutput(CAPTIONS, row["caption"])
+                self.sample = self.sampler.add_input(self.sample, row["caption"])
             if row["kind"] != "text":
                 packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
         yield key, len(rows), stored

@@ -56,6 +56,13 @@ class SampleTexts(beam.CombineFn):
         return [text for _, text in sorted(self._trim(accumulator).items())]
 
 
+class MergeSamples(SampleTexts):
+    """Partial samples (what `SampleTexts` accumulates, e.g. per download bundle) -> one sample."""
+
+    def add_input(self, accumulator: dict[str, str], sample: dict[str, str]) -> dict[str, str]:
+        return self.merge_accumulators([accumulator, sample])
+
+
 def train_sentencepiece(texts: list[str], config: TokenizerConfig) -> bytes:
     """Train a SentencePiece model on `texts` (already sampled); return the serialized model."""
     if not texts:
@@ -114,7 +121,8 @@ def special_ids(model: bytes) -> dict[str, Optional[int]]:
 
 
 class TrainTokenizer(beam.PTransform):
-    """Cleaned texts -> one serialized SentencePiece model (or the given one); b"" when there is no text."""
+    """Partial samples of the cleaned texts (`SampleTexts` accumulators) -> one serialized
+    SentencePiece model (or the given one); b"" when there is no text."""
 
     def __init__(self, config: TokenizerConfig, given_model: Optional[bytes]) -> None:
         super().__init__()
@@ -126,6 +134,6 @@ class TrainTokenizer(beam.PTransform):
             return texts.pipeline | "GivenModel" >> beam.Create([self.given_model])
         return (
             texts
-            | "Sample" >> beam.CombineGlobally(SampleTexts(self.config.sample_size))
+            | "Sample" >> beam.CombineGlobally(MergeSamples(self.config.sample_size))
             | "Train" >> beam.Map(train_sentencepiece, self.config)
         )
