@@ -161,6 +161,9 @@ class _Window:
         self.open_chunks: dict[ChunkKey, _OpenChunk] = {}
         self.in_flight = 0
         self.decoders = _Workers(os.cpu_count() or 2, "mmae-decode", self._decode)
+        # A slot covers a row from its request until it is decoded: when decoding falls behind,
+        # fetched bodies wait in memory and a kill loses them, so fetching waits instead.
+        self.slots = threading.BoundedSemaphore(threads)
         self.network = _Workers(threads, "mmae-fetch", self._fetch)
 
     def submit(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
@@ -169,13 +172,16 @@ class _Window:
 
     def _fetch(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
         """A reject is done here; a body goes on to a decoding thread."""
+        self.slots.acquire()
         try:
             outcome = self.processor.fetch(record)
             if isinstance(outcome, dict):
+                self.slots.release()
                 self.done.put((chunk, index, outcome))
             else:
                 self.decoders.put(chunk, index, record, outcome)
         except BaseException as error:  # never lose a row: in_flight would never reach 0
+            self.slots.release()
             self.done.put((chunk, index, _failed(record, error)))
 
     def _decode(self, chunk: "_OpenChunk", index: int, record: dict[str, Any], fetched: FetchResult) -> None:
@@ -183,6 +189,8 @@ class _Window:
             row = self.processor.decode(record, fetched)
         except BaseException as error:
             row = _failed(record, error)
+        finally:
+            self.slots.release()
         self.done.put((chunk, index, row))
 
     def stop(self) -> None:
