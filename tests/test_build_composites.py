@@ -185,3 +185,17 @@ def test_write_shards_streams_rows_from_staging(tmp_path, http_server):
         (records[2]["id"], "http_404", records[2]["url"]), (records[4]["id"], "duplicate", records[4]["url"])]
     assert rejects[1]["detail"] == f"same image as {records[0]['id']}"
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_read_chunks_rejects_a_lone_surrogate_instead_of_failing(tmp_path):
+    # JSON can spell a lone surrogate; no Parquet file can store it.
+    (tmp_path / "p.jsonl").write_text('{"url": "a.jpg", "caption": "bad \\ud800 text"}\n'
+                                      '{"url": "b.jpg", "caption": "good text"}\n')
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
+    config = data_config(tmp_path)
+    plan = make_plan(config)
+    with beam_pipeline() as pipeline:
+        read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
+        assert_that(read.chunks, equal_to([((0, 0, 0), 2), ((1, 0, 0), 1)]))
+    rows = staging.read_input(str(tmp_path / "out" / "staging" / "inputs" / "p" / "00000-000000.jsonl.gz"))
+    assert [(row["key"], row.get("reason")) for row in rows] == [("p.jsonl:1", "invalid_utf8"), ("p.jsonl:2", None)]

@@ -16,10 +16,9 @@ from typing import Optional
 
 import fsspec
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.builder.sources import SourceError, SourceFile, expand_source, required_columns
+from pipelines.builder.sources import SourceError, SourceFile, expand_source, open_csv, required_columns
 from schemas.config import DataConfig
 
 Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
@@ -106,16 +105,7 @@ def count_rows(source_file: SourceFile, columns: list[str]) -> int:
             invalid += 1  # a malformed row is still a row: it becomes a reject
             return "skip"
 
-        reader = pacsv.open_csv(
-            handle,
-            parse_options=pacsv.ParseOptions(
-                delimiter="\t" if source_file.format == "tsv" else ",",
-                invalid_row_handler=count_invalid,
-                newlines_in_values=True,
-            ),
-            convert_options=pacsv.ConvertOptions(include_columns=columns[:1], column_types={columns[0]: pa.binary()}),
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-        )
+        reader = open_csv(handle, source_file, columns[:1], count_invalid)
         return sum(batch.num_rows for batch in reader) + invalid
 
 

@@ -248,6 +248,22 @@ def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dic
                 yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
 
 
+def open_csv(handle, source_file: SourceFile, columns: list[str], on_invalid_row) -> pacsv.CSVStreamingReader:
+    """A streaming CSV/TSV reader of `columns`, the same for the planner's count and the reader,
+    so both see the same rows. Columns are binary: invalid UTF-8 becomes a per-row reject
+    instead of failing the file; `on_invalid_row` is told of each malformed row."""
+    return pacsv.open_csv(
+        handle,
+        parse_options=pacsv.ParseOptions(
+            delimiter="\t" if source_file.format == "tsv" else ",",
+            invalid_row_handler=on_invalid_row,
+            newlines_in_values=True,
+        ),
+        convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={name: pa.binary() for name in columns}),
+        read_options=pacsv.ReadOptions(block_size=1 << 22),
+    )
+
+
 def _read_csv(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
     columns = required_columns(source)
     bad_rows: list[tuple[int, str]] = []
@@ -257,19 +273,7 @@ def _read_csv(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[st
         return "skip"
 
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        reader = pacsv.open_csv(
-            handle,
-            parse_options=pacsv.ParseOptions(
-                delimiter="\t" if source_file.format == "tsv" else ",",
-                invalid_row_handler=on_invalid_row,
-                newlines_in_values=True,
-            ),
-            # Binary columns: invalid UTF-8 becomes a per-row reject instead of failing the file.
-            convert_options=pacsv.ConvertOptions(
-                include_columns=columns, column_types={name: pa.binary() for name in columns}
-            ),
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-        )
+        reader = open_csv(handle, source_file, columns, on_invalid_row)
         row_number = 0
         for batch in reader:
             for row in batch.to_pylist():
