@@ -133,6 +133,11 @@ def run_mmae(work: Path, bin_dir: Path, size: int, processes: int, args) -> tupl
     return report["written"]["paired"], seconds
 
 
+def median_run(runs: list[tuple[int, float]]) -> tuple[int, float]:
+    """The run with the median time (rows kept, seconds)."""
+    return sorted(runs, key=lambda run: run[1])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10000)
@@ -143,6 +148,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=3.0)
     parser.add_argument("--single", action="store_true", help="also time mmae's default one-process runner")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each tool per mode and size, alternating; the median time counts "
+                        "(one run on 2 shared cores varies by +-10%%)")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_build"))
     args = parser.parse_args()
 
@@ -166,8 +174,12 @@ def main() -> None:
                 for row in absolute:
                     handle.write(json.dumps(row) + "\n")
             for size in args.sizes:
-                i2d_ok, i2d_s = run_img2dataset(work, bin_dir, size, args)
-                mmae_ok, mmae_s = run_mmae(work, bin_dir, size, args.processes, args)
+                i2d_runs, mmae_runs = [], []
+                for _ in range(args.repeats):  # alternate, so a slow spell of the machine hits both
+                    i2d_runs.append(run_img2dataset(work, bin_dir, size, args))
+                    mmae_runs.append(run_mmae(work, bin_dir, size, args.processes, args))
+                i2d_ok, i2d_s = median_run(i2d_runs)
+                mmae_ok, mmae_s = median_run(mmae_runs)
                 line = {"mode": mode, "size": size, "i2d": (i2d_ok, i2d_s), "mmae": (mmae_ok, mmae_s)}
                 if args.single:
                     line["single"] = run_mmae(work, bin_dir, size, 1, args)
@@ -176,10 +188,12 @@ def main() -> None:
                 results.append(line)
                 ratio = (mmae_ok / mmae_s) / (i2d_ok / i2d_s)
                 print(f"{mode:<8} {size:>4}px  img2dataset {i2d_ok} ok in {i2d_s:.1f}s  mmae {mmae_ok} ok in "
-                      f"{mmae_s:.1f}s  ratio {ratio:.2f}x  PSNR {psnr:.1f} dB", flush=True)
+                      f"{mmae_s:.1f}s  ratio {ratio:.2f}x  PSNR {psnr:.1f} dB  (runs: img2dataset "
+                      f"{', '.join(f'{s:.1f}' for _, s in i2d_runs)}; mmae {', '.join(f'{s:.1f}' for _, s in mmae_runs)})",
+                      flush=True)
 
     print(f"\n{args.images} URLs, {args.side}px JPEGs -> center_crop, JPEG q90, {args.threads} threads, "
-          f"timeout {args.timeout}s, no retries, {args.processes} processes each")
+          f"timeout {args.timeout}s, no retries, {args.processes} processes each, median of {args.repeats} runs")
     print(f"{'server':<8} {'size':>5} {'i2d ok':>7} {'i2d s':>7} {'i2d img/s':>10} {'mmae ok':>8} {'mmae s':>7} "
           f"{'mmae img/s':>11} {'ratio':>6}" + ("  mmae 1-proc img/s (ratio)" if args.single else ""))
     for line in results:

@@ -15,6 +15,7 @@ image column) instead of being fetched again.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -153,35 +154,51 @@ class _Window:
     """Rows in flight in one worker process, and the chunks they belong to. Network waits and
     CPU work have separate threads: `download.threads` requests in flight, and as many decoding
     threads as cores (Pillow releases the GIL while it decodes, resizes and encodes), so a
-    hundred waiting sockets never compete for the GIL with the decoders."""
+    hundred waiting sockets never compete for the GIL with the decoders.
+
+    A row holds one of `threads` slots from its request until it is decoded: when decoding falls
+    behind, fetched bodies would otherwise wait in memory (and a kill would lose them), so
+    fetching waits instead. Slots are handed out by the DoFn's thread alone (`submit` queues a
+    row, `take` returns a finished one and starts the next), never by a lock the network threads
+    wait on: a hundred waiters on one condition cost a fifth of the GIL."""
 
     def __init__(self, processor: "RowProcessor", threads: int) -> None:
         self.processor = processor
         self.done: "queue.SimpleQueue[tuple[_OpenChunk, int, dict[str, Any]]]" = queue.SimpleQueue()
         self.open_chunks: dict[ChunkKey, _OpenChunk] = {}
-        self.in_flight = 0
+        self.in_flight = 0  # submitted and not yet taken
+        self.slots = threads
+        self.waiting: "collections.deque[tuple[_OpenChunk, int, dict[str, Any]]]" = collections.deque()
         self.decoders = _Workers(os.cpu_count() or 2, "mmae-decode", self._decode)
-        # A slot covers a row from its request until it is decoded: when decoding falls behind,
-        # fetched bodies wait in memory and a kill loses them, so fetching waits instead.
-        self.slots = threading.BoundedSemaphore(threads)
         self.network = _Workers(threads, "mmae-fetch", self._fetch)
 
     def submit(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
         self.in_flight += 1
-        self.network.put(chunk, index, record)
+        self.waiting.append((chunk, index, record))
+        self._start()
+
+    def take(self, block: bool) -> tuple["_OpenChunk", int, dict[str, Any]]:
+        """A finished row (raises queue.Empty after `WAIT_S`, or at once if not `block`)."""
+        item = self.done.get(block=block, timeout=WAIT_S if block else None)
+        self.in_flight -= 1
+        self.slots += 1
+        self._start()
+        return item
+
+    def _start(self) -> None:
+        while self.slots and self.waiting:
+            self.slots -= 1
+            self.network.put(*self.waiting.popleft())
 
     def _fetch(self, chunk: "_OpenChunk", index: int, record: dict[str, Any]) -> None:
         """A reject is done here; a body goes on to a decoding thread."""
-        self.slots.acquire()
         try:
             outcome = self.processor.fetch(record)
             if isinstance(outcome, dict):
-                self.slots.release()
                 self.done.put((chunk, index, outcome))
             else:
                 self.decoders.put(chunk, index, record, outcome)
         except BaseException as error:  # never lose a row: in_flight would never reach 0
-            self.slots.release()
             self.done.put((chunk, index, _failed(record, error)))
 
     def _decode(self, chunk: "_OpenChunk", index: int, record: dict[str, Any], fetched: FetchResult) -> None:
@@ -189,8 +206,6 @@ class _Window:
             row = self.processor.decode(record, fetched)
         except BaseException as error:
             row = _failed(record, error)
-        finally:
-            self.slots.release()
         self.done.put((chunk, index, row))
 
     def stop(self) -> None:
@@ -332,8 +347,7 @@ class DownloadChunkFn(beam.DoFn):
                 return
 
     def _complete_one(self, block: bool) -> Iterator[Any]:
-        chunk, index, row = self.window.done.get(block=block, timeout=WAIT_S if block else None)
-        self.window.in_flight -= 1
+        chunk, index, row = self.window.take(block)
         chunk.rows[index] = row
         chunk.unsaved.append(index)
         chunk.remaining -= 1
