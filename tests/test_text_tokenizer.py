@@ -15,6 +15,14 @@ def test_clean_text():
     assert clean_text("abcdefghijklmnop", 5) == "abcde"
 
 
+def test_joiners_that_change_meaning_are_kept():
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # "I want", with a zero-width non-joiner
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one emoji sequence
+    assert clean_text(persian, 100) == persian
+    assert clean_text(f"a {family} at home", 100) == f"a {family} at home"
+    assert clean_text("zero\u200bwidth \u202eright-to-left", 100) == "zerowidth right-to-left"
+
+
 def test_sample_is_order_independent_and_bounded():
     texts = [f"text number {i}" for i in range(1000)]
     combine = SampleTexts(50)
