@@ -86,3 +86,128 @@ def test_decompression_bomb_is_rejected_without_decoding(bomb):
     assert reason_of(bomb) == "too_many_pixels"
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200  # decoding it would take 2.7 GB
+
+
+# --- every mode a web image can have --------------------------------------------------------------
+
+WHITE = (255, 255, 255)
+
+
+def _png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def _centre(data: bytes) -> tuple[int, int, int]:
+    stored = Image.open(io.BytesIO(process_image(data, ImageConfig(size=16, min_size=1, format="png")).data))
+    assert stored.mode == "RGB"
+    return stored.getpixel((8, 8))
+
+
+def _close(a, b, tolerance=3) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b))
+
+
+def test_16_bit_greyscale_keeps_its_grey():
+    image = Image.new("I;16", (32, 32), 0x8080)
+    assert Image.open(io.BytesIO(_png(image))).mode.startswith("I")
+    assert _close(_centre(_png(image)), (128, 128, 128))
+
+
+def _transparent_variants() -> dict[str, bytes]:
+    """One fully transparent 32x32 image per way a PNG or GIF can say so."""
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    la = Image.new("LA", (32, 32), (0, 0))
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    grey = Image.new("L", (32, 32), 7)
+    rgb = Image.new("RGB", (32, 32), (0, 0, 0))
+    gif = io.BytesIO()
+    palette.save(gif, format="GIF", transparency=0)
+    webp = io.BytesIO()
+    rgba.save(webp, format="WEBP", lossless=True)
+    return {
+        "RGBA": _png(rgba),
+        "LA": _png(la),
+        "P with tRNS": _png(palette, transparency=0),
+        "L with tRNS": _png(grey, transparency=7),
+        "RGB with tRNS": _png(rgb, transparency=(0, 0, 0)),
+        "GIF": gif.getvalue(),
+        "WebP": webp.getvalue(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_transparent_variants()))
+def test_transparency_is_composited_on_white_for_every_kind(kind):
+    assert _centre(_transparent_variants()[kind]) == WHITE
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("1", 1, WHITE),
+    ("L", 100, (100, 100, 100)),
+    ("P", None, (200, 10, 10)),
+    ("RGB", (10, 200, 10), (10, 200, 10)),
+    ("I", 0x4000, (64, 64, 64)),
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+])
+def test_modes_decode_to_the_right_rgb(mode, value, expected):
+    if mode == "P":
+        image = Image.new("P", (32, 32), 1)
+        image.putpalette([0, 0, 0, 200, 10, 10] + [0, 0, 0] * 254)
+    else:
+        image = Image.new(mode, (32, 32), value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if mode == "CMYK" else ("TIFF" if mode == "I" else "PNG"))
+    assert _close(_centre(buffer.getvalue()), expected, tolerance=6)
+
+
+def test_jpeg_with_missing_data_is_rejected_even_with_an_end_marker():
+    data = jpeg_bytes(256, 256, colour=(120, 60, 200))
+    cut = data[: len(data) // 2] + b"\xff\xd9"
+    with pytest.raises(ImageReject) as error:
+        process_image(cut, ImageConfig(size=32, min_size=16))
+    assert error.value.reason == "decode_error"
+
+
+def test_decoding_threads_share_one_memory_budget():
+    import threading
+
+    from pipelines.builder.images import DecodeBudget
+
+    budget = DecodeBudget(100)
+    with pytest.raises(ImageReject) as error:
+        with budget.reserve(101):
+            pass
+    assert error.value.reason == "too_many_pixels"
+    holding, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with budget.reserve(60):
+            holding.set()
+            release.wait()
+
+    def second():
+        holding.wait()
+        with budget.reserve(60):
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    holding.wait()
+    assert not second_in.wait(0.3)  # 60 + 60 > 100: the second image waits for the first
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert second_in.is_set() and budget.peak == 60 and budget.used == 0
+
+
+def test_an_image_that_alone_exceeds_the_decode_budget_is_rejected_unread():
+    big = Image.new("RGBA", (8000, 8000), (0, 0, 0, 0))
+    data = _png(big, compress_level=1)
+    del big
+    assert len(data) < 2_000_000  # small on the wire, 256 MB of pixels, ~770 MB while flattening
+    with pytest.raises(ImageReject) as error:
+        process_image(data, ImageConfig(size=32, max_decode_mb=256))
+    assert error.value.reason == "too_many_pixels" and "max_decode_mb" in error.value.detail

@@ -3,20 +3,30 @@
 img2dataset's `Resizer` decodes the whole image before it looks at its size (a 30000x30000 PNG
 is 2.7 GB of pixels before the area check), lets OpenCV fill a truncated JPEG with grey instead
 of failing, and silences output by swapping process-wide file descriptors (unsafe with threads).
-So this module does the same job with Pillow: the size comes from the header and is checked
-before any pixel is decoded; JPEGs are decoded at a reduced scale when the target is at most
-half the size (`Image.draft`, the DCT-domain shrink); a truncated file raises. Resize modes and the
-alpha-on-white flattening follow img2dataset's semantics.
+So this module does the same job with Pillow and, for JPEG, simplejpeg (libjpeg-turbo in strict
+mode): the size comes from the header and is checked before any pixel is decoded, and the
+decoded bytes of all decoding threads together stay under `image.max_decode_mb`
+(`DecodeBudget`); JPEGs are decoded at a reduced scale when the target is at most half the size
+(the DCT-domain shrink); a truncated file raises, a JPEG whose data was cut included.
+
+Every mode comes out as faithful RGB: 16- and 32-bit greyscale are scaled to 8 bits (not
+clipped to white), CMYK through Pillow's conversion, and transparency of every kind (alpha
+channel, palette or single-colour tRNS, GIF, WebP) is composited on **white**, as img2dataset
+does. Resize modes follow img2dataset's semantics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 from schemas.config import ImageConfig
@@ -47,13 +57,107 @@ class ProcessedImage:
     sha256: str
 
 
+class DecodeBudget:
+    """Bytes of decoded pixels the decoding threads of one process may hold together: a thread
+    waits until its image fits, and an image that alone exceeds the budget is rejected. The
+    per-image pixel cap alone lets 32 threads each hold a 1.3 GB RGBA bomb at once."""
+
+    _shared: dict[int, "DecodeBudget"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self.used = 0
+        self.peak = 0
+        self._room = threading.Condition()
+
+    @classmethod
+    def for_config(cls, config: ImageConfig) -> "DecodeBudget":
+        total = config.max_decode_mb * 1024 * 1024
+        with cls._shared_lock:
+            if total not in cls._shared:
+                cls._shared[total] = cls(total)
+            return cls._shared[total]
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int):
+        if nbytes > self.total:
+            raise ImageReject("too_many_pixels", f"decoding needs ~{nbytes >> 20} MB, more than "
+                              f"image.max_decode_mb ({self.total >> 20})")
+        with self._room:
+            self._room.wait_for(lambda: self.used + nbytes <= self.total)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()
+
+
+def decoded_bytes(width: int, height: int) -> int:
+    """What decoding and converting an image of this size may hold at once: Pillow keeps 4
+    bytes per pixel for any multi-band mode, and flattening transparency makes two more copies."""
+    return width * height * 4 * 3
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits, scaled (Pillow's own conversion clips 16-bit values to 255)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image.convert("I") if image.mode != "I" else image, dtype=np.int64)
+        if image.mode == "I" and pixels.size and pixels.max() > 0xFFFF:
+            pixels = pixels >> 16  # 32-bit samples
+        return Image.fromarray((np.clip(pixels, 0, 0xFFFF) >> 8).astype(np.uint8), "L")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0  # 0..1 floats, or 0..255
+        return Image.fromarray(np.clip(np.nan_to_num(pixels) * scale, 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
 def _flatten(image: Image.Image) -> Image.Image:
-    """RGB output; transparency composited on white (as img2dataset does)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+    """RGB output; transparency of any kind composited on white (as img2dataset does)."""
+    if _has_transparency(image):
+        if image.mode in ("RGBa", "La"):  # premultiplied alpha
+            image = image.convert("RGBA") if image.mode == "RGBa" else image.convert("LA")
+        rgba = image.convert("RGBA")  # applies a palette's or a single colour's tRNS too
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    image = _to_8_bit(image)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _decode_jpeg(data: bytes, image: Image.Image, scaled: tuple[int, int] | None) -> Image.Image:
+    """libjpeg-turbo in strict mode: missing or corrupt data raises instead of turning grey."""
+    minimum = {"min_width": scaled[0], "min_height": scaled[1]} if scaled else {}
+    if image.mode in ("CMYK", "YCCK"):
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True, **minimum)  # only to check the data
+        if scaled:
+            image.draft(image.mode, scaled)
+        image.load()
+        return image
+    return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **minimum), "RGB")
+
+
+def _encode(image: Image.Image, config: ImageConfig) -> bytes:
+    if config.format == "jpeg":  # libjpeg-turbo as Pillow uses it (4:2:0, accurate DCT), without the GIL
+        return simplejpeg.encode_jpeg(np.asarray(image), quality=config.quality, colorspace="RGB",
+                                      colorsubsampling="420", fastdct=False)
+    buffer = io.BytesIO()
+    image.save(buffer, format=_PIL_FORMAT[config.format], **({"quality": config.quality} if config.format == "webp" else {}))
+    return buffer.getvalue()
+
+
+def _transpose(image: Image.Image, orientation: int) -> Image.Image:
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(orientation)
+    return image.transpose(method) if method is not None else image
 
 
 def _resize(image: Image.Image, config: ImageConfig) -> Image.Image:
@@ -99,6 +203,7 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
                 raise ImageReject("too_small", f"{original_width}x{original_height}")
             if longer / shorter > config.max_aspect_ratio:
                 raise ImageReject("aspect_ratio", f"{original_width}x{original_height}")
+            scaled = None
             if image.format == "JPEG" and config.resize_mode != "no":
                 # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target:
                 # libjpeg's scaled IDCT averages each block, an area filter of its own, at a
@@ -107,22 +212,24 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
                 reference = shorter if config.resize_mode in ("keep_ratio", "center_crop") else longer
                 ratio = config.size / reference
                 if ratio <= 0.5:
-                    image.draft("RGB", (math.ceil(original_width * ratio), math.ceil(original_height * ratio)))
-            if image.getexif().get(_ORIENTATION, 1) not in (1, None):
-                image = ImageOps.exif_transpose(image)  # a copy: only when there is something to turn
-            image.load()  # truncated or corrupt data raises here
-            image = _flatten(image)
-            image = _resize(image, config)
-            buffer = io.BytesIO()
-            save_options = {"quality": config.quality} if config.format in ("jpeg", "webp") else {}
-            image.save(buffer, format=_PIL_FORMAT[config.format], **save_options)
+                    scaled = (math.ceil(original_width * ratio), math.ceil(original_height * ratio))
+            orientation = image.getexif().get(_ORIENTATION, 1)
+            with DecodeBudget.for_config(config).reserve(decoded_bytes(*(scaled or (original_width, original_height)))):
+                if image.format == "JPEG":
+                    image = _decode_jpeg(data, image, scaled)
+                else:
+                    image.load()  # truncated or corrupt data raises here
+                if orientation not in (1, None):
+                    image = _transpose(image, orientation)  # a copy: only when there is something to turn
+                image = _flatten(image)
+                image = _resize(image, config)
+            encoded = _encode(image, config)
     except ImageReject:
         raise
     except Image.DecompressionBombError as error:
         raise ImageReject("too_many_pixels", str(error)) from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, TypeError, Image.UnidentifiedImageError, EOFError) as error:
         raise ImageReject("decode_error", f"{type(error).__name__}: {error}") from None
-    encoded = buffer.getvalue()
     return ProcessedImage(
         data=encoded,
         format=config.format,
