@@ -38,6 +38,12 @@ class SourceConfig(_Section):
     base_url: Optional[str] = Field(
         None, description="joined with relative urls; null = relative to the source file's folder"
     )
+    allow_local_files: bool = Field(
+        False, description="let the url column name any local file (absolute paths, file://, ../ out of the "
+        "source file's folder); off: http(s) and paths inside the source file's own folder only")
+    allow_object_stores: bool = Field(
+        False, description="let the url column name object-store URLs (s3://, gs://, az://, hdfs://...), read "
+        "with this machine's credentials")
 
     @field_validator("name")
     @classmethod
@@ -90,6 +96,9 @@ class ImageConfig(_Section):
     max_pixels: int = Field(
         80_000_000, gt=0, description="original width*height cap, checked from the header before decoding"
     )
+    max_decode_mb: int = Field(
+        1024, ge=16, description="decoded pixels held at once by one worker process's decoding threads; an "
+        "image waits until it fits, and one that alone needs more is rejected (too_many_pixels)")
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = Field(90, ge=1, le=100)
 

@@ -54,7 +54,12 @@ REJECT_REASONS = {
     "empty_caption": "caption/text is empty after cleaning",
     "too_few_words": "fewer words than text.min_words",
     "duplicate": "same url within a source, same image (+caption), or same text",
-    "bad_url": "the url has no scheme we can fetch",
+    "bad_url": "the url is not text, holds control characters, or has no scheme we can fetch",
+    "url_not_allowed": "the url names a local file or object store the source does not allow "
+    "(allow_local_files, allow_object_stores)",
+    "not_a_file": "a local path names a FIFO, device or folder, not a regular file",
+    "bad_caption": "the caption/text is not text (an object, list, number or boolean)",
+    "bad_label": "the label is an object or list",
     "private_address": "the host resolves to a private/loopback/link-local address",
     "opt_out": "an X-Robots-Tag header opts the image out (noai, noimageai, ...)",
     "timeout": "the download exceeded download.timeout_s",
@@ -64,7 +69,8 @@ REJECT_REASONS = {
     "too_large": "the body exceeds download.max_bytes",
     "not_image": "the server answered with a non-image content type",
     "decode_error": "the bytes do not decode as a complete image (zero-byte, truncated)",
-    "too_many_pixels": "width*height exceeds image.max_pixels (decompression bomb guard)",
+    "too_many_pixels": "width*height exceeds image.max_pixels, or decoding would need more than "
+    "image.max_decode_mb (decompression bomb guard)",
     "too_small": "the shorter side is below image.min_size",
     "aspect_ratio": "the aspect ratio exceeds image.max_aspect_ratio",
 }

@@ -96,6 +96,24 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
                     time.sleep(0.1)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+        elif path == "/trickle-headers":
+            # The status line and headers one byte at a time: only a whole-request deadline ends it.
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Padding: " + b"x" * 200 + b"\r\n\r\n"
+            try:
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+        elif path.startswith("/to-scheme/"):
+            self._redirect(path[len("/to-scheme/"):] + ":///etc/passwd")
+        elif path == "/auth":
+            if self.headers.get("Authorization", "").startswith("Basic "):
+                self._send(200, self.images["red.jpg"])
+            else:
+                self._send(401, b"who are you", "text/plain")
         elif path == "/loop":
             self._redirect("/loop")
         elif path == "/loop-a":
@@ -163,6 +181,7 @@ def http_server(bomb):
         "large.jpg": jpeg_bytes(640, 480, colour=(120, 60, 200)),
         "tiny.jpg": jpeg_bytes(8, 8),
         "wide.jpg": jpeg_bytes(400, 50),
+        "%C3%BCber%20gr%C3%B6%C3%9Fe.jpg": jpeg_bytes(colour=(30, 30, 200)),  # "über größe.jpg" as sent
     }
     BadInputHandler.bomb = bomb
     server = _Server(("127.0.0.1", 0), BadInputHandler)

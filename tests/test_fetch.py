@@ -101,6 +101,26 @@ def test_trickling_server_hits_the_whole_request_deadline(http_server):
     assert time.monotonic() - started < 3.0
 
 
+def test_deadline_covers_the_status_line_and_headers(http_server):
+    started = time.monotonic()
+    assert reason_of(fetcher(timeout_s=1.0), f"{http_server}/trickle-headers") == "timeout"
+    assert time.monotonic() - started < 3.0  # the server would take 25 s
+
+
+@pytest.mark.parametrize("scheme", ["file", "ftp", "javascript", "data"])
+def test_redirect_to_another_scheme_is_a_bad_url(http_server, scheme):
+    assert reason_of(fetcher(), f"{http_server}/to-scheme/{scheme}") == "bad_url"
+
+
+def test_credentials_in_the_url_are_sent(http_server):
+    host = http_server.removeprefix("http://")
+    assert fetcher().fetch(f"http://user:secret@{host}/auth").data[:2] == b"\xff\xd8"
+
+
+def test_non_ascii_urls_are_encoded(http_server):
+    assert fetcher().fetch(f"{http_server}/img/über größe.jpg").data[:2] == b"\xff\xd8"
+
+
 def test_retries_with_backoff_on_5xx(http_server):
     started = time.monotonic()
     assert reason_of(fetcher(retries=2, backoff_s=0.2), f"{http_server}/status/503") == "http_503"

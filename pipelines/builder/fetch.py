@@ -10,7 +10,9 @@ per worker process, and torch on the data side), so `opt_out` re-states its X-Ro
   private/loopback/link-local addresses (unless allowed), and connects to the address it
   checked (no DNS-rebinding gap); every new connection goes through it, redirect hops included
   (redirects are followed here, one checked hop at a time, never by the pool);
-- a whole-request deadline and a byte cap enforced while reading;
+- one deadline per request, connect to last byte, redirects included: a watchdog thread shuts
+  the socket of a request still running at its deadline (a server trickling its status line
+  or headers one byte at a time defeats per-read socket timeouts), and a byte cap while reading;
 - an optional cap on requests in flight per host (`max_per_host`);
 - retries with exponential backoff for timeouts, connection errors, 5xx and 429 only.
 
@@ -19,14 +21,19 @@ Every failure becomes a `FetchError` with a machine-readable `reason` (`http_404
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import heapq
 import ipaddress
+import itertools
+import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import urllib3
 
@@ -146,10 +153,75 @@ class AddressGuard:
         raise last_error or OSError(f"cannot connect to {host}:{port}")
 
 
+class _Deadlines:
+    """One watchdog thread per process: shuts the socket of any request still running at its
+    deadline, which wakes a thread blocked reading a status line, headers or body."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int]] = []
+        self._watched: dict[int, urllib3.connection.HTTPConnection] = {}
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, connection, deadline: float) -> int:
+        token = next(self._counter)
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mmae-deadlines", daemon=True)
+                self._thread.start()
+            self._watched[token] = connection
+            heapq.heappush(self._heap, (deadline, token))
+            if self._heap[0][1] == token:
+                self._wake.notify()
+        return token
+
+    def unwatch(self, token: int) -> None:
+        with self._wake:
+            self._watched.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][1] not in self._watched:
+                    heapq.heappop(self._heap)  # finished in time
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                deadline, token = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                connection = self._watched.pop(token)
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_DEADLINES = _Deadlines()
+_CURRENT = threading.local()  # the deadline of the request this thread is making
+
+
+def _stop_watching() -> None:
+    for token in getattr(_CURRENT, "tokens", ()):
+        _DEADLINES.unwatch(token)
+    _CURRENT.tokens = []
+
+
 class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
-    """Every new socket (first request, redirect hop, reconnect) goes through the guard."""
+    """Every new socket (first request, redirect hop, reconnect) goes through the guard, and
+    every request on it is watched until the thread's deadline."""
 
     guard: AddressGuard
+
+    def request(self, *args, **kwargs):
+        deadline = getattr(_CURRENT, "deadline", None)
+        if deadline is not None:
+            _CURRENT.tokens.append(_DEADLINES.watch(self, deadline))
+        return super().request(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
@@ -181,6 +253,36 @@ def build_pool(config: DownloadConfig) -> urllib3.PoolManager:
                                headers={"User-Agent": USER_AGENT})
     pool.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
     return pool
+
+
+def request_target(url: str) -> tuple[str, dict[str, str]]:
+    """(URL to send, extra headers): credentials in the URL become a Basic Authorization header
+    (as curl and requests do), a non-ASCII host is IDNA-encoded, and a non-ASCII or space in the
+    path or query is percent-encoded (what a browser sends for the same link)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError as error:
+        raise FetchError("bad_url", str(error)) from None
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    if not host:
+        raise FetchError("bad_url", "no host in the url")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as error:
+            raise FetchError("bad_url", f"host is not a valid international name: {error}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    safe = "/%!$&'()*+,;=:@~-._"
+    path = quote(parts.path, safe=safe) or "/"
+    query = quote(parts.query, safe=safe + "?")
+    return urlunsplit((parts.scheme.lower(), netloc, path, query, "")), headers
 
 
 def _read_capped(stream, max_bytes: int, deadline: float) -> bytes:
@@ -259,15 +361,28 @@ class Fetcher:
 
     def _fetch_http(self, url: str) -> FetchResult:
         deadline = time.monotonic() + self.config.timeout_s
+        _CURRENT.deadline, _CURRENT.tokens = deadline, []
+        try:
+            return self._follow(url, deadline)
+        except FetchError as error:
+            if time.monotonic() >= deadline and error.reason == "connection_error":
+                raise FetchError("timeout", "the whole request did not finish before the deadline") from None
+            raise
+        finally:
+            _stop_watching()
+            _CURRENT.deadline = None
+
+    def _follow(self, url: str, deadline: float) -> FetchResult:
         visited = {url}
+        url, headers = request_target(url)
         for _ in range(self.config.max_redirects + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchError("timeout", "no answer before the deadline")
             try:
                 response = self.pool.request(
-                    "GET", url, preload_content=False, redirect=False, retries=False, decode_content=False,
-                    timeout=urllib3.Timeout(connect=remaining, read=remaining))
+                    "GET", url, headers=headers, preload_content=False, redirect=False, retries=False,
+                    decode_content=False, timeout=urllib3.Timeout(connect=remaining, read=remaining))
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
                 raise _classify(error) from None
             try:
@@ -275,13 +390,21 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise FetchError(f"http_{response.status}", "redirect without a Location")
-                    url = urljoin(url, location)
-                    scheme = urlsplit(url).scheme.lower()
+                    try:
+                        target = urljoin(url, location)
+                        scheme = urlsplit(target).scheme.lower()
+                    except ValueError as error:
+                        raise FetchError("bad_url", f"redirect to an unparsable location: {error}") from None
                     if scheme not in ("http", "https"):
                         raise FetchError("bad_url", f"redirect to unsupported scheme {scheme!r}")
-                    if url in visited:
-                        raise FetchError("redirect_loop", f"{url} again")
-                    visited.add(url)
+                    if target in visited:
+                        raise FetchError("redirect_loop", f"{target} again")
+                    visited.add(target)
+                    same_host = urlsplit(target).netloc == urlsplit(url).netloc
+                    url, redirect_headers = request_target(target)
+                    # Credentials go only to the host they were written for.
+                    headers = redirect_headers or (headers if same_host else {})
+                    _stop_watching()  # before the connection goes back to the pool
                     response.drain_conn()
                     continue
                 if response.status >= 400:
@@ -294,6 +417,7 @@ class Fetcher:
                     raise FetchError("too_large", f"Content-Length {length} > {self.config.max_bytes}")
                 data = _read_capped(response, self.config.max_bytes, deadline)
                 content_type = response.headers.get("Content-Type", "")
+                _stop_watching()  # before the connection goes back to the pool
                 response.release_conn()
                 return FetchResult(data=data, content_type=content_type, final_url=url)
             except FetchError:
@@ -304,9 +428,40 @@ class Fetcher:
                 raise _classify(error) from None
         raise FetchError("redirect_loop", f"more than {self.config.max_redirects} redirects")
 
-    def _fetch_fsspec(self, url: str) -> FetchResult:
+    def _fetch_local(self, path: str) -> FetchResult:
+        """Regular files only: a FIFO or device is never waited on or read (O_NONBLOCK, fstat)."""
         try:
-            fs, path = fsspec.core.url_to_fs(url)
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise FetchError("not_found", "no such file") from None
+        except (PermissionError, IsADirectoryError) as error:
+            raise FetchError("not_found", type(error).__name__) from None
+        except (OSError, ValueError) as error:
+            raise FetchError("bad_url", f"{type(error).__name__}: {error}") from None
+        with os.fdopen(descriptor, "rb") as handle:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise FetchError("not_a_file", "not a regular file (FIFO, device or folder)")
+            if info.st_size > self.config.max_bytes:
+                raise FetchError("too_large", f"{info.st_size} bytes > {self.config.max_bytes}")
+            data = handle.read(self.config.max_bytes + 1)
+        if len(data) > self.config.max_bytes:
+            raise FetchError("too_large", f"more than {self.config.max_bytes} bytes")
+        return FetchResult(data=data, final_url=path)
+
+    def _fetch_fsspec(self, url: str) -> FetchResult:
+        scheme = urlsplit(url).scheme.lower()
+        if len(scheme) <= 1:
+            return self._fetch_local(url)
+        if scheme in ("file", "local"):
+            return self._fetch_local(urlsplit(url).path)
+        try:
+            fs, path = fsspec.core.url_to_fs(scheme + url[len(scheme):])
+        except ImportError as error:
+            raise FetchError("bad_url", f"no file system for {scheme}:// here ({error})") from None
+        except ValueError as error:
+            raise FetchError("bad_url", str(error)) from None
+        try:
             size = fs.size(path)
             if size is not None and size > self.config.max_bytes:
                 raise FetchError("too_large", f"{size} bytes > {self.config.max_bytes}")

@@ -7,9 +7,12 @@ records carrying a `reason`, so they end in `rejects/` and are counted, never dr
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 import posixpath
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 from urllib.parse import urljoin, urlsplit
@@ -24,6 +27,9 @@ from schemas.config import SourceConfig
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FETCHABLE_SCHEMES = ("http", "https")
+LOCAL_SCHEMES = ("file", "local")
+# Read through fsspec with this machine's credentials: only where a source allows it.
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs", "oss", "r2", "memory")
 
 
 # The tagged output every stage routes its rejects to (rows built by `reject` below).
@@ -107,6 +113,19 @@ def expand_source(source: SourceConfig) -> list[SourceFile]:
     return out
 
 
+def input_folders(source: SourceConfig) -> list[str]:
+    """Folders a source reads as a whole: an image folder, or the fixed part of a `**` glob."""
+    fs, root = fsspec.core.url_to_fs(source.path)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    if _has_glob(source.path):
+        if "**" not in source.path:
+            return []
+        base = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+        return [prefix + (base or "/")]
+    return [prefix + root] if fs.isdir(root) else []
+
+
 def required_columns(source: SourceConfig) -> list[str]:
     if source.kind == "paired":
         columns = [source.url_column, source.caption_column]
@@ -121,14 +140,17 @@ def required_columns(source: SourceConfig) -> list[str]:
 
 def _check_columns(source: SourceConfig, source_file: SourceFile) -> None:
     """Columnar files declare their columns up front: a missing one is a config error, not N rejects."""
-    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        if source_file.format == "parquet":
-            with pq.ParquetFile(handle) as parquet:
-                names = parquet.schema_arrow.names
-        else:
-            delimiter = "\t" if source_file.format == "tsv" else ","
-            header = handle.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-            names = [name.strip().strip('"') for name in header.split(delimiter)]
+    try:
+        with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+            if source_file.format == "parquet":
+                with pq.ParquetFile(handle) as parquet:
+                    names = parquet.schema_arrow.names
+            else:
+                names = read_header(handle, source_file)
+    except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException) as error:
+        if isinstance(error, SourceError):
+            raise
+        raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
     missing = [column for column in required_columns(source) if column not in names]
     if missing:
         raise SourceError(
@@ -137,24 +159,80 @@ def _check_columns(source: SourceConfig, source_file: SourceFile) -> None:
         )
 
 
+class RowProblem(ValueError):
+    """One row cannot be used: it becomes a reject with this reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def resolve_url(url: str, source: SourceConfig, source_file: SourceFile) -> str:
-    """Absolute URLs pass through; relative ones join base_url, else the source file's folder."""
-    if urlsplit(url).scheme and len(urlsplit(url).scheme) > 1:  # one letter: a Windows drive
-        return url
+    """Where a row's url may lead (raises RowProblem): http(s) always (the address guard checks
+    the host later); a relative path inside the source file's own folder (symlinks resolved);
+    local files anywhere only with `allow_local_files`; object stores only with
+    `allow_object_stores`. Nothing is opened here: a refusal says nothing about the file."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        raise RowProblem("bad_url", "control character (NUL, newline...) in the url")
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        raise RowProblem("bad_url", str(error)) from None
+    scheme = parts.scheme.lower()
+    if len(scheme) > 1:  # one letter: a Windows drive
+        if scheme in FETCHABLE_SCHEMES:
+            return url
+        if scheme in OBJECT_STORE_SCHEMES:
+            if not source.allow_object_stores:
+                raise RowProblem("url_not_allowed", f"{scheme}:// urls need allow_object_stores: true on the source")
+            return scheme + url[len(scheme):]
+        if scheme in LOCAL_SCHEMES:
+            if not source.allow_local_files:
+                raise RowProblem("url_not_allowed", "local files outside the source's folder need "
+                                 "allow_local_files: true on the source")
+            return parts.path or url[len(scheme) + 3:]
+        raise RowProblem("bad_url", f"unsupported scheme {scheme!r} (http, https, or a path)")
     if source.base_url:
         base = source.base_url if source.base_url.endswith("/") else source.base_url + "/"
-        return urljoin(base, url)
+        return resolve_url(urljoin(base, url), source.model_copy(update={"base_url": None}), source_file)
+    if url.startswith("/") or (len(scheme) == 1 and url[1:2] == ":"):
+        if not source.allow_local_files:
+            raise RowProblem("url_not_allowed", "absolute paths need allow_local_files: true on the source")
+        return url
     folder = source_file.path.rsplit("/", 1)[0] if "/" in source_file.path else "."
-    return posixpath.normpath(posixpath.join(folder, url)) if "://" not in folder else f"{folder}/{url}"
+    if "://" in folder:  # a source file in an object store: paths beside it, in the same store
+        joined = posixpath.normpath(url)
+        if joined.startswith("../") or joined == "..":
+            raise RowProblem("url_not_allowed", "relative paths may not leave the source file's folder")
+        return f"{folder}/{joined}"
+    joined = posixpath.normpath(posixpath.join(folder, url))
+    if not source.allow_local_files:
+        real_folder = os.path.realpath(folder)
+        if not _is_inside(os.path.realpath(joined), real_folder):
+            raise RowProblem("url_not_allowed", "relative paths (and links) may not leave the source file's "
+                             "folder without allow_local_files: true on the source")
+    return joined
 
 
-def _decode(value: Any) -> Optional[str]:
-    """Values come as str, bytes (binary columns) or other scalars; bytes must be valid UTF-8."""
-    if value is None:
-        return None
+def _text(value: Any, column: str, reason: str) -> Optional[str]:
+    """A text cell: str, or bytes that must be UTF-8 (binary columns). Anything else is `reason`."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, bytes):
         return value.decode("utf-8")  # UnicodeDecodeError is handled by the caller
-    return value if isinstance(value, str) else str(value)
+    raise RowProblem(reason, f"{column!r} is {type(value).__name__}, not text")
+
+
+def _label(value: Any, column: str) -> Optional[str]:
+    """Labels may be class numbers too; objects and lists are not labels."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value, column, "bad_label")
 
 
 def _base_record(source: SourceConfig, key: str) -> dict[str, Any]:
@@ -163,12 +241,13 @@ def _base_record(source: SourceConfig, key: str) -> dict[str, Any]:
 
 def reject(record: dict[str, Any], reason: str, detail: str = "") -> dict[str, Any]:
     """Turn a record into a reject (keeps id/source/kind/key/url)."""
+    url = record.get("url")
     return {
         "id": record["id"],
         "source": record["source"],
         "kind": record["kind"],
         "key": record["key"],
-        "url": record.get("url"),
+        "url": url if isinstance(url, str) else None,
         "reason": reason,
         "detail": detail[:500],
     }
@@ -180,24 +259,27 @@ def _record_from_row(
     record = _base_record(source, key)
     try:
         if source.kind in ("paired", "image"):
-            url = _decode(row.get(source.url_column))
+            url = _text(row.get(source.url_column), source.url_column, "bad_url")
             if url is None or not url.strip():
                 return reject(record, "missing_column", f"no {source.url_column!r} value")
-            record["url"] = resolve_url(url.strip(), source, source_file)
+            record["url"] = url.strip()
+            record["url"] = resolve_url(record["url"], source, source_file)
         if source.kind == "paired":
-            caption = _decode(row.get(source.caption_column))
+            caption = _text(row.get(source.caption_column), source.caption_column, "bad_caption")
             if caption is None:
                 return reject(record, "missing_column", f"no {source.caption_column!r} value")
             record["caption"] = caption
         if source.kind == "text":
-            text = _decode(row.get(source.text_column))
+            text = _text(row.get(source.text_column), source.text_column, "bad_caption")
             if text is None:
                 return reject(record, "missing_column", f"no {source.text_column!r} value")
             record["caption"] = text
         if source.label_column:
-            record["label"] = _decode(row.get(source.label_column))
+            record["label"] = _label(row.get(source.label_column), source.label_column)
     except UnicodeDecodeError as error:
         return reject(record, "invalid_utf8", str(error))
+    except RowProblem as problem:
+        return reject(record, problem.reason, problem.detail)
     return record
 
 
@@ -248,10 +330,24 @@ def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dic
                 yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
 
 
+def read_header(handle, source_file: SourceFile) -> list[str]:
+    """Column names as people write them: a byte-order mark, spaces after the delimiter and
+    quotes are not part of a name (`url, caption` names `caption`)."""
+    line = handle.readline().decode("utf-8-sig", errors="replace")
+    delimiter = "\t" if source_file.format == "tsv" else ","
+    names = [name.strip() for name in next(csv.reader([line], delimiter=delimiter, skipinitialspace=True), [])]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SourceError(f"{source_file.path}: the header repeats column(s) {', '.join(repeated)}")
+    return names
+
+
 def open_csv(handle, source_file: SourceFile, columns: list[str], on_invalid_row) -> pacsv.CSVStreamingReader:
     """A streaming CSV/TSV reader of `columns`, the same for the planner's count and the reader,
     so both see the same rows. Columns are binary: invalid UTF-8 becomes a per-row reject
-    instead of failing the file; `on_invalid_row` is told of each malformed row."""
+    instead of failing the file; `on_invalid_row` is told of each malformed row. The header is
+    read here (`read_header`), so names with a BOM or spaces still match."""
+    names = read_header(handle, source_file)
     return pacsv.open_csv(
         handle,
         parse_options=pacsv.ParseOptions(
@@ -260,7 +356,7 @@ def open_csv(handle, source_file: SourceFile, columns: list[str], on_invalid_row
             newlines_in_values=True,
         ),
         convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={name: pa.binary() for name in columns}),
-        read_options=pacsv.ReadOptions(block_size=1 << 22),
+        read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
     )
 
 
