@@ -1,5 +1,10 @@
 """The output folder's state: fresh, an unfinished build to resume, or a finished build.
 
+An output folder is only ever written by one build, and --overwrite replaces only what an mmae
+build wrote: the folder must be recognisably one (`staging/build.json`, or a manifest or report
+in mmae's shape), it may neither hold nor sit inside any input, and the finished build it holds
+is set aside in `OUT/.previous-build/` until the new build has succeeded (restored if it fails).
+
 `OUT/staging/build.json` records the *staging fingerprint*: a hash of every setting that decides
 what a chunk file contains (sources, cleaning, download policy, image processing, chunk_rows).
 Settings that only change how fast it goes (threads, timeouts, retries) or what happens after
@@ -12,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import posixpath
 from enum import Enum
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 
@@ -26,6 +33,7 @@ log = logging.getLogger("mmae.build")
 # What an mmae build writes into its output folder (and so what --overwrite may replace).
 OUTPUT_ENTRIES = ("paired", "image", "text", "rejects", "manifest.json", "build_report.json", "tokenizer.model", STAGING)
 STATE_FILE = "build.json"
+PREVIOUS = ".previous-build"
 STAGING_DOWNLOAD_KEYS = (
     "max_bytes", "max_redirects", "allow_private_addresses", "allowed_networks", "user_agent_token",
     "disallowed_header_directives",
@@ -86,6 +94,95 @@ def remove_entries(fs, root: str) -> None:
             fs.rm(path, recursive=True)
 
 
+def _json(fs, path: str) -> Any:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None
+
+
+def is_mmae_build(fs, root: str) -> bool:
+    """Does this folder hold what an mmae build wrote (finished or not)?"""
+    state = _json(fs, join(root, STAGING, STATE_FILE))
+    if isinstance(state, dict) and "fingerprint" in state:
+        return True
+    manifest = _json(fs, join(root, "manifest.json"))
+    if isinstance(manifest, dict) and {"schema_version", "shards", "config"} <= set(manifest):
+        return True
+    report = _json(fs, join(root, "build_report.json"))
+    return isinstance(report, dict) and {"read", "written", "rejected", "balanced"} <= set(report)
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, normalised absolute path) of a local path or fsspec URL, links resolved locally."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _contains(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
+    return outer[0] == inner[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
+
+
+def check_apart_from_inputs(config: DataConfig, inputs: Iterable[str], input_folders: Iterable[str]) -> None:
+    """Refuse an output that holds an input file or folder, or sits inside an input folder: a
+    rebuild would read its own output, and --overwrite would delete the input."""
+    output = _location(config.output)
+    for url in inputs:
+        if _contains(output, _location(url)):
+            raise BuildError(f"the output folder {config.output} holds the input {url}; choose an output "
+                             "folder outside every source")
+    for url in input_folders:
+        folder = _location(url)
+        if _contains(output, folder) or _contains(folder, output):
+            raise BuildError(f"the output folder {config.output} and the input folder {url} overlap; choose an "
+                             "output folder outside every source")
+
+
+def _set_aside(fs, root: str) -> None:
+    """Move a finished build to OUT/.previous-build (restored if the new build fails)."""
+    previous = join(root, PREVIOUS)
+    finished = fs.exists(join(root, "manifest.json"))
+    if fs.exists(previous):
+        if not finished:
+            remove_entries(fs, root)  # an unfinished replacement: the previous build stays set aside
+            return
+        fs.rm(previous, recursive=True)  # left by a replacement that succeeded
+    if not finished:
+        remove_entries(fs, root)
+        return
+    fs.makedirs(previous, exist_ok=True)
+    for entry in OUTPUT_ENTRIES:
+        path = join(root, entry)
+        if fs.exists(path):
+            fs.mv(path, join(previous, entry), recursive=True)
+
+
+def restore_previous(config: DataConfig) -> bool:
+    """The new build failed: put the build it was replacing back (True if there was one)."""
+    fs, root = fsspec.core.url_to_fs(config.output)
+    previous = join(root, PREVIOUS)
+    if not fs.exists(previous):
+        return False
+    remove_entries(fs, root)
+    for entry in OUTPUT_ENTRIES:
+        path = join(previous, entry)
+        if fs.exists(path):
+            fs.mv(path, join(root, entry), recursive=True)
+    fs.rm(previous, recursive=True)
+    return True
+
+
+def discard_previous(config: DataConfig) -> None:
+    """The new build succeeded: the one it replaced goes."""
+    fs, root = fsspec.core.url_to_fs(config.output)
+    previous = join(root, PREVIOUS)
+    if fs.exists(previous):
+        fs.rm(previous, recursive=True)
+
+
 def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient: bool = False) -> Mode:
     """Decide fresh / resume / retry, refusing anything that would mix two different builds."""
     fs, root = fsspec.core.url_to_fs(config.output)
@@ -105,8 +202,12 @@ def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient:
             raise BuildError(f"{config.output}: built with other settings ({', '.join(changed) or 'unknown'}); "
                              "retry with the config it was built with")
         return Mode.RETRY
+    present = [entry for entry in OUTPUT_ENTRIES if fs.exists(join(root, entry))]
+    if present and not is_mmae_build(fs, root):
+        raise BuildError(f"{config.output} holds {', '.join(present)} that no mmae build wrote (not an mmae build); "
+                         "nothing was changed: choose another output folder")
     if overwrite:
-        remove_entries(fs, root)
+        _set_aside(fs, root)
     elif finished:
         raise BuildError(f"{config.output} already holds a finished build; pass --overwrite to replace it, or "
                          "--retry-transient to retry its timeouts, connection errors, 5xx and 429")
@@ -119,7 +220,6 @@ def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient:
         log.info("resuming the unfinished build in %s", config.output)
         return Mode.RESUME
     else:
-        present = [entry for entry in OUTPUT_ENTRIES if fs.exists(join(root, entry))]
         if present:
             raise BuildError(f"{config.output} already holds build outputs ({', '.join(present)}); "
                              "pass --overwrite to replace them")

@@ -37,12 +37,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.builder.dedup import KEYS, FindDuplicates
 from pipelines.builder.download import CAPTIONS, DownloadChunks
 from pipelines.builder.finalize import Finalize
-from pipelines.builder.output import BuildError, Mode, prepare_output
+from pipelines.builder.output import (BuildError, Mode, check_apart_from_inputs, discard_previous, prepare_output,
+                                      restore_previous)
 from pipelines.builder.plan import BuildPlan, make_plan
 from pipelines.builder.progress import ProgressMonitor
 from pipelines.builder.read import ReadChunks
 from pipelines.builder.staging import STAGING
-from pipelines.builder.sources import SourceError
+from pipelines.builder.sources import SourceError, input_folders
 from pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
 from pipelines.builder.write import REJECTS, WriteShards
 from pipelines.shards import join, write_json
@@ -113,8 +114,22 @@ def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = Fa
         plan = make_plan(data, log)
     except SourceError as error:
         raise BuildError(str(error)) from None
+    check_apart_from_inputs(data, [planned.file.path for planned in plan.files if planned.file.format != "image"],
+                            [folder for source in data.sources for folder in input_folders(source)])
     given_model = _load_tokenizer(data)
     mode = prepare_output(data, overwrite=overwrite, retry_transient=retry_transient)
+    try:
+        report = _run_pipeline(data, plan, given_model, mode, beam_args)
+    except BaseException:
+        if restore_previous(data):
+            log.warning("the build failed; the build it was replacing is back in %s", data.output)
+        raise
+    discard_previous(data)
+    return report
+
+
+def _run_pipeline(data: DataConfig, plan: BuildPlan, given_model: Optional[bytes], mode: Mode,
+                  beam_args: list[str] | None) -> dict[str, Any]:
     log.info("building %s (%s): %s input rows in %s chunks of %s rows from %d file(s)", data.output, mode.value,
              f"{plan.total_rows:,}", f"{plan.total_chunks:,}", f"{data.chunk_rows:,}", len(plan.files))
 
