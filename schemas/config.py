@@ -32,12 +32,20 @@ class SourceConfig(_Section):
         description=".jsonl/.parquet/.csv/.tsv (optionally .gz), a glob of those, or an image folder (kind: image)",
     )
     url_column: str = "url"
+    image_column: Optional[str] = Field(
+        None, description="a column holding the image itself instead of a url: bytes, or a struct with `bytes` "
+        "(and `path`) as Hugging Face datasets and img2dataset write it; base64 text in JSONL/CSV. Nothing is "
+        "downloaded")
     caption_column: str = "caption"
     text_column: str = "text"
     label_column: Optional[str] = Field(None, description="optional class label column, copied to `label`")
     base_url: Optional[str] = Field(
         None, description="joined with relative urls; null = relative to the source file's folder"
     )
+    sidecar_captions: bool = Field(
+        False, description="image folders: the caption of NAME.jpg is NAME.txt beside it (kind: paired)")
+    label_from_folder: bool = Field(
+        False, description="image folders: an image's label is the name of the folder it is in (cats/x.jpg -> cats)")
     allow_local_files: bool = Field(
         False, description="let the url column name any local file (absolute paths, file://, ../ out of the "
         "source file's folder); off: http(s) and paths inside the source file's own folder only")

@@ -32,6 +32,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.builder import staging
+from pipelines.builder.inline import InlineImages
 from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
 from pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
 from pipelines.builder.images import ImageReject, process_image
@@ -76,10 +77,14 @@ class RowProcessor:
     def __init__(self, config: DataConfig) -> None:
         self.config = config
         self.fetcher = Fetcher(config.download)
+        self.inline = InlineImages(config.download.max_bytes)
 
     def fetch(self, record: dict[str, Any]) -> FetchResult | dict[str, Any]:
-        """The body, or the finished (rejected) row."""
+        """The body, or the finished (rejected) row. An image already in the input (a tar
+        member, an image column) is read from there, not downloaded."""
         try:
+            if record.get("locator"):
+                return self.inline.fetch(record["locator"])
             return self.fetcher.fetch(record["url"])
         except FetchError as error:
             return {**record, "reason": error.reason, "detail": error.detail[:500]}

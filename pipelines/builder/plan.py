@@ -10,6 +10,7 @@ two duplicates is kept, so the plan is the same on every runner and every run.
 from __future__ import annotations
 
 import math
+import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.builder import webdataset
 from pipelines.builder.sources import SourceError, SourceFile, expand_source, open_csv, required_columns
 from schemas.config import DataConfig
 
@@ -86,6 +88,8 @@ def count_rows(source_file: SourceFile, columns: list[str]) -> int:
     """Input rows of one file, read once by the driver (cheap next to downloading them)."""
     if source_file.format == "image":
         return 1
+    if source_file.format == "tar":
+        return webdataset.count_samples(source_file.path)
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
         if source_file.format == "parquet":
             with pq.ParquetFile(handle) as parquet:
@@ -118,7 +122,7 @@ def make_plan(config: DataConfig, log=None) -> BuildPlan:
         for number, source_file in enumerate(source_files):
             try:
                 rows = count_rows(source_file, columns)
-            except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException) as error:
+            except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException, tarfile.TarError) as error:
                 raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
             files.append(PlannedFile(source_index, number, source_file, rows))
         if log is not None:

@@ -19,15 +19,19 @@ from urllib.parse import urljoin, urlsplit
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipelines.builder import webdataset
 from schemas.config import SourceConfig
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+TAR_SUFFIX = ".tar"  # a WebDataset shard (see webdataset.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FETCHABLE_SCHEMES = ("http", "https")
 LOCAL_SCHEMES = ("file", "local")
+MAX_SIDECAR_BYTES = 1 << 20
 # Read through fsspec with this machine's credentials: only where a source allows it.
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs", "oss", "r2", "memory")
 
@@ -54,7 +58,12 @@ def _format_of(path: str) -> str:
             return "jsonl" if suffix == ".json" else suffix[1:]
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    raise SourceError(f"{path}: unknown file type (expected one of {', '.join(TABLE_SUFFIXES)}, optionally .gz)")
+    if path.lower().endswith(TAR_SUFFIX):
+        return "tar"
+    if path.lower().endswith((".tar.gz", ".tgz")):
+        raise SourceError(f"{path}: a compressed tar cannot be read by member offset; decompress it (gunzip) first")
+    raise SourceError(f"{path}: unknown file type (expected one of {', '.join(TABLE_SUFFIXES)}, optionally .gz, "
+                      f"or a WebDataset {TAR_SUFFIX})")
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class SourceFile:
 
     path: str  # fsspec URL or local path
     relative: str  # path relative to the source root: the key prefix
-    format: str  # jsonl | parquet | csv | tsv | image
+    format: str  # jsonl | parquet | csv | tsv | image | tar
 
 
 def _has_glob(path: str) -> bool:
@@ -86,9 +95,10 @@ def expand_source(source: SourceConfig) -> list[SourceFile]:
         if not files:
             raise SourceError(f"source {source.name!r}: no files match {source.path}")
     elif fs.isdir(root):
-        if source.kind != "image":
+        if source.kind == "text" or (source.kind == "paired" and not source.sidecar_captions):
             raise SourceError(
-                f"source {source.name!r}: {source.path} is a folder; only kind: image sources read folders"
+                f"source {source.name!r}: {source.path} is a folder; folders are read by kind: image sources, or "
+                "kind: paired with sidecar_captions: true (NAME.txt beside NAME.jpg)"
             )
         base = root.rstrip("/")
         files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
@@ -104,12 +114,20 @@ def expand_source(source: SourceConfig) -> list[SourceFile]:
     for path in files:
         relative = posixpath.relpath(path, base) if base else path
         fmt = _format_of(path)
-        if fmt == "image" and source.kind != "image":
-            raise SourceError(f"source {source.name!r}: {path} is an image; only kind: image sources list images")
+        if fmt == "image" and source.kind == "text":
+            raise SourceError(f"source {source.name!r}: {path} is an image; a kind: text source cannot list images")
+        if fmt == "image" and source.kind == "paired" and not source.sidecar_captions:
+            raise SourceError(f"source {source.name!r}: {path} is an image; kind: paired image folders need "
+                              "sidecar_captions: true")
+        if fmt == "tar" and source.kind == "text":
+            raise SourceError(f"source {source.name!r}: {path} is a WebDataset tar; use kind: paired or image")
         out.append(SourceFile(path=to_url(path), relative=relative, format=fmt))
     for source_file in out:
         if source_file.format in ("parquet", "csv", "tsv"):
             _check_columns(source, source_file)
+    if source.image_column and any(source_file.format in ("image", "tar") for source_file in out):
+        raise SourceError(f"source {source.name!r}: image_column names a column of table files; image folders "
+                          "and WebDataset tars hold their images already")
     return out
 
 
@@ -127,10 +145,11 @@ def input_folders(source: SourceConfig) -> list[str]:
 
 
 def required_columns(source: SourceConfig) -> list[str]:
+    image = source.image_column or source.url_column
     if source.kind == "paired":
-        columns = [source.url_column, source.caption_column]
+        columns = [image, source.caption_column]
     elif source.kind == "image":
-        columns = [source.url_column]
+        columns = [image]
     else:
         columns = [source.text_column]
     if source.label_column:
@@ -145,6 +164,12 @@ def _check_columns(source: SourceConfig, source_file: SourceFile) -> None:
             if source_file.format == "parquet":
                 with pq.ParquetFile(handle) as parquet:
                     names = parquet.schema_arrow.names
+                    if source.image_column in names:
+                        data_type = parquet.schema_arrow.field(source.image_column).type
+                        if not image_column_type_ok(data_type):
+                            raise SourceError(f"source {source.name!r}: {source_file.path}: image_column "
+                                              f"{source.image_column!r} is {data_type}, not binary or a struct "
+                                              "with a binary `bytes` field")
             else:
                 names = read_header(handle, source_file)
     except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException) as error:
@@ -258,7 +283,11 @@ def _record_from_row(
 ) -> dict[str, Any]:
     record = _base_record(source, key)
     try:
-        if source.kind in ("paired", "image"):
+        if source.kind in ("paired", "image") and source.image_column:
+            problem = _inline_image(record, row.get(source.image_column), source, source_file)
+            if problem is not None:
+                return problem
+        elif source.kind in ("paired", "image"):
             url = _text(row.get(source.url_column), source.url_column, "bad_url")
             if url is None or not url.strip():
                 return reject(record, "missing_column", f"no {source.url_column!r} value")
@@ -283,12 +312,112 @@ def _record_from_row(
     return record
 
 
-def read_source_file(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
-    """Stream one file's rows as records (or rejects). Keys are `relative:row` (1-based rows)."""
-    if source_file.format == "image":
-        record = _base_record(source, source_file.relative)
-        record["url"] = source_file.path
+def _inline_image(record: dict[str, Any], value: Any, source: SourceConfig, source_file: SourceFile):
+    """Point the record at its image in the source itself (a reject if the row has none)."""
+    column = source.image_column
+    where = f"{source_file.path}#{record['key'].rpartition(':')[2]}"
+    if isinstance(value, dict):  # {bytes, path}: Hugging Face datasets' Image feature
+        value = value.get("bytes")
+    if value is None or value == "" or value == b"":
+        return reject(record, "missing_column", f"no image bytes in {column!r}")
+    if source_file.format == "parquet":
+        if not isinstance(value, bytes):
+            return reject(record, "bad_row", f"{column!r} is {type(value).__name__}, not bytes")
+        record["url"] = where
+        record["locator"] = {"parquet": source_file.path, "row": int(record["key"].rpartition(":")[2]) - 1,
+                             "column": column}
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return reject(record, "bad_row", f"{column!r} is not base64 text")
+    if not isinstance(value, str):
+        return reject(record, "bad_row", f"{column!r} is {type(value).__name__}, not base64 text")
+    record["url"] = where
+    record["locator"] = {"base64": value}
+    return None
+
+
+def _read_image_file(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
+    """One file of an image folder; its caption from NAME.txt beside it, its label from its folder."""
+    record = _base_record(source, source_file.relative)
+    record["url"] = source_file.path
+    if source.label_from_folder:
+        folder = posixpath.dirname(source_file.relative)
+        record["label"] = posixpath.basename(folder) if folder else None
+    if source.kind == "paired":
+        sidecar = source_file.path.rsplit(".", 1)[0] + ".txt"
+        try:
+            with fsspec.open(sidecar, "rb") as handle:
+                raw = handle.read(MAX_SIDECAR_BYTES + 1)
+        except (FileNotFoundError, IsADirectoryError):
+            yield reject(record, "missing_column", f"no caption file {posixpath.basename(sidecar)} beside the image")
+            return
+        if len(raw) > MAX_SIDECAR_BYTES:
+            yield reject(record, "bad_caption", f"{posixpath.basename(sidecar)} is larger than {MAX_SIDECAR_BYTES} bytes")
+            return
+        try:
+            record["caption"] = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            yield reject(record, "invalid_utf8", f"{posixpath.basename(sidecar)}: {error}")
+            return
+    yield record
+
+
+def _read_tar(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
+    """One WebDataset tar: a record per sample, its image left in the tar (`locator`)."""
+    for sample in webdataset.samples(source_file.path):
+        record = _base_record(source, f"{source_file.relative}#{sample.key}")
+        record["url"] = f"{source_file.path}#{sample.key}"
+        if sample.problems:
+            yield reject(record, "bad_row", "; ".join(sample.problems))
+            continue
+        image = sample.image
+        if image is None:
+            found = ", ".join(sorted(set(sample.texts) | set(sample.images))) or "nothing"
+            yield reject(record, "missing_column", f"no {'/'.join(webdataset.IMAGE_EXTENSIONS)} member (has {found})")
+            continue
+        record["locator"] = {"tar": source_file.path, "offset": image[1], "size": image[2]}
+        try:
+            if source.kind == "paired":
+                if "txt" not in sample.texts:
+                    yield reject(record, "missing_column", "no txt member (the caption)")
+                    continue
+                record["caption"] = sample.texts["txt"].decode("utf-8-sig")
+            if source.label_column:
+                record["label"] = _sample_label(sample, source.label_column)
+        except UnicodeDecodeError as error:
+            yield reject(record, "invalid_utf8", str(error))
+            continue
+        except RowProblem as problem:
+            yield reject(record, problem.reason, problem.detail)
+            continue
         yield record
+
+
+def _sample_label(sample: "webdataset.Sample", column: str) -> Optional[str]:
+    """The label: `column` of the sample's json member, else its cls member."""
+    if "json" in sample.texts:
+        try:
+            extra = json.loads(sample.texts["json"])
+        except ValueError as error:
+            raise RowProblem("bad_row", f"json member: {error}") from None
+        if isinstance(extra, dict) and column in extra:
+            return _label(extra[column], column)
+    if "cls" in sample.texts:
+        return sample.texts["cls"].decode("utf-8").strip()
+    return None
+
+
+def read_source_file(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
+    """Stream one file's rows as records (or rejects). Keys are `relative:row` (1-based rows),
+    `relative#sample` for WebDataset tars, the file's path for image folders."""
+    if source_file.format == "image":
+        yield from _read_image_file(source, source_file)
+        return
+    if source_file.format == "tar":
+        yield from _read_tar(source, source_file)
         return
     if source_file.format == "jsonl":
         yield from _read_jsonl(source, source_file)
@@ -322,12 +451,37 @@ def _read_jsonl(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[
 
 def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
     columns = required_columns(source)
+    image_column = source.image_column
     with fsspec.open(source_file.path, "rb") as handle, pq.ParquetFile(handle) as parquet:
         row_number = 0
-        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-            for row in batch.to_pylist():
+        # With the images in the file, batches are small and the image column never becomes
+        # Python objects: the reader only needs to know which rows have bytes.
+        for batch in parquet.iter_batches(batch_size=256 if image_column else 4096, columns=columns):
+            present = _image_present(batch.column(image_column)) if image_column else None
+            rows = batch.drop_columns([image_column]).to_pylist() if image_column else batch.to_pylist()
+            for index, row in enumerate(rows):
                 row_number += 1
+                if present is not None:
+                    row[image_column] = b"\x01" if present[index] else None
                 yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
+
+
+def image_column_type_ok(data_type: pa.DataType) -> bool:
+    if pa.types.is_struct(data_type):
+        return data_type.get_field_index("bytes") >= 0 and image_column_type_ok(data_type.field("bytes").type)
+    return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)
+
+
+def _image_present(column: pa.Array) -> list[bool]:
+    """Per row: does the image column hold some bytes?"""
+    if pa.types.is_struct(column.type):
+        valid = pc.is_valid(column)
+        column = pc.struct_field(column, "bytes")
+        valid = pc.and_(valid, pc.is_valid(column))
+    else:
+        valid = pc.is_valid(column)
+    nonempty = pc.fill_null(pc.greater(pc.binary_length(column), 0), False)
+    return pc.and_(pc.fill_null(valid, False), nonempty).to_pylist()
 
 
 def read_header(handle, source_file: SourceFile) -> list[str]:
