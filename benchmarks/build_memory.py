@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument("--runners", nargs="+", default=["default", "2-process"], choices=["default", "2-process"])
     parser.add_argument("--peer", action="store_true", help="also measure img2dataset, 1 and 2 processes as the runners")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_memory"))
+    parser.add_argument("--rows-per-shard", type=int, default=1000,
+                        help="shards.rows_per_shard, the same at every size; small enough that even the smallest "
+                        "build has a shard for each worker to write at the end (with a single shard, one "
+                        "process writes while the other idles, and the tree's peak is lower for that reason alone)")
     parser.add_argument("--sample-size", type=int, default=5000,
                         help="tokenizer.sample_size: the tokenizer's sample is bounded by it, not by the dataset; "
                              "the default keeps it the same at every size so what grows with rows shows")
@@ -152,6 +156,7 @@ def main() -> None:
                     "download": {"allowed_networks": ["127.0.0.1/32"]},
                     "image": {"size": args.output_size, "resize_mode": "center_crop"},
                     "tokenizer": {"sample_size": args.sample_size},
+                    "shards": {"rows_per_shard": args.rows_per_shard},
                 }}))
                 command = [str(Path(sys.executable).parent / "mmae"), "build", "--config", str(config)]
                 if runner == "2-process":

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipelines.builder.fetch import AddressGuard, Fetcher, FetchError
+from pipelines.builder.fetch import ANSWER_TIMEOUT, AddressGuard, Fetcher, FetchError
 from schemas.config import DownloadConfig
 
 
@@ -105,6 +105,14 @@ def test_deadline_covers_the_status_line_and_headers(http_server):
     started = time.monotonic()
     assert reason_of(fetcher(timeout_s=1.0), f"{http_server}/trickle-headers") == "timeout"
     assert time.monotonic() - started < 3.0  # the server would take 25 s
+
+
+@pytest.mark.parametrize("route", ["/slow", "/trickle", "/trickle-headers"])
+def test_every_timeout_after_connecting_reads_the_same(http_server, route):
+    """Which check notices the deadline first is a race; a rebuild's rejects must not differ."""
+    with pytest.raises(FetchError) as caught:
+        fetcher(timeout_s=0.5).fetch(f"{http_server}{route}")
+    assert (caught.value.reason, caught.value.detail) == ("timeout", ANSWER_TIMEOUT)
 
 
 @pytest.mark.parametrize("scheme", ["file", "ftp", "javascript", "data"])

@@ -44,6 +44,10 @@ from schemas.config import DownloadConfig
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "Mozilla/5.0 (compatible; mmae-build; +https://github.com/mmae/mmae)"
 TRANSIENT = ("timeout", "connection_error", "http_429")
+# One detail for every timeout after connecting: which of the socket's own timeout, the
+# watchdog or a check between reads notices the deadline first is a race, and rejects must come
+# out byte-identical on a rebuild.
+ANSWER_TIMEOUT = "no complete answer before the deadline (download.timeout_s)"
 
 
 def is_transient(reason: str) -> bool:
@@ -290,7 +294,7 @@ def _read_capped(stream, max_bytes: int, deadline: float) -> bytes:
     total = 0
     while True:
         if time.monotonic() > deadline:
-            raise FetchError("timeout", "body not complete before the deadline")
+            raise FetchError("timeout", ANSWER_TIMEOUT)
         chunk = stream.read1(CHUNK_BYTES) if hasattr(stream, "read1") else stream.read(CHUNK_BYTES)
         if not chunk:
             return b"".join(parts)
@@ -311,7 +315,7 @@ def _classify(error: BaseException) -> FetchError:
     if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
         return FetchError("timeout", "connecting timed out")
     if isinstance(error, (urllib3.exceptions.TimeoutError, socket.timeout, TimeoutError)):
-        return FetchError("timeout", "waiting for the answer timed out")
+        return FetchError("timeout", ANSWER_TIMEOUT)
     return FetchError("connection_error", f"{type(error).__name__}: {error}")
 
 
@@ -366,7 +370,7 @@ class Fetcher:
             return self._follow(url, deadline)
         except FetchError as error:
             if time.monotonic() >= deadline and error.reason == "connection_error":
-                raise FetchError("timeout", "the whole request did not finish before the deadline") from None
+                raise FetchError("timeout", ANSWER_TIMEOUT) from None
             raise
         finally:
             _stop_watching()
@@ -378,7 +382,7 @@ class Fetcher:
         for _ in range(self.config.max_redirects + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise FetchError("timeout", "no answer before the deadline")
+                raise FetchError("timeout", ANSWER_TIMEOUT)
             try:
                 response = self.pool.request(
                     "GET", url, headers=headers, preload_content=False, redirect=False, retries=False,
