@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import json
 import tarfile
 from pathlib import Path
@@ -151,15 +152,18 @@ def test_image_folder_with_sidecar_captions_and_class_folders(tmp_path):
             (root / label / f"{index}.jpg").write_bytes(jpeg_bytes(colour=tuple(c + index for c in colour)))
             (root / label / f"{index}.txt").write_text(f"{label} number {index}\n")
     (root / "dogs" / "uncaptioned.jpg").write_bytes(jpeg_bytes(colour=GREEN))
+    (root / "dogs" / "piped.jpg").write_bytes(jpeg_bytes(colour=GREEN))
+    os.mkfifo(root / "dogs" / "piped.txt")  # a FIFO for a caption file: refused, not waited on
     report, output = build(tmp_path, [{"name": "folder", "kind": "paired", "path": str(root),
                                        "sidecar_captions": True, "label_from_folder": True}])
     kept = {row["caption"]: row["label"] for row in rows(output, "paired")}
     assert kept == {"cats number 0": "cats", "cats number 1": "cats", "dogs number 0": "dogs", "dogs number 1": "dogs"}
-    assert rejects(output) == {"dogs/uncaptioned.jpg": "missing_column"}
+    assert rejects(output) == {"dogs/uncaptioned.jpg": "missing_column", "dogs/piped.jpg": "bad_caption"}
     # Labels without captions: kind image.
     (tmp_path / "again").mkdir()
     _, labelled = build(tmp_path / "again", [{"name": "folder", "kind": "image", "path": str(root),
                                               "label_from_folder": True}])
+    # uncaptioned.jpg and piped.jpg hold the same bytes: one of them is a duplicate image.
     assert sorted(row["label"] for row in rows(labelled, "image")) == ["cats", "cats", "dogs", "dogs", "dogs"]
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -349,10 +350,12 @@ def _read_image_file(source: SourceConfig, source_file: SourceFile) -> Iterator[
     if source.kind == "paired":
         sidecar = source_file.path.rsplit(".", 1)[0] + ".txt"
         try:
-            with fsspec.open(sidecar, "rb") as handle:
-                raw = handle.read(MAX_SIDECAR_BYTES + 1)
+            raw = _read_sidecar(sidecar)
         except (FileNotFoundError, IsADirectoryError):
             yield reject(record, "missing_column", f"no caption file {posixpath.basename(sidecar)} beside the image")
+            return
+        except OSError as error:
+            yield reject(record, "bad_caption", f"{posixpath.basename(sidecar)}: {error}")
             return
         if len(raw) > MAX_SIDECAR_BYTES:
             yield reject(record, "bad_caption", f"{posixpath.basename(sidecar)} is larger than {MAX_SIDECAR_BYTES} bytes")
@@ -363,6 +366,19 @@ def _read_image_file(source: SourceConfig, source_file: SourceFile) -> Iterator[
             yield reject(record, "invalid_utf8", f"{posixpath.basename(sidecar)}: {error}")
             return
     yield record
+
+
+def _read_sidecar(path: str) -> bytes:
+    """A caption file, at most MAX_SIDECAR_BYTES + 1 bytes; a local one only if it is a regular file
+    (a FIFO named NAME.txt must not stall the reader)."""
+    if "://" not in path:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise OSError("not a regular file")
+            return handle.read(MAX_SIDECAR_BYTES + 1)
+    with fsspec.open(path, "rb") as handle:
+        return handle.read(MAX_SIDECAR_BYTES + 1)
 
 
 def _read_tar(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
