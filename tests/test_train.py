@@ -317,3 +317,68 @@ def test_unreadable_data_is_skipped_and_counted_in_metrics(dataset, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert last["step"] == 12 and sum(m["skipped_samples"] for m in metrics) > 0
     assert all(m["seen_paired"] + m["seen_image"] + m["seen_text"] + m["skipped_samples"] == 8 for m in metrics)
+
+
+# --- divergence and damaged checkpoints ---------------------------------------------------------
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_diverging_run_stops_naming_the_step_and_never_saves_non_finite_weights(dataset, tmp_path, mode):
+    run = tmp_path / "run"
+    result = subprocess.run(train_command(dataset, run, "--set", "train.optimizer.base_lr=1e6",
+                                          "--set", "train.optimizer.warmup_steps=0", "--set", "train.checkpoint_every=1",
+                                          "--set", f"train.on_nonfinite={mode}", "--set", "train.max_skipped_steps=2"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "step " in result.stderr and "the run stopped without applying it" in result.stderr
+    if mode == "skip":
+        assert "(3 non-finite steps)" in result.stderr
+    for path in (run / "checkpoints").glob("step-*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(tensor).all() for tensor in state["model"].values()), path
+    metrics = strict_json_lines(run / "metrics.jsonl")
+    assert metrics and all(row["loss"] is None or row["loss"] == row["loss"] for row in metrics)
+
+
+def test_when_no_checkpoint_loads_the_run_stops_and_deletes_nothing(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), check=True, capture_output=True, timeout=300)
+    for path in (run / "checkpoints").glob("step-*.pt"):
+        path.write_bytes(b"damaged")
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=12"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "none can be loaded" in result.stderr and "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_rotation_counts_only_readable_checkpoints_and_cleans_killed_saves(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8", "--set", "train.keep_checkpoints=2"),
+                   check=True, capture_output=True, timeout=300)
+    folder = run / "checkpoints"
+    (folder / "step-0000100.pt").write_bytes(b"a damaged file with a higher step")
+    (folder / ".tmp-999999-step-0000012.pt").write_bytes(b"left by a save that was killed")
+    result = subprocess.run(train_command(dataset, run, "--set", "train.keep_checkpoints=2"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == ["last", "step-0000008.pt", "step-0000012.pt", "step-0000100.pt"]
+    assert (folder / (folder / "last").read_text().strip()).exists()
+
+
+def test_the_default_learning_rate_learns_and_long_warmups_are_named(dataset, tmp_path):
+    assert TrainConfig().optimizer.base_lr == 1.5e-3  # the one source; recipes do not repeat it
+    for recipe in (ROOT / "configs").glob("*.yaml"):
+        assert "base_lr" not in recipe.read_text(), recipe
+    run = tmp_path / "run"
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=3", "--set",
+                                          "train.optimizer.warmup_steps=5"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "covers the whole run" in result.stderr

@@ -31,7 +31,7 @@ import yaml
 
 from schemas.config import Config, TrainConfig
 from trainer.attention import resolve_backend
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, NoReadableCheckpoint
 from trainer.data import Batch, MixedLoader, read_manifest
 from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
 
@@ -192,8 +192,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.optimizer.weight_decay), lr=lr,
                                            betas=tuple(config.optimizer.betas))
         schedule = WarmupCosine(config.optimizer.warmup_steps, config.steps, config.optimizer.min_lr / lr)
+        if config.optimizer.warmup_steps >= config.steps and env.main:
+            log.warning("train.optimizer.warmup_steps (%d) covers the whole run (train.steps %d): the learning "
+                        "rate never reaches its peak and never decays", config.optimizer.warmup_steps, config.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
+        self.skipped_steps = 0  # updates not applied because the loss or gradient was not finite
         self.run = Path(config.out)
         self.checkpoints = Checkpointer(self.run / "checkpoints", config.keep_checkpoints)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -250,6 +254,7 @@ class Trainer:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         return {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "parallel": "fsdp" if self.sharded else "replicated",
             "model": model_state,
             "optimizer": optimizer_state,
@@ -285,9 +290,13 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     def resume(self) -> Optional[Path]:
-        found = self.checkpoints.load_latest()
+        try:
+            found = self.checkpoints.load_latest()
+        except NoReadableCheckpoint as error:
+            raise TrainError(str(error)) from None
         if found is None:
             return None
         path, state = found
@@ -355,7 +364,16 @@ class Trainer:
             self.model.parameters(), config.optimizer.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        # A NaN/inf loss or gradient must never reach the weights: every rank decides the same.
+        finite = torch.tensor([float(math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm)))],
+                              device=self.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        nonfinite = not bool(finite.item())
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.env.world_size > 1:
@@ -370,7 +388,7 @@ class Trainer:
             seen = {kind: int(value) for kind, value in zip(seen, values[len(keys):])}
             skipped, encoder_tokens = int(values[-2]), int(values[-1])
         return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen,
-                "skipped": skipped}
+                "skipped": skipped, "nonfinite": nonfinite}
 
     def fit(self) -> dict[str, Any]:
         config, env = self.config, self.env
@@ -399,6 +417,8 @@ class Trainer:
                 batches = self.loader.batches((end - self.step) * config.grad_accum)
             step_batches = [next(batches) for _ in range(config.grad_accum)]
             result = self.train_step(model, step_batches)
+            if result["nonfinite"]:
+                self._on_nonfinite(result)
             window_samples += sum(result["seen"].values())
             window_tokens += result["encoder_tokens"]
             window_skipped += result["skipped"]
@@ -424,10 +444,11 @@ class Trainer:
                     "seen_text": result["seen"]["text"],
                     "stage": self.stage_index,
                     "skipped_samples": window_skipped,
+                    "skipped_steps": self.skipped_steps,
                 }
                 if env.main:
                     with open(self.run / "metrics.jsonl", "a") as handle:
-                        handle.write(json.dumps(last) + "\n")
+                        handle.write(json_line(last))
                     if writer is not None:
                         for key, value in last.items():
                             if isinstance(value, (int, float)) and key != "step":
@@ -442,13 +463,35 @@ class Trainer:
             writer.close()
         return last
 
+    def _on_nonfinite(self, result: dict[str, Any]) -> None:
+        """The update of this step was not applied; stop, or skip it while the budget lasts."""
+        self.skipped_steps += 1
+        what = f"loss {result['loss']}, gradient norm {result['grad_norm']}"
+        if self.config.on_nonfinite == "stop" or self.skipped_steps > self.config.max_skipped_steps:
+            newest = self.checkpoints.existing()
+            kept = f"; the newest checkpoint, {newest[0]}, holds finite weights" if newest else ""
+            limit = "" if self.config.on_nonfinite == "stop" else f" ({self.skipped_steps} non-finite steps)"
+            raise TrainError(f"step {self.step}: {what}{limit}: the run stopped without applying it{kept}. Lower "
+                             "train.optimizer.base_lr or raise warmup_steps; train.on_nonfinite: skip skips such steps")
+        log.warning("step %d: %s: update skipped (%d of at most %d)", self.step, what, self.skipped_steps,
+                    self.config.max_skipped_steps)
+
     def _checkpoint(self) -> None:
+        if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
+            raise TrainError(f"step {self.step}: the weights are no longer finite; no checkpoint was written")
         state = self.state_dict() if self.env.main or self.sharded else None  # FSDP: a collective
         if self.env.main:
             path = self.checkpoints.save(self.step, state)
             log.info("checkpoint %s", path)
         if self.env.world_size > 1:
             dist.barrier()
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One metrics line of strict JSON: NaN and infinities become null."""
+    clean = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+             for key, value in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
