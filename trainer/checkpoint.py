@@ -1,9 +1,12 @@
 """Checkpoints: one component that sees only state dicts.
 
 `RUN/checkpoints/step-0000100.pt` files are written under a temporary name and renamed, then
-the `last` pointer is replaced the same way; only the newest `keep` are kept. Loading uses
+the `last` pointer is replaced the same way; only the newest `keep` readable ones are kept (a
+damaged file is neither counted nor deleted, so it can never push a good one out), and the
+temporary files of a save that was killed are removed. Loading uses
 `torch.load(weights_only=True)`; a file that cannot be read (say, truncated by a crash or a
-full disk) is reported and the previous one is used.
+full disk) is reported and the previous one is used; if checkpoints exist and none can be read,
+`NoReadableCheckpoint` is raised and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +23,20 @@ import torch
 log = logging.getLogger("mmae.checkpoint")
 
 NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+class NoReadableCheckpoint(RuntimeError):
+    """Checkpoints exist, and none of them can be loaded."""
+
+
+def readable(path: Path) -> bool:
+    """A cheap check that a checkpoint is whole: torch.save writes a zip, whose central
+    directory (at the end of the file) a truncated or overwritten file lacks."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 class Checkpointer:
@@ -36,8 +54,15 @@ class Checkpointer:
         found = [(int(match.group(1)), path) for path in self.folder.iterdir() if (match := NAME.match(path.name))]
         return [path for _, path in sorted(found, reverse=True)]
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of a save that was killed (one run saves at a time)."""
+        if self.folder.exists():
+            for path in self.folder.glob(".tmp-*"):
+                path.unlink(missing_ok=True)
+
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temporaries()
         target = self.path_for(step)
         temporary = target.with_name(f".tmp-{os.getpid()}-{target.name}")
         torch.save(state, temporary)
@@ -47,7 +72,8 @@ class Checkpointer:
         pointer = self.folder / ".tmp-last"
         pointer.write_text(target.name + "\n")
         os.replace(pointer, self.folder / "last")
-        for old in self.existing()[self.keep:]:
+        whole = [path for path in self.existing() if path == target or readable(path)]
+        for old in whole[self.keep:]:
             old.unlink(missing_ok=True)
         return target
 
@@ -60,12 +86,18 @@ class Checkpointer:
             if named in candidates:
                 candidates.remove(named)
                 candidates.insert(0, named)
+        problems = []
         for path in candidates:
             try:
                 return path, load_checkpoint(path)
             except Exception as error:  # noqa: BLE001 - any unreadable file: report, fall back
+                problems.append(f"{path.name}: {type(error).__name__}: {str(error)[:120]}")
                 log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
                             path, type(error).__name__, str(error)[:200])
+        if candidates:
+            raise NoReadableCheckpoint(
+                f"{self.folder} holds {len(candidates)} checkpoint(s) and none can be loaded ({'; '.join(problems[:3])}); "
+                "nothing was deleted. Move them away to start a fresh run, or point train.out elsewhere")
         return None
 
 
