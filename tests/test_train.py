@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -382,3 +383,28 @@ def test_the_default_learning_rate_learns_and_long_warmups_are_named(dataset, tm
     result = subprocess.run(train_command(dataset, run, "--set", "train.steps=3", "--set",
                                           "train.optimizer.warmup_steps=5"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "covers the whole run" in result.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_and_the_same_command_resumes_exactly(dataset, tmp_path, signum, code):
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(dataset, straight, "--set", "train.checkpoint_every=100"), check=True,
+                   capture_output=True, timeout=300)
+    run = tmp_path / "run"
+    command = train_command(dataset, run, "--set", "train.checkpoint_every=100")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() < deadline and process.poll() is None, "training ended before the signal"
+        time.sleep(0.02)
+    os.killpg(process.pid, signum)  # the whole group, as a terminal or SLURM does: DataLoader workers too
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr and "ConnectionResetError" not in stderr
+    stopped_at = max(losses(run))
+    assert stopped_at < 12 and (run / "checkpoints" / f"step-{stopped_at:07d}.pt").exists()
+    assert f"after step {stopped_at}" in stderr
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"at step {stopped_at}" in result.stderr
+    assert losses(run) == losses(straight)  # bit for bit on CPU

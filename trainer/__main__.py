@@ -17,10 +17,13 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from schemas.config import ConfigError, load_config
     from trainer.data import DataError
-    from trainer.train import TrainError, run_training
+    from trainer.train import Preempted, TrainError, run_training
 
     try:
         last = run_training(load_config(args.config, args.set))
+    except Preempted as stop:
+        print(f"mmae train: {stop}", file=sys.stderr)
+        return stop.exit_code
     except (ConfigError, TrainError, DataError) as error:
         print(f"mmae train: error: {error}", file=sys.stderr)
         return 2

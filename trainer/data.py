@@ -565,6 +565,15 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def _ignore_stop_signals(_worker: int) -> None:
+    """Ctrl-C and SIGTERM reach the whole process group: the trainer finishes its step, saves and
+    shuts its DataLoader workers down itself; a worker that died first would fail that step."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class MixedLoader:
     """The rank's loader: a DataLoader over MixedStreamDataset plus exact-resume state."""
 
@@ -594,6 +603,7 @@ class MixedLoader:
             dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
             pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if workers else None,
         )
         for batch in loader:
             if batch.step != self.consumed:

@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,15 @@ log = logging.getLogger("mmae.train")
 
 NO_DECAY_NAMES = ("token_embed", "type_embed", "decoder_type_embed", "cls_token", "image_mask_token",
                   "text_mask_token")
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the current step finished, a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, path: Optional[Path]) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; saved {path}; run the same command to resume")
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT: what a shell reports
 
 
 class TrainError(RuntimeError):
@@ -406,9 +417,23 @@ class Trainer:
         model = parallelize(self.model, env, config)
         writer = _tensorboard(self.run) if config.tensorboard and env.main else None
         progress = _Progress(config.steps, self.step) if env.main else None
+        stop_requests: list[int] = []
+        previous = _catch_stop_signals(stop_requests)
+        try:
+            return self._loop(model, writer, progress, stop_requests)
+        finally:
+            _restore_signals(previous)
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+
+    def _loop(self, model, writer, progress, stop_requests: list[int]) -> dict[str, Any]:
+        config, env = self.config, self.env
         batches = None
         window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
         last: dict[str, Any] = {}
+        path: Optional[Path] = None
         while self.step < config.steps:
             stage = self.stage_of(self.step)
             if batches is None or stage != self.stage_index:
@@ -422,9 +447,11 @@ class Trainer:
             window_samples += sum(result["seen"].values())
             window_tokens += result["encoder_tokens"]
             window_skipped += result["skipped"]
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-                self._checkpoint()
-            if self.step % config.log_every == 0 or self.step == config.steps:
+            stopping = self._stop_requested(stop_requests)
+            saved = self.step % config.checkpoint_every == 0 or self.step == config.steps or stopping
+            if saved:
+                path = self._checkpoint()
+            if self.step % config.log_every == 0 or self.step == config.steps or stopping:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 last = {
                     "step": self.step,
@@ -457,11 +484,18 @@ class Trainer:
                 window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
             elif progress is not None:
                 progress.update(self.step, None)
-        if progress is not None:
-            progress.close()
-        if writer is not None:
-            writer.close()
+            if stopping and self.step < config.steps:
+                raise Preempted(stopping, self.step, path if env.main else None)
         return last
+
+    def _stop_requested(self, requests: list[int]) -> int:
+        """The signal that asked to stop (0: none); under torchrun every rank agrees."""
+        signum = requests[0] if requests else 0
+        if self.env.world_size > 1:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
 
     def _on_nonfinite(self, result: dict[str, Any]) -> None:
         """The update of this step was not applied; stop, or skip it while the budget lasts."""
@@ -476,15 +510,37 @@ class Trainer:
         log.warning("step %d: %s: update skipped (%d of at most %d)", self.step, what, self.skipped_steps,
                     self.config.max_skipped_steps)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> Optional[Path]:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
             raise TrainError(f"step {self.step}: the weights are no longer finite; no checkpoint was written")
         state = self.state_dict() if self.env.main or self.sharded else None  # FSDP: a collective
+        path = None
         if self.env.main:
             path = self.checkpoints.save(self.step, state)
             log.info("checkpoint %s", path)
         if self.env.world_size > 1:
             dist.barrier()
+        return path
+
+
+def _catch_stop_signals(requests: list[int]):
+    """SIGTERM (what SLURM and Kubernetes send before taking a node) and SIGINT only ask the loop
+    to stop after the current step; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def ask(signum, _frame):
+        if requests and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requests.append(signum)
+        log.warning("%s: finishing step, then saving a checkpoint and stopping", signal.Signals(signum).name)
+
+    return {signum: signal.signal(signum, ask) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous) -> None:
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
 
 
 def json_line(record: dict[str, Any]) -> str:
