@@ -408,3 +408,30 @@ def test_sigterm_and_ctrl_c_save_and_the_same_command_resumes_exactly(dataset, t
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"at step {stopped_at}" in result.stderr
     assert losses(run) == losses(straight)  # bit for bit on CPU
+
+
+def test_settings_that_may_change_on_resume_apply_and_are_recorded(dataset, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run), check=True, capture_output=True, timeout=300)  # 12 steps
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=16", "--set",
+                                          "train.optimizer.base_lr=0.02"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = {row["step"]: row for row in strict_json_lines(run / "metrics.jsonl")}
+    assert max(metrics) == 16
+    lr = 0.02 * 8 / 256  # base_lr x global batch / 256
+    assert metrics[13]["lr"] == pytest.approx(lr * WarmupCosine(2, 16, 0.0)(13))  # the new schedule from step 12 on
+    history = strict_json_lines(run / "config-history.jsonl")
+    assert history == [{"step": 12, "changed": {"train.optimizer.base_lr": [0.01, 0.02], "train.steps": [12, 16]}}]
+    assert "steps: 16" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("key, value", [("train.batch_size", "16"), ("train.model.preset", "small"),
+                                        ("train.masking.image_ratio", "0.5"), ("train.seed", "3")])
+def test_settings_that_may_not_change_on_resume_are_named(dataset, tmp_path, key, value):
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=4"), check=True, capture_output=True, timeout=300)
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=8", "--set", f"{key}={value}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and key in result.stderr and "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

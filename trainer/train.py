@@ -34,6 +34,7 @@ import yaml
 from schemas.config import Config, TrainConfig
 from trainer.attention import resolve_backend
 from trainer.checkpoint import Checkpointer, NoReadableCheckpoint
+from trainer.settings import differences
 from trainer.data import Batch, MixedLoader, read_manifest
 from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
 
@@ -209,6 +210,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
         self.skipped_steps = 0  # updates not applied because the loss or gradient was not finite
+        self.changed_on_resume: dict[str, list] = {}
         self.run = Path(config.out)
         self.checkpoints = Checkpointer(self.run / "checkpoints", config.keep_checkpoints)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -311,10 +313,31 @@ class Trainer:
         if found is None:
             return None
         path, state = found
+        allowed, refused = differences(state.get("config", {}), self.config.model_dump(mode="json"))
+        if refused:
+            listed = "; ".join(f"train.{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise TrainError(f"{path} was trained with other settings that may not change on resume ({listed}); "
+                             "restore them, or start a new run with another train.out")
         if state["model_spec"] != self.model_spec:
             raise TrainError(f"{path} holds a {state['model_spec']} model; this config builds {self.model_spec}")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except ValueError as error:  # the loader's own checks (world size, streams, data)
+            raise TrainError(f"{path}: {error}") from None
+        self._apply_schedule()
+        self.changed_on_resume = allowed
         return path
+
+    def _apply_schedule(self) -> None:
+        """The schedule of this config from the current step on (a checkpoint holds its own)."""
+        optimizer = self.config.optimizer
+        for schedule in self.scheduler.lr_lambdas:
+            schedule.warmup, schedule.total, schedule.min_ratio = optimizer.warmup_steps, self.config.steps, \
+                optimizer.min_lr / self.lr
+        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
+        for group, schedule in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * schedule(self.scheduler.last_epoch)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -414,6 +437,12 @@ class Trainer:
                      self.lr, self.loader.describe())
             if resumed:
                 log.info("resumed from %s at step %d", resumed, self.step)
+            if self.changed_on_resume:
+                log.info("settings changed on resume: %s", "; ".join(
+                    f"train.{key}: {old!r} -> {new!r}" for key, (old, new) in self.changed_on_resume.items()))
+                with open(self.run / "config-history.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": self.step, "changed": {
+                        f"train.{key}": value for key, value in self.changed_on_resume.items()}}) + "\n")
         model = parallelize(self.model, env, config)
         writer = _tensorboard(self.run) if config.tensorboard and env.main else None
         progress = _Progress(config.steps, self.step) if env.main else None
