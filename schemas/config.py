@@ -245,6 +245,11 @@ class TrainConfig(_Section):
     attention: Literal["auto", "xformers", "sdpa"] = Field(
         "auto", description="auto: xformers on packed rows when it can run, else SDPA on padded batches")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    resume_from: Optional[str] = Field(
+        None, description="resume from this checkpoint file instead of the run folder's newest readable one")
+    init_from: Optional[str] = Field(
+        None, description="a new run starts from this checkpoint's model weights, with a fresh optimizer, schedule "
+        "and data position (continued pretraining on new data); ignored once the run has checkpoints of its own")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a step whose loss or gradient norm is NaN/inf: stop the run with an error naming the "
         "step (the default), or skip that update (counted in metrics as skipped_steps) up to max_skipped_steps")

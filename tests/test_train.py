@@ -435,3 +435,24 @@ def test_settings_that_may_not_change_on_resume_are_named(dataset, tmp_path, key
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and key in result.stderr and "Traceback" not in result.stderr
     assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_resume_from_a_chosen_checkpoint_and_start_from_another_runs_weights(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(dataset, straight), check=True, capture_output=True, timeout=300)
+    expected = losses(straight)
+    # Resume from step 4 although 8 and 12 exist: the same losses from there on.
+    chosen = straight / "checkpoints" / "step-0000004.pt"
+    result = subprocess.run(train_command(dataset, straight, "--set", f"train.resume_from={chosen}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "step-0000004.pt at step 4" in result.stderr
+    assert losses(straight) == expected
+    # A new run from its weights: step 1 of a fresh schedule, starting where the weights were.
+    warm = tmp_path / "warm"
+    result = subprocess.run(train_command(dataset, warm, "--set", "train.steps=4", "--set",
+                                          f"train.init_from={straight / 'checkpoints' / 'step-0000012.pt'}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "initialised the model from" in result.stderr
+    warm_losses = losses(warm)
+    assert sorted(warm_losses) == [1, 2, 3, 4]
+    assert warm_losses[1] < expected[1]  # trained weights start lower than a fresh model

@@ -33,7 +33,7 @@ import yaml
 
 from schemas.config import Config, TrainConfig
 from trainer.attention import resolve_backend
-from trainer.checkpoint import Checkpointer, NoReadableCheckpoint
+from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint
 from trainer.settings import differences
 from trainer.data import Batch, MixedLoader, read_manifest
 from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
@@ -306,11 +306,20 @@ class Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
 
     def resume(self) -> Optional[Path]:
-        try:
-            found = self.checkpoints.load_latest()
-        except NoReadableCheckpoint as error:
-            raise TrainError(str(error)) from None
+        if self.config.resume_from:
+            path = Path(self.config.resume_from)
+            try:
+                found = (path, load_checkpoint(path))
+            except Exception as error:  # noqa: BLE001 - say which file and why
+                raise TrainError(f"train.resume_from {path}: cannot load ({type(error).__name__}: {error})") from None
+        else:
+            try:
+                found = self.checkpoints.load_latest()
+            except NoReadableCheckpoint as error:
+                raise TrainError(str(error)) from None
         if found is None:
+            if self.config.init_from:
+                self._init_weights(Path(self.config.init_from))
             return None
         path, state = found
         allowed, refused = differences(state.get("config", {}), self.config.model_dump(mode="json"))
@@ -327,6 +336,19 @@ class Trainer:
         self._apply_schedule()
         self.changed_on_resume = allowed
         return path
+
+    def _init_weights(self, path: Path) -> None:
+        """A new run from another run's weights; optimizer, schedule and data start fresh."""
+        try:
+            state = load_checkpoint(path)
+        except Exception as error:  # noqa: BLE001
+            raise TrainError(f"train.init_from {path}: cannot load ({type(error).__name__}: {error})") from None
+        if state["model_spec"] != self.model_spec:
+            raise TrainError(f"train.init_from {path} holds a {state['model_spec']} model; this config builds "
+                             f"{self.model_spec}")
+        self.model.load_state_dict(state["model"])
+        log.info("initialised the model from %s (its step %d); optimizer, schedule and data start fresh",
+                 path, state["step"])
 
     def _apply_schedule(self) -> None:
         """The schedule of this config from the current step on (a checkpoint holds its own)."""
