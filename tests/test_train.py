@@ -278,7 +278,7 @@ def test_fsdp_run_checkpoints_full_weights_and_resumes_exactly(dataset, tmp_path
     assert state["parallel"] == "fsdp" and model.encode_images(torch.zeros(1, 3, 16, 16)).shape == (1, 64)
     single = subprocess.run(train_command(dataset, whole, "--set", "train.steps=6"), capture_output=True, text=True,
                             timeout=300)
-    assert single.returncode != 0 and "train.parallel: fsdp" in single.stderr
+    assert single.returncode == 2 and "train.parallel: 'fsdp' -> 'ddp'" in single.stderr
 
 
 def test_tensorboard_events(dataset, tmp_path):
