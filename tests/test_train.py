@@ -456,3 +456,26 @@ def test_resume_from_a_chosen_checkpoint_and_start_from_another_runs_weights(dat
     warm_losses = losses(warm)
     assert sorted(warm_losses) == [1, 2, 3, 4]
     assert warm_losses[1] < expected[1]  # trained weights start lower than a fresh model
+
+
+def test_two_processes_resume_on_one_with_grad_accum_reading_the_same_samples(dataset, tmp_path):
+    def mmae_train(run: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+        sets = train_command(dataset, run, "--set", "train.checkpoint_every=2", "--set", "train.num_workers=0",
+                             *extra)[5:]
+        return subprocess.run([sys.executable, "-m", "mmae.cli", "train", "--config", str(ROOT / "pipeline.yaml"),
+                               "--nproc", str(nproc), *sets], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    def by_step(run: Path) -> dict[int, dict]:
+        return {row["step"]: row for row in strict_json_lines(run / "metrics.jsonl")}
+
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    assert mmae_train(straight, 2, "--set", "train.steps=6").returncode == 0
+    assert mmae_train(elastic, 2, "--set", "train.steps=2").returncode == 0
+    wrong = mmae_train(elastic, 1, "--set", "train.steps=6")
+    assert wrong.returncode == 2 and "train.grad_accum=2" in wrong.stderr  # the global batch must stay
+    result = mmae_train(elastic, 1, "--set", "train.steps=6", "--set", "train.grad_accum=2")
+    assert result.returncode == 0 and "elastic resume: 2 data ranks on 1 process" in result.stderr, result.stderr[-2000:]
+    expected, resumed = by_step(straight), by_step(elastic)
+    for step in range(3, 7):
+        assert resumed[step]["sample_digest"] == expected[step]["sample_digest"]
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4, abs=1e-6)

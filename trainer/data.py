@@ -636,3 +636,32 @@ class MixedLoader:
             # The slot count defines the partition; keep the checkpoint's (any worker count works with it).
             self.plan.slots = state["slots"]
         self.consumed = state["batches"]
+
+
+class RankLoaders:
+    """The loaders of the data ranks this process stands for, and the micro-batches of a step.
+
+    Normally one: the process's own rank. After an elastic resume on fewer processes, several:
+    a run started on W processes keeps W data ranks for good, and a process standing for k of
+    them takes `grad_accum / k` micro-batches from each, so every global step reads exactly the
+    samples it read before (the partition is the data ranks', never the processes')."""
+
+    def __init__(self, loaders: list[MixedLoader], micro_per_loader: int) -> None:
+        self.loaders = loaders
+        self.micro = micro_per_loader
+
+    def describe(self) -> str:
+        return self.loaders[0].describe()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loaders[0].state_dict()  # every data rank has consumed the same batches
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for loader in self.loaders:
+            loader.load_state_dict(state)
+
+    def steps(self, count: int) -> Iterator[list[Batch]]:
+        """The micro-batches of the next `count` steps, one list per step."""
+        streams = [loader.batches(count * self.micro) for loader in self.loaders]
+        for _ in range(count):
+            yield [next(stream) for stream in streams for _ in range(self.micro)]

@@ -11,6 +11,8 @@ differs. The others may, with these meanings, and each change is appended to
   step (more steps stretch the cosine to the new end; the lr may jump at the resume step);
 - `optimizer.grad_clip`, `on_nonfinite`, `max_skipped_steps`, `data_errors`: apply from the
   next step;
+- `grad_accum`: only together with a different number of processes, so that processes x
+  grad_accum stays what it was (an elastic resume: `RankLoaders` keeps the data ranks);
 - intervals and plumbing (`log_every`, `checkpoint_every`, `keep_checkpoints`, `tensorboard`,
   `num_workers`, `prefetch_factor`, `compile`, `attention`, `out`): change nothing computed.
 """
@@ -24,6 +26,7 @@ CHANGEABLE = frozenset({
     "optimizer.grad_clip", "on_nonfinite", "max_skipped_steps", "data_errors",
     "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "num_workers", "prefetch_factor",
     "compile", "attention", "out", "resume_from", "init_from",
+    "grad_accum",  # only with a different number of processes, keeping the global batch (checked on resume)
 })
 
 

@@ -35,7 +35,7 @@ from schemas.config import Config, TrainConfig
 from trainer.attention import resolve_backend
 from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint
 from trainer.settings import differences
-from trainer.data import Batch, MixedLoader, read_manifest
+from trainer.data import RankLoaders, Batch, MixedLoader, read_manifest
 from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
 
 log = logging.getLogger("mmae.train")
@@ -162,6 +162,17 @@ def masking_ratios(inputs: Inputs, masking) -> tuple[list[float], list[float]]:
     return image_ratios, text_ratios
 
 
+DIGEST_MODULUS = 1 << 40  # per-rank digests summed over ranks stay exact in float64
+
+
+def sample_digest(batches: list[Batch]) -> int:
+    """Which samples a step read, whatever their order or split over ranks and micro-batches:
+    a sum of 40-bit id hashes (the global step's is the all-reduced sum)."""
+    total = sum(int.from_bytes(hashlib.blake2b(sample.encode(), digest_size=5).digest(), "big")
+                for batch in batches for sample in batch.ids)
+    return total % DIGEST_MODULUS
+
+
 def step_seed(seed: int, step: int) -> int:
     """Masks are drawn per sample id from this seed: the same whatever the micro-batch or rank split."""
     return seed * 1_000_003 + step
@@ -197,6 +208,7 @@ class Trainer:
             self.stages.append((start, end, stage))
             start = end
         self.stage_index = 0
+        self.data_world = env.world_size  # data ranks: the processes of the run's first start
         self.loader = self._make_loader(0)
         global_batch = config.batch_size * env.world_size * config.grad_accum
         lr = config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
@@ -218,7 +230,7 @@ class Trainer:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def _make_loader(self, index: int) -> MixedLoader:
+    def _make_loader(self, index: int) -> RankLoaders:
         """The loader of stage `index`: its mix (text share 0 for the MAE baseline), its own order."""
         stage = self.stages[index][2]
         mix = stage.mix if stage is not None else self.config.mix
@@ -226,7 +238,10 @@ class Trainer:
             # MAE baseline: the same images (paired ones too, captions dropped); no text-only rows.
             mix = mix.model_copy(update={"text": 0.0})
         stage_config = self.config.model_copy(update={"mix": mix, "seed": self.config.seed + 1009 * index})
-        return MixedLoader(stage_config, rank=self.env.rank, world_size=self.env.world_size)
+        per_process = self.data_world // self.env.world_size
+        ranks = [self.env.rank * per_process + offset for offset in range(per_process)]
+        return RankLoaders([MixedLoader(stage_config, rank=rank, world_size=self.data_world) for rank in ranks],
+                           self.config.grad_accum // per_process)
 
     def stage_of(self, step: int) -> int:
         for index, (start, end, _) in enumerate(self.stages):
@@ -329,6 +344,7 @@ class Trainer:
                              "restore them, or start a new run with another train.out")
         if state["model_spec"] != self.model_spec:
             raise TrainError(f"{path} holds a {state['model_spec']} model; this config builds {self.model_spec}")
+        self._adopt_data_ranks(path, state)
         try:
             self.load_state_dict(state)
         except ValueError as error:  # the loader's own checks (world size, streams, data)
@@ -336,6 +352,25 @@ class Trainer:
         self._apply_schedule()
         self.changed_on_resume = allowed
         return path
+
+    def _adopt_data_ranks(self, path: Path, state: dict[str, Any]) -> None:
+        """Elastic resume: fewer processes than data ranks, the global batch kept by grad_accum."""
+        data_world = state["loader"]["world_size"]
+        saved_accum = state.get("config", {}).get("grad_accum", self.config.grad_accum)
+        processes = self.env.world_size
+        if data_world % processes:
+            raise TrainError(f"{path} was trained on {data_world} data ranks; {processes} processes cannot share them "
+                             f"evenly: resume on a divisor of {data_world} processes")
+        needed = saved_accum * data_world // processes
+        if self.config.grad_accum != needed:
+            raise TrainError(f"{path} was trained with {data_world} process(es) x train.grad_accum {saved_accum}; on "
+                             f"{processes} process(es) set train.grad_accum={needed} to keep the same global batch")
+        if data_world != self.data_world:
+            self.data_world = data_world
+            self.loader = self._make_loader(self.stage_index)
+            if self.env.main:
+                log.info("elastic resume: %d data ranks on %d process(es), grad_accum %d", data_world, processes,
+                         needed)
 
     def _init_weights(self, path: Path) -> None:
         """A new run from another run's weights; optimizer, schedule and data start fresh."""
@@ -369,6 +404,7 @@ class Trainer:
         weights = (objectives.image, objectives.text, objectives.unpaired_text)
         seen = {kind: sum(batch.counts()[kind] for batch in batches) for kind in ("paired", "image", "text")}
         skipped = sum(batch.dropped for batch in batches)
+        digest = sample_digest(batches)
         if not config.use_text:
             batches = [batch.without_text() for batch in batches]
         if config.step_mode == "per_kind":
@@ -436,15 +472,15 @@ class Trainer:
             # Report the global step: losses averaged over ranks (each rank's loss is its share of
             # the global mean, scaled by the world size), counts summed.
             keys = list(sums)
-            totals = torch.tensor([*(sums[key] for key in keys), *seen.values(), skipped, encoder_tokens],
+            totals = torch.tensor([*(sums[key] for key in keys), *seen.values(), skipped, encoder_tokens, digest],
                                   dtype=torch.float64, device=self.device)
             dist.all_reduce(totals)
             values = totals.tolist()
             sums = {key: value / self.env.world_size for key, value in zip(keys, values)}
             seen = {kind: int(value) for kind, value in zip(seen, values[len(keys):])}
-            skipped, encoder_tokens = int(values[-2]), int(values[-1])
+            skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
         return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen,
-                "skipped": skipped, "nonfinite": nonfinite}
+                "skipped": skipped, "nonfinite": nonfinite, "sample_digest": digest}
 
     def fit(self) -> dict[str, Any]:
         config, env = self.config, self.env
@@ -490,8 +526,8 @@ class Trainer:
             if batches is None or stage != self.stage_index:
                 self._enter_stage(stage)
                 end = self.stages[stage][1]
-                batches = self.loader.batches((end - self.step) * config.grad_accum)
-            step_batches = [next(batches) for _ in range(config.grad_accum)]
+                batches = self.loader.steps(end - self.step)
+            step_batches = next(batches)
             result = self.train_step(model, step_batches)
             if result["nonfinite"]:
                 self._on_nonfinite(result)
@@ -523,6 +559,7 @@ class Trainer:
                     "stage": self.stage_index,
                     "skipped_samples": window_skipped,
                     "skipped_steps": self.skipped_steps,
+                    "sample_digest": result["sample_digest"],
                 }
                 if env.main:
                     with open(self.run / "metrics.jsonl", "a") as handle:
