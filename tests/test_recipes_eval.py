@@ -82,10 +82,24 @@ def test_linear_probe_separates_what_is_separable(tmp_path):
     assert json.loads(cli.stdout) == result
 
 
-def test_probe_needs_labels(dataset, tmp_path):  # noqa: F811
-    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(tmp_path / "x.pt"),
-                          "--data", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert cli.returncode == 2 and "error" in cli.stderr
+def test_probe_needs_labels(tmp_path):
+    """A real checkpoint and a real dataset whose rows have no label: the error is about labels."""
+    from trainer.model import build_model
+
+    rows = [row("image", index) for index in range(12)]
+    for item in rows:
+        item.update(image=solid((100, 100, 100)), label=None)
+    root = tmp_path / "ds"
+    entry = write_shard(str(root), "image", 0, 1, rows, 8)
+    (root / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"image": 12},
+                                                    "shards": [entry], "rejects": []}))
+    checkpoint = tmp_path / "random.pt"
+    torch.save({"model": build_model("tiny", 16, 16, 16).state_dict(), "step": 0,
+                "model_spec": {"preset": "tiny", "vocab_size": 16, "image_size": 16, "max_text_tokens": 16}},
+               checkpoint)
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(checkpoint),
+                          "--data", str(root)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 2 and "no rows with both an image and a label" in cli.stderr, cli.stderr[-2000:]
 
 
 STAGES = ["--set", "train.stages=[{name: images, steps: 3, mix: {paired: 0, image: 1, text: 0}}, "
