@@ -246,7 +246,8 @@ class TrainConfig(_Section):
         "auto", description="auto: xformers on packed rows when it can run, else SDPA on padded batches")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     resume_from: Optional[str] = Field(
-        None, description="resume from this checkpoint file instead of the run folder's newest readable one")
+        None, description="resume from this checkpoint (a file, a `last` pointer or a run folder) instead of the run "
+        "folder's newest readable one")
     init_from: Optional[str] = Field(
         None, description="a new run starts from this checkpoint's model weights, with a fresh optimizer, schedule "
         "and data position (continued pretraining on new data); ignored once the run has checkpoints of its own")

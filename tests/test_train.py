@@ -479,3 +479,24 @@ def test_two_processes_resume_on_one_with_grad_accum_reading_the_same_samples(da
     for step in range(3, 7):
         assert resumed[step]["sample_digest"] == expected[step]["sample_digest"]
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_checkpoint_arguments_take_a_file_last_or_a_run_folder(dataset, tmp_path):
+    from trainer.checkpoint import CheckpointNotFound, resolve_checkpoint
+
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), check=True, capture_output=True, timeout=300)
+    newest = run / "checkpoints" / "step-0000008.pt"
+    for given in (newest, run / "checkpoints" / "last", run / "checkpoints", run):
+        assert resolve_checkpoint(given) == newest
+        assert load_model(given)[1]["step"] == 8
+    (run / "checkpoints" / "last").write_text("step-0000099.pt\n")  # a stale pointer: the newest readable
+    assert resolve_checkpoint(run) == newest
+    with pytest.raises(CheckpointNotFound, match="step-0000099.pt"):
+        resolve_checkpoint(run / "checkpoints" / "last")
+    with pytest.raises(CheckpointNotFound, match="no readable"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", str(tmp_path / "foreign.pt"),
+                          "--data", str(dataset)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 2 and "cannot be loaded as a checkpoint" in cli.stderr and "Traceback" not in cli.stderr

@@ -105,11 +105,45 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """`--checkpoint` names nothing that holds a checkpoint; the message says what it found."""
+
+
+def resolve_checkpoint(given: str | Path) -> Path:
+    """A checkpoint file from what a user passes: the file itself, a `last` pointer, a run's
+    `checkpoints/` folder or the run folder (its newest readable checkpoint, `last` first)."""
+    path = Path(given)
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        checkpointer = Checkpointer(folder)
+        pointer = folder / "last"
+        if pointer.is_file() and (folder / pointer.read_text().strip()).is_file():
+            return folder / pointer.read_text().strip()
+        for candidate in checkpointer.existing():
+            if readable(candidate):
+                return candidate
+        raise CheckpointNotFound(f"{given}: no readable step-*.pt checkpoint in {folder}")
+    if path.name == "last" and path.is_file():
+        named = path.parent / path.read_text().strip()
+        if not named.is_file():
+            raise CheckpointNotFound(f"{given} names {named.name}, which does not exist")
+        return named
+    if not path.is_file():
+        raise CheckpointNotFound(f"{given}: no such checkpoint (a step-*.pt file, a `last` pointer, or a run folder)")
+    return path
+
+
 def load_model(path: str | Path):
-    """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load)."""
+    """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load). `path`
+    may be a checkpoint file, a `last` pointer, or a run folder (`resolve_checkpoint`)."""
     from trainer.model import build_model
 
-    state = load_checkpoint(path)
+    path = resolve_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file: say which
+        raise CheckpointNotFound(f"{path}: cannot be loaded as a checkpoint ({type(error).__name__}: "
+                                 f"{str(error)[:200]})") from None
     spec = state["model_spec"]
     model = build_model(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
                         spec.get("norm_pix_loss", True), spec.get("alignment", False))

@@ -33,7 +33,7 @@ import yaml
 
 from schemas.config import Config, TrainConfig
 from trainer.attention import resolve_backend
-from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint
+from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
 from trainer.settings import differences
 from trainer.data import RankLoaders, Batch, MixedLoader, read_manifest
 from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
@@ -324,6 +324,7 @@ class Trainer:
         if self.config.resume_from:
             path = Path(self.config.resume_from)
             try:
+                path = resolve_checkpoint(path)
                 found = (path, load_checkpoint(path))
             except Exception as error:  # noqa: BLE001 - say which file and why
                 raise TrainError(f"train.resume_from {path}: cannot load ({type(error).__name__}: {error})") from None
@@ -375,6 +376,7 @@ class Trainer:
     def _init_weights(self, path: Path) -> None:
         """A new run from another run's weights; optimizer, schedule and data start fresh."""
         try:
+            path = resolve_checkpoint(path)
             state = load_checkpoint(path)
         except Exception as error:  # noqa: BLE001
             raise TrainError(f"train.init_from {path}: cannot load ({type(error).__name__}: {error})") from None
