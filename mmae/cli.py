@@ -116,6 +116,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main(["--config", args.config, *overrides])
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmae")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from trainer.data import DataError
     from trainer.evaluate import probe, reconstruct, retrieval
@@ -154,6 +163,7 @@ def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"mmae {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_data = commands.add_parser("demo-data", help="write the synthetic demo corpus")

@@ -79,3 +79,12 @@ def test_multi_processing_runner_gives_identical_shards(tmp_path):
         a = pq.read_table(tmp_path / "a" / "shards" / entry["path"]).drop(["url"])
         b = pq.read_table(tmp_path / "b" / "shards" / entry["path"]).drop(["url"])
         assert a.equals(b), entry["path"]
+
+
+def test_version():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout.strip() == f"mmae {version('mmae')}"
