@@ -6,9 +6,10 @@ turns any validation problem into one `ConfigError` whose message names the dott
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -304,6 +305,25 @@ def _format_location(location: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in location) or "(top level)"
 
 
+def _section_keys(location: tuple) -> list[str]:
+    """The keys a config section accepts, found by walking the models along `location`."""
+    model: Any = Config
+    for part in location:
+        if isinstance(part, int):
+            continue  # a list item: the list's item type was taken when its field was entered
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            inner = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if not inner:
+                return []
+            annotation = inner[0]
+        model = annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_validation_error(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
@@ -311,6 +331,9 @@ def _format_validation_error(error: ValidationError) -> str:
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
+            close = difflib.get_close_matches(str(problem["loc"][-1]), _section_keys(problem["loc"][:-1]), n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         got = problem.get("input")
         shown = "" if problem["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
         if len(shown) > 120:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from schemas.config import ConfigError, apply_override, load_config
@@ -80,3 +82,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_recipe_configs_are_valid(name):
     config = load_config(f"configs/{name}.yaml")
     assert config.train is not None and config.train.use_text == (name != "mae") and config.train.steps == 3000
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("data.image.sise=3", "'size'"), ("train.optimizer.base_lrr=1", "'base_lr'"),
+    ("data.sources.0.url_colum=x", "'url_column'"), ("train.stepss=3", "'steps'"),
+])
+def test_unknown_keys_get_a_did_you_mean(override, suggestion):
+    with pytest.raises(ConfigError) as error:
+        load_config(Path(__file__).resolve().parent.parent / "pipeline.yaml", [override])
+    assert f"unknown key; did you mean {suggestion}?" in str(error.value)
