@@ -26,9 +26,7 @@ import contextlib
 import heapq
 import ipaddress
 import itertools
-import os
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import urllib3
 
 import fsspec
 
+from pipelines.builder.localfiles import NotARegularFile, read_regular_file
 from schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024
@@ -263,6 +262,8 @@ def request_target(url: str) -> tuple[str, dict[str, str]]:
     """(URL to send, extra headers): credentials in the URL become a Basic Authorization header
     (as curl and requests do), a non-ASCII host is IDNA-encoded, and a non-ASCII or space in the
     path or query is percent-encoded (what a browser sends for the same link)."""
+    if url.isascii() and "@" not in url and " " not in url:
+        return url, {}  # nearly every URL of a corpus: nothing to encode, no credentials
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -433,24 +434,19 @@ class Fetcher:
         raise FetchError("redirect_loop", f"more than {self.config.max_redirects} redirects")
 
     def _fetch_local(self, path: str) -> FetchResult:
-        """Regular files only: a FIFO or device is never waited on or read (O_NONBLOCK, fstat)."""
+        """Regular files only: a FIFO or device is never waited on or read (`read_regular_file`)."""
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            data, size = read_regular_file(path, self.config.max_bytes)
         except FileNotFoundError:
             raise FetchError("not_found", "no such file") from None
+        except NotARegularFile:
+            raise FetchError("not_a_file", "not a regular file (FIFO, device or folder)") from None
         except (PermissionError, IsADirectoryError) as error:
             raise FetchError("not_found", type(error).__name__) from None
         except (OSError, ValueError) as error:
             raise FetchError("bad_url", f"{type(error).__name__}: {error}") from None
-        with os.fdopen(descriptor, "rb") as handle:
-            info = os.fstat(descriptor)
-            if not stat.S_ISREG(info.st_mode):
-                raise FetchError("not_a_file", "not a regular file (FIFO, device or folder)")
-            if info.st_size > self.config.max_bytes:
-                raise FetchError("too_large", f"{info.st_size} bytes > {self.config.max_bytes}")
-            data = handle.read(self.config.max_bytes + 1)
-        if len(data) > self.config.max_bytes:
-            raise FetchError("too_large", f"more than {self.config.max_bytes} bytes")
+        if size > self.config.max_bytes or len(data) > self.config.max_bytes:
+            raise FetchError("too_large", f"{size} bytes > {self.config.max_bytes}")
         return FetchResult(data=data, final_url=path)
 
     def _fetch_fsspec(self, url: str) -> FetchResult:

@@ -8,11 +8,11 @@ records carrying a `reason`, so they end in `rejects/` and are counted, never dr
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
 import posixpath
-import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines.builder import webdataset
+from pipelines.builder.localfiles import read_regular_file
 from schemas.config import SourceConfig
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -194,6 +195,12 @@ class RowProblem(ValueError):
         self.detail = detail
 
 
+@functools.lru_cache(maxsize=256)
+def _real_folder(folder: str) -> str:
+    """A source file's folder with links resolved: once per folder, not once per row."""
+    return os.path.realpath(folder)
+
+
 def _is_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -238,8 +245,7 @@ def resolve_url(url: str, source: SourceConfig, source_file: SourceFile) -> str:
         return f"{folder}/{joined}"
     joined = posixpath.normpath(posixpath.join(folder, url))
     if not source.allow_local_files:
-        real_folder = os.path.realpath(folder)
-        if not _is_inside(os.path.realpath(joined), real_folder):
+        if not _is_inside(os.path.realpath(joined), _real_folder(folder)):
             raise RowProblem("url_not_allowed", "relative paths (and links) may not leave the source file's "
                              "folder without allow_local_files: true on the source")
     return joined
@@ -369,14 +375,13 @@ def _read_image_file(source: SourceConfig, source_file: SourceFile) -> Iterator[
 
 
 def _read_sidecar(path: str) -> bytes:
-    """A caption file, at most MAX_SIDECAR_BYTES + 1 bytes; a local one only if it is a regular file
-    (a FIFO named NAME.txt must not stall the reader)."""
+    """A caption file, at most MAX_SIDECAR_BYTES + 1 bytes (more means too large); a local one
+    only if it is a regular file (a FIFO named NAME.txt must not stall the reader)."""
     if "://" not in path:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(descriptor, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise OSError("not a regular file")
-            return handle.read(MAX_SIDECAR_BYTES + 1)
+        data, size = read_regular_file(path, MAX_SIDECAR_BYTES)
+        if size > MAX_SIDECAR_BYTES:
+            raise OSError(f"larger than {MAX_SIDECAR_BYTES} bytes")
+        return data
     with fsspec.open(path, "rb") as handle:
         return handle.read(MAX_SIDECAR_BYTES + 1)
 
