@@ -1,10 +1,26 @@
-"""`manifest.json`: what a build produced. Written last, so its presence marks a complete build."""
+"""`manifest.json`: what a build produced. Written last, so its presence marks a complete build.
+
+The one reader of it: `read_manifest(root)` (a folder or an fsspec URL) returns a typed
+`Manifest`; the loader, `mmae stats`, `mmae validate` and `mmae eval` all go through it.
+
+    manifest = read_manifest("build/demo/shards")
+    manifest.entries("paired")        # ShardEntry of every paired shard
+    manifest.source_kinds()           # {"captions": "paired", "photos": "image", ...}
+"""
 
 from __future__ import annotations
 
+import json
+import posixpath
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The dataset cannot be opened: no manifest, not JSON, or not an mmae manifest."""
 
 
 class ShardEntry(BaseModel):
@@ -32,7 +48,54 @@ class Manifest(BaseModel):
     schema_version: str
     rows: dict[str, int]  # per kind
     shards: list[ShardEntry]
-    rejects: list[ShardEntry]
-    rejected: int
-    tokenizer: Optional[TokenizerEntry]
-    config: dict[str, Any]  # the resolved `data:` section
+    rejects: list[ShardEntry] = Field(default_factory=list)
+    rejected: int = 0
+    tokenizer: Optional[TokenizerEntry] = None
+    sources: dict[str, str] = Field(default_factory=dict)  # source name -> kind (builds since 0.2)
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved `data:` section
+
+    def entries(self, *kinds: str) -> list[ShardEntry]:
+        """The data shards of the given kinds (all kinds when none is given), in manifest order."""
+        return [entry for entry in self.shards if not kinds or entry.kind in kinds]
+
+    def source_kinds(self) -> dict[str, str]:
+        """Which kind each source produced: the build's own map, or (older builds) its config."""
+        if self.sources:
+            return dict(self.sources)
+        return {source["name"]: source["kind"] for source in self.config.get("sources", [])
+                if isinstance(source, dict) and "name" in source and "kind" in source}
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        return self.config.get("text", {}).get("max_tokens")
+
+
+def manifest_url(root: str) -> str:
+    return posixpath.join(root.rstrip("/"), MANIFEST)
+
+
+def load_manifest_json(root: str) -> dict[str, Any]:
+    """The manifest as JSON, untyped (for `mmae validate`, which reports every field problem)."""
+    import fsspec
+
+    url = manifest_url(root)
+    try:
+        with fsspec.open(url, "r", encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise ManifestError(f"{root}: no manifest.json (not an mmae build, or the build did not finish; "
+                            "run `mmae build` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{url}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or "shards" not in manifest:
+        raise ManifestError(f"{url}: not an mmae manifest (no 'shards')")
+    return manifest
+
+
+def read_manifest(root: str) -> Manifest:
+    try:
+        return Manifest.model_validate(load_manifest_json(root))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+                             for problem in error.errors()[:3])
+        raise ManifestError(f"{manifest_url(root)}: not a valid mmae manifest ({problems})") from None

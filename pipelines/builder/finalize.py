@@ -96,6 +96,7 @@ class FinalizeFn(beam.DoFn):
                 "rejects": reject_shards,
                 "rejected": sum(entry["rows"] for entry in reject_shards),
                 "tokenizer": tokenizer,
+                "sources": {source.name: source.kind for source in self.config.sources},
                 "config": self.config.model_dump(mode="json"),
             }
             write_json(join(self.config.output, "manifest.json"), manifest)

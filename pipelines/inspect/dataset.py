@@ -2,42 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import fsspec
 import polars as pl
 import pyarrow.parquet as pq
 
 from pipelines.shards import join
+from schemas.manifest import Manifest, ManifestError, read_manifest
 
 # Protocols polars reads natively (and lazily); anything else goes through fsspec.
 POLARS_NATIVE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf")
 
 
-class DatasetError(ValueError):
-    """The dataset cannot be opened (no manifest, unreadable manifest)."""
+DatasetError = ManifestError  # the dataset cannot be opened (no manifest, unreadable manifest)
 
 
 @dataclass
 class Dataset:
     root: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @classmethod
     def open(cls, root: str) -> "Dataset":
-        url = join(root, "manifest.json")
-        try:
-            with fsspec.open(url, "r", encoding="utf-8") as handle:
-                manifest = json.load(handle)
-        except FileNotFoundError:
-            raise DatasetError(f"{root}: no manifest.json (not an mmae build, or the build did not finish)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DatasetError(f"{url}: not valid JSON ({error})") from None
-        if not isinstance(manifest, dict) or "shards" not in manifest:
-            raise DatasetError(f"{url}: not an mmae manifest (no 'shards')")
-        return cls(root=root, manifest=manifest)
+        return cls(root=root, manifest=read_manifest(root))
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -47,20 +36,20 @@ class Dataset:
         return join(self.root, relative)
 
     def shard_urls(self, kind: Optional[str] = None) -> list[str]:
-        return [self.url(entry["path"]) for entry in self.manifest["shards"] if kind in (None, entry["kind"])]
+        return [self.url(entry.path) for entry in self.manifest.entries(*([kind] if kind else []))]
 
     def reject_urls(self) -> list[str]:
-        return [self.url(entry["path"]) for entry in self.manifest.get("rejects", [])]
+        return [self.url(entry.path) for entry in self.manifest.rejects]
 
     @property
     def max_tokens(self) -> Optional[int]:
-        return self.manifest.get("config", {}).get("text", {}).get("max_tokens")
+        return self.manifest.max_tokens
 
     def tokenizer_model(self) -> Optional[bytes]:
-        entry = self.manifest.get("tokenizer")
+        entry = self.manifest.tokenizer
         if not entry:
             return None
-        with fsspec.open(self.url(entry["path"]), "rb") as handle:
+        with fsspec.open(self.url(entry.path), "rb") as handle:
             return handle.read()
 
 

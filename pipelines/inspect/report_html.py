@@ -27,22 +27,22 @@ MIME = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp", "png": 
 def sample_rows(dataset: Dataset, count: int, seed: int = 0) -> list[dict[str, Any]]:
     """`count` rows spread over kinds, reading only the row groups that hold them."""
     rng = random.Random(seed)
-    kinds = [kind for kind in ("paired", "image", "text") if dataset.manifest["rows"].get(kind)]
+    kinds = [kind for kind in ("paired", "image", "text") if dataset.manifest.rows.get(kind)]
     if not kinds or count <= 0:
         return []
     per_kind = {kind: count // len(kinds) + (1 if index < count % len(kinds) else 0) for index, kind in enumerate(kinds)}
     samples = []
     for kind in kinds:
-        entries = [entry for entry in dataset.manifest["shards"] if entry["kind"] == kind and entry["rows"]]
-        total = sum(entry["rows"] for entry in entries)
+        entries = [entry for entry in dataset.manifest.entries(kind) if entry.rows]
+        total = sum(entry.rows for entry in entries)
         positions = sorted(rng.sample(range(total), min(per_kind[kind], total)))
         offset = 0
         for entry in entries:
-            wanted = [p - offset for p in positions if offset <= p < offset + entry["rows"]]
-            offset += entry["rows"]
+            wanted = [p - offset for p in positions if offset <= p < offset + entry.rows]
+            offset += entry.rows
             if not wanted:
                 continue
-            with fsspec.open(dataset.url(entry["path"]), "rb") as handle, pq.ParquetFile(handle) as parquet:
+            with fsspec.open(dataset.url(entry.path), "rb") as handle, pq.ParquetFile(handle) as parquet:
                 columns = [name for name in GALLERY_COLUMNS if name in parquet.schema_arrow.names]
                 start = 0
                 for group in range(parquet.num_row_groups):

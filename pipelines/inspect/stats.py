@@ -107,7 +107,7 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
     )))
 
-    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.get("schema_version")}
+    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.schema_version}
     row_counts = results["rows"]
     per_source = row_counts.group_by("kind", "source").agg(pl.col("n").sum().alias("rows")).sort("kind", "source")
     stats["rows"] = {kind: int(per_source.filter(pl.col("kind") == kind)["rows"].sum()) for kind in KINDS}
@@ -167,12 +167,12 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         stats["image"], stats["image_by_source"] = {}, {}
 
     # Bytes: the data shards as the manifest lists them (rejects separately).
-    stats["bytes"] = int(sum(entry["bytes"] for entry in manifest["shards"]))
-    stats["reject_bytes"] = int(sum(entry["bytes"] for entry in manifest.get("rejects", [])))
+    stats["bytes"] = int(sum(entry.bytes for entry in manifest.shards))
+    stats["reject_bytes"] = int(sum(entry.bytes for entry in manifest.rejects))
     stats["shards"] = [
-        {"path": entry["path"], "kind": entry["kind"], "rows": entry["rows"], "bytes": entry["bytes"],
-         "bytes_per_row": round(entry["bytes"] / entry["rows"], 1) if entry["rows"] else None}
-        for entry in manifest["shards"]
+        {"path": entry.path, "kind": entry.kind, "rows": entry.rows, "bytes": entry.bytes,
+         "bytes_per_row": round(entry.bytes / entry.rows, 1) if entry.rows else None}
+        for entry in manifest.shards
     ]
     stats["labels"] = (
         row_counts.filter(pl.col("label").is_not_null()).group_by("kind", "label").agg(pl.col("n").sum())
@@ -192,8 +192,8 @@ def _tokenizer_coverage(dataset: Dataset, token_counts: pl.DataFrame) -> Optiona
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=model)
-    entry = dataset.manifest.get("tokenizer") or {}
-    unk = entry.get("special_ids", {}).get("unk", processor.unk_id())
+    entry = dataset.manifest.tokenizer
+    unk = entry.special_ids.get("unk", processor.unk_id()) if entry else processor.unk_id()
     total = int(token_counts["n"].sum())
     unknown = int(token_counts.filter(pl.col("token") == unk)["n"].sum())
     top = token_counts.sort(["n", "token"], descending=[True, False]).head(TOP_TOKENS)

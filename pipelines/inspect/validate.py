@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
 
-from pipelines.inspect.dataset import Dataset, DatasetError
-from schemas.manifest import Manifest
+from pipelines.inspect.dataset import Dataset
+from schemas.manifest import Manifest, ManifestError, load_manifest_json
 from schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 
 Image.MAX_IMAGE_PIXELS = None  # sizes are checked against the recorded ones instead
@@ -140,16 +140,17 @@ def _check_file(dataset: Dataset, entry: dict[str, Any], vocab_size: Optional[in
 def validate(root: str, decode_images: bool = True) -> Report:
     report = Report()
     try:
-        dataset = Dataset.open(root)
-    except DatasetError as error:
+        raw = load_manifest_json(root)
+    except ManifestError as error:
         report.add(root, str(error))
         return report
     try:
-        manifest = Manifest.model_validate(dataset.manifest)
-    except ValidationError as error:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as error:  # every field problem, not just the first
         for problem in error.errors():
             report.add("manifest.json", f"{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}")
         return report
+    dataset = Dataset(root, manifest)
     if manifest.schema_version != SCHEMA_VERSION:
         report.add("manifest.json", f"schema_version {manifest.schema_version!r}, this mmae reads {SCHEMA_VERSION!r}")
         return report
