@@ -26,7 +26,8 @@ WORKER = textwrap.dedent("""
     import json, os, resource, sys, time, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from schemas.config import TrainConfig
-    from trainer.train import Distributed, Trainer, parallelize
+    from trainer.parallel import Distributed, parallelize
+    from trainer.train import Trainer
     rank, world = int(sys.argv[1]), {world}
     device = torch.device({device!r}, rank) if {device!r} == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -38,15 +39,15 @@ WORKER = textwrap.dedent("""
     env = Distributed(rank, world, rank if device.type == "cuda" else 0)
     trainer = Trainer(config, env)
     model = parallelize(trainer.model, env, config)
-    batches = trainer.loader.batches()
+    batches = trainer.loader.steps(2 + {steps})
     for _ in range(2):
-        trainer.train_step(model, [next(batches)])
+        trainer.train_step(model, next(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
     started = time.perf_counter()
     for _ in range({steps}):
-        trainer.train_step(model, [next(batches)])
+        trainer.train_step(model, next(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / {steps}

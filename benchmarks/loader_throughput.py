@@ -66,7 +66,7 @@ def report(seconds, samples):
 
 MMAE = COMMON + """
 from schemas.config import TrainConfig
-from trainer.data import MixedLoader
+from trainer.loader import MixedLoader
 loader = MixedLoader(TrainConfig(data={data!r}, batch_size={batch}, num_workers={workers}, image_size={size},
                                  mix={{"paired": 0, "image": 1, "text": 0}}))
 samples = 0

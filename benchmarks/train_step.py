@@ -28,8 +28,8 @@ STEP = textwrap.dedent("""
     import json, resource, sys, time, torch
     sys.path.insert(0, {root!r})
     from schemas.config import TrainConfig
-    from trainer.data import MixedLoader
-    from trainer.model import Inputs, build_model, PRESETS
+    from trainer.loader import MixedLoader
+    from trainer.model import build_model, PRESETS
     device = torch.device({device!r})
     config = TrainConfig(data={data!r}, batch_size={batch}, num_workers=0, image_size={size}, max_text_tokens=64)
     batches = [b.to(device) for b in MixedLoader(config).batches(4)]
@@ -42,7 +42,7 @@ STEP = textwrap.dedent("""
     def step(index):
         b = batches[index % len(batches)]
         with autocast:
-            out = model(Inputs(b.images, b.image_index, b.tokens, b.token_lengths, b.ids), seed=index)
+            out = model(b.inputs(), seed=index)
         out.loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
         return out
     for index in range(3):

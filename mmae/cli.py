@@ -126,8 +126,9 @@ def _version() -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.data import DataError
+    from schemas.manifest import ManifestError
     from trainer.evaluate import probe, reconstruct, retrieval
+    from trainer.streams import DataError
 
     try:
         if args.evaluation == "reconstruct":
@@ -138,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             result = retrieval(args.checkpoint, args.data, limit=args.limit)
         else:
             result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
-    except (DataError, FileNotFoundError) as error:
+    except (DataError, ManifestError, FileNotFoundError) as error:
         print(f"mmae eval: error: {error}", file=sys.stderr)
         return 2
     if args.json:

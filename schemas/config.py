@@ -219,6 +219,22 @@ class OptimizerConfig(_Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="max global grad norm; null = off")
 
 
+class ValidationConfig(_Section):
+    """Validation loss on data the run never trains on, every `every` steps."""
+
+    data: Optional[str] = Field(
+        None, description="a built dataset to validate on (e.g. built from the corpus's own validation split)")
+    holdout: float = Field(
+        0.0, ge=0, lt=0.5, description="or: this fraction of train.data's rows (by id hash) is held out of training "
+        "and validated on; reads the id column of every shard once at start")
+    every: int = Field(100, ge=1, description="steps between validations (and the last step)")
+    batches: int = Field(4, ge=1, description="batches of batch_size samples per validation (the same each time)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None or self.holdout > 0
+
+
 class TrainConfig(_Section):
     data: str = Field("build/demo/shards", description="a built dataset (folder or URL with manifest.json)")
     out: str = Field("build/demo/run", description="the run folder")
@@ -264,7 +280,10 @@ class TrainConfig(_Section):
         "ddp", description="with several processes: DDP (a model replica per process) or FSDP (parameters, "
         "gradients and optimizer state sharded over processes; for the large presets)"
     )
-    tensorboard: bool = Field(False, description="also write TensorBoard events to RUN/tensorboard")
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard events to RUN/tensorboard: scalars, validation reconstructions, "
+        "hyperparameters; one stream across resumes")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     use_text: bool = Field(
         True, description="false: the image-only MAE baseline on the same data (captions dropped, text skipped)")
     stages: list[StageConfig] = Field(

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.builder.download import KILL_AFTER_CHUNKS_ENV
-from pipelines.builder.pipeline import BuildError, run
+from pipelines.builder.pipeline import run
 from pipelines.demo.serve import WebBehaviour, serve_weblike
 from schemas.config import load_config
 from tests.conftest import jpeg_bytes, write_jsonl

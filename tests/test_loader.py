@@ -13,7 +13,8 @@ import torch
 
 from schemas.config import TrainConfig
 from tests.datasets import corrupt_row_group, write_dataset
-from trainer.data import DataError, MixedLoader, apportion
+from trainer.loader import MixedLoader, apportion
+from trainer.streams import DataError
 from trainer.transforms import eval_view, random_resized_crop_box, train_view
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,7 +248,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from schemas.config import TrainConfig
-    from trainer.data import MixedLoader
+    from trainer.loader import MixedLoader
     dist.init_process_group("gloo", init_method="file://{init}", rank=int(sys.argv[1]), world_size=2)
     rank = dist.get_rank()
     loader = MixedLoader(TrainConfig(data={data!r}, batch_size=6, num_workers=1, image_size=16, shuffle_window=8),
@@ -286,7 +287,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {root!r})
     from schemas.config import TrainConfig
-    from trainer.data import MixedLoader
+    from trainer.loader import MixedLoader
     loader = MixedLoader(TrainConfig(data=sys.argv[1], batch_size=32, num_workers=0, image_size=16,
                                      shuffle_window=64))
     for batch in loader.batches(300):

@@ -14,8 +14,8 @@ from pipelines.shards import write_shard
 from schemas.config import MaskingConfig
 from tests.datasets import row
 from tests.test_train import ROOT, dataset, losses, train_command  # noqa: F401 - fixtures reused
-from trainer.model import Inputs
-from trainer.train import masking_ratios
+from trainer.batch import Inputs
+from trainer.masking import per_sample_ratios as masking_ratios
 
 
 def test_cross_masking_masks_one_modality_of_each_pair():
@@ -131,8 +131,9 @@ def test_stages_switch_mix_and_resume_in_the_right_stage(dataset, tmp_path):  # 
 
 def test_per_kind_step_mode_gives_the_packed_update(dataset, tmp_path):  # noqa: F811
     from schemas.config import TrainConfig
-    from trainer.data import MixedLoader
-    from trainer.train import Distributed, Trainer
+    from trainer.loader import MixedLoader
+    from trainer.parallel import Distributed
+    from trainer.train import Trainer
 
     grads = {}
     for mode in ("packed", "per_kind"):
@@ -159,7 +160,22 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     result = json.loads(cli.stdout)
-    assert result["n"] == 90 and 0 <= result["image_to_text"]["r1"] <= result["image_to_text"]["r5"] <= 1
+    from trainer.evaluate import retrieval, split_of
+
+    held_out = [index for index in range(90) if split_of({"id": f"p{index:07d}"}) == "test"]
+    assert result["n"] == len(held_out) and result["split"] == "test" and 5 < len(held_out) < 35
+    # Rows with the same caption (or the same image) are right answers for each other: when every
+    # caption is the same, every retrieval is a hit, whatever the model.
+    same = tmp_path / "same-caption"
+    rows = [row("paired", index) for index in range(40)]
+    for item in rows:
+        item["tokens"] = [5, 6, 7]
+    entry = write_shard(str(same), "paired", 0, 1, rows, 16)
+    (same / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"paired": 40},
+                                                    "shards": [entry], "rejects": []}))
+    everything = retrieval(str(run / "checkpoints" / "step-0000004.pt"), str(same), split="all")
+    assert everything["n"] == 40
+    assert everything["image_to_text"] == everything["text_to_image"] == {"r1": 1.0, "r5": 1.0}
     # A checkpoint without ITC says so.
     plain = tmp_path / "plain"
     subprocess.run(train_command(dataset, plain, "--set", "train.steps=1"), check=True, capture_output=True,
@@ -170,10 +186,19 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
     assert cli.returncode == 2 and "without ITC" in cli.stderr
 
 
+def test_retrieval_counts_same_image_or_same_caption_as_hits():
+    from trainer.evaluate import relevance
+
+    rows = [{"id": "a", "image_sha256": "x", "tokens": [1, 2]}, {"id": "b", "image_sha256": "x", "tokens": [3]},
+            {"id": "c", "image_sha256": "y", "tokens": [1, 2]}, {"id": "d", "image_sha256": "z", "tokens": [4]}]
+    assert relevance(rows).tolist() == [[True, True, True, False], [True, True, False, False],
+                                        [True, False, True, False], [False, False, False, True]]
+
+
 GATHER = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from trainer.model import _gather, _rank_offset
+from trainer.objectives import gather_rows as _gather, rank_offset as _rank_offset
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://{init}", rank=rank, world_size=2)
 rows = torch.full((rank + 2, 3), float(rank), requires_grad=True)  # 2 rows on rank 0, 3 on rank 1

@@ -16,15 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from schemas.config import ConfigError, load_config
-    from trainer.data import DataError
-    from trainer.train import Preempted, TrainError, run_training
+    from schemas.manifest import ManifestError
+    from trainer.preemption import Preempted
+    from trainer.streams import DataError
+    from trainer.train import TrainError, run_training
 
     try:
         last = run_training(load_config(args.config, args.set))
     except Preempted as stop:
         print(f"mmae train: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (ConfigError, TrainError, DataError) as error:
+    except (ConfigError, TrainError, DataError, ManifestError) as error:
         print(f"mmae train: error: {error}", file=sys.stderr)
         return 2
     if last:

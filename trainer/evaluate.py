@@ -19,8 +19,10 @@ import fsspec
 import pyarrow.parquet as pq
 import torch
 
+from schemas.manifest import read_manifest
+from trainer.batch import Inputs
 from trainer.checkpoint import load_model
-from trainer.data import DataError, read_manifest
+from trainer.streams import DataError
 from trainer.transforms import eval_view
 
 log = logging.getLogger("mmae.eval")
@@ -28,12 +30,9 @@ log = logging.getLogger("mmae.eval")
 
 def labelled_rows(dataset: str) -> list[dict[str, Any]]:
     """id, image bytes, label (and split) of every row that has both an image and a label."""
-    manifest = read_manifest(dataset)
     rows = []
-    for entry in manifest["shards"]:
-        if entry["kind"] not in ("paired", "image"):
-            continue
-        url = f"{dataset.rstrip('/')}/{entry['path']}"
+    for entry in read_manifest(dataset).entries("paired", "image"):
+        url = f"{dataset.rstrip('/')}/{entry.path}"
         with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
             columns = [c for c in ("id", "image", "label", "split") if c in parquet.schema_arrow.names]
             for row in parquet.read(columns=columns).to_pylist():
@@ -99,50 +98,63 @@ def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, s
     return {"top1": top1, "n_train": len(train_rows), "n_test": len(test_rows), "classes": len(names)}
 
 
-def paired_rows(dataset: str, limit: int) -> list[dict[str, Any]]:
-    manifest = read_manifest(dataset)
+def paired_rows(dataset: str, limit: int, split: str = "test") -> list[dict[str, Any]]:
+    """Paired rows with a caption (id, image, tokens, image_sha256), sorted by id; `split`: the
+    deterministic test split (as the probe's), or "all"."""
     rows = []
-    for entry in manifest["shards"]:
-        if entry["kind"] != "paired":
-            continue
-        url = f"{dataset.rstrip('/')}/{entry['path']}"
+    for entry in read_manifest(dataset).entries("paired"):
+        url = f"{dataset.rstrip('/')}/{entry.path}"
         with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
-            rows += [row for row in parquet.read(columns=["id", "image", "tokens"]).to_pylist() if row["tokens"]]
+            columns = [c for c in ("id", "image", "tokens", "image_sha256", "split") if c in parquet.schema_arrow.names]
+            rows += [row for row in parquet.read(columns=columns).to_pylist()
+                     if row["tokens"] and (split == "all" or split_of(row) == split)]
     rows.sort(key=lambda row: row["id"])
     if len(rows) < 2:
-        raise DataError(f"{dataset}: retrieval needs at least 2 paired rows")
+        raise DataError(f"{dataset}: retrieval needs at least 2 paired rows in the {split} split (found {len(rows)})")
     return rows[:limit]
 
 
-@torch.no_grad()
-def retrieval(checkpoint: str, dataset: str, limit: int = 1000) -> dict[str, Any]:
-    """Image->text and text->image recall@1/5 over the dataset's paired rows (first `limit` by id)."""
-    from trainer.model import Inputs
+def relevance(rows: list[dict[str, Any]]) -> torch.Tensor:
+    """[N, N] bool: text j is a right answer for image i when row j has the same image (by
+    sha256 of its bytes) or the same caption (token ids) as row i."""
+    def groups(keys: list) -> torch.Tensor:
+        index: dict = {}
+        return torch.tensor([index.setdefault(key, len(index)) for key in keys])
 
+    images = groups([row.get("image_sha256") or row["id"] for row in rows])
+    texts = groups([tuple(row["tokens"]) for row in rows])
+    return (images[:, None] == images[None, :]) | (texts[:, None] == texts[None, :])
+
+
+@torch.no_grad()
+def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "test") -> dict[str, Any]:
+    """Image->text and text->image recall@1/5 over the dataset's held-out paired rows (the probe's
+    deterministic 80/20 split by id, its test side; the first `limit` by id). A retrieved row is a
+    hit when it has the same image or the same caption as the query's row: duplicates and several
+    captions per image do not count as misses."""
     model, _ = load_model(checkpoint)
     if not model.alignment:
         raise DataError(f"{checkpoint} was trained without ITC (train.loss_weights.itc = 0): no retrieval heads")
-    rows = paired_rows(dataset, limit)
+    rows = paired_rows(dataset, limit, split)
     image_z, text_z = [], []
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
         images = torch.stack([eval_view(row["image"], model.image_size) for row in chunk])
         tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in chunk]
-        n = len(chunk)
-        image_inputs = Inputs(images, torch.arange(n), torch.empty(0, dtype=torch.long),
-                              torch.zeros(n, dtype=torch.long), [row["id"] for row in chunk])
-        text_inputs = Inputs(images[:0], torch.full((n,), -1), torch.cat(tokens),
-                             torch.tensor([len(t) for t in tokens]), [row["id"] for row in chunk])
-        image_z.append(torch.nn.functional.normalize(model.itc_image_proj(model.cls_features(image_inputs)), dim=-1))
-        text_z.append(torch.nn.functional.normalize(model.itc_text_proj(model.cls_features(text_inputs)), dim=-1))
+        ids = [row["id"] for row in chunk]
+        image_z.append(torch.nn.functional.normalize(
+            model.itc_image_proj(model.cls_features(Inputs.of_images(images, ids))), dim=-1))
+        text_z.append(torch.nn.functional.normalize(
+            model.itc_text_proj(model.cls_features(Inputs.of_texts(tokens, ids, like=images))), dim=-1))
     similarity = torch.cat(image_z) @ torch.cat(text_z).T  # [N images, N texts]
-    truth = torch.arange(len(rows))
+    relevant = relevance(rows)
 
     def recall(scores: torch.Tensor, k: int) -> float:
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        return float((top == truth[:, None]).any(dim=1).float().mean())
+        return float(relevant.gather(1, top).any(dim=1).float().mean())
 
-    return {"n": len(rows), "image_to_text": {"r1": recall(similarity, 1), "r5": recall(similarity, 5)},
+    return {"n": len(rows), "split": split,
+            "image_to_text": {"r1": recall(similarity, 1), "r5": recall(similarity, 5)},
             "text_to_image": {"r1": recall(similarity.T, 1), "r5": recall(similarity.T, 5)}}
 
 
@@ -150,74 +162,18 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
                 image_ratio: float = 0.75, text_ratio: float = 0.75) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
-    import sentencepiece as spm
-    from PIL import Image, ImageDraw
-
-    from trainer.model import Inputs
-    from trainer.transforms import MEAN, STD
+    from trainer.masking import plan_masks
+    from trainer.model import DefaultMasking
+    from trainer.reconstruction import load_tokenizer, render
 
     model, _ = load_model(checkpoint)
-    manifest = read_manifest(dataset)
-    tokenizer = None
-    if manifest.get("tokenizer"):
-        path = f"{dataset.rstrip('/')}/{manifest['tokenizer']['path']}"
-        try:
-            with fsspec.open(path, "rb") as handle:
-                tokenizer = spm.SentencePieceProcessor(model_proto=handle.read())
-        except (FileNotFoundError, RuntimeError) as error:
-            log.warning("cannot load %s (%s): captions are written as token ids", path, error)
-    rows = paired_rows(dataset, count)
+    rows = paired_rows(dataset, count, split="all")
     images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])
     tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
     inputs = Inputs(images, torch.arange(len(rows)), torch.cat(tokens), torch.tensor([len(t) for t in tokens]),
                     [row["id"] for row in rows])
-    with torch.no_grad():
-        plans = model.random_masking(inputs, image_ratio, text_ratio, seed)
-        encoded, seqlens, _ = model.forward_encoder(inputs, plans)
-        decoded, image_targets, text_targets = model.forward_decoder(encoded, seqlens, inputs, plans)
-        patches = model.patchify(images)  # [N, P, p*p*3]
-        predicted = patches.clone()
-        masked_view = patches.clone()
-        if image_targets:
-            rows_t = torch.tensor([t[0] for t in image_targets])
-            guess = model.image_head(decoded[rows_t])
-            for (_, image_row, patch, _), value in zip(image_targets, guess):
-                target = patches[image_row, patch]
-                if model.norm_pix_loss:  # undo the per-patch normalisation with the true patch's statistics
-                    value = value * (target.var() + 1e-6) ** 0.5 + target.mean()
-                predicted[image_row, patch] = value
-                masked_view[image_row, patch] = (torch.tensor([0.5, 0.5, 0.5]) - MEAN.flatten()).div(
-                    STD.flatten()).repeat(model.patch_size**2)
-        token_guess = {}
-        if text_targets:
-            logits = model.text_head(decoded[torch.tensor([t[0] for t in text_targets])])
-            for (_, flat_index, _, _), best in zip(text_targets, logits.argmax(dim=-1).tolist()):
-                token_guess[flat_index] = best
-
-    def to_pil(tensor: torch.Tensor) -> Image.Image:
-        pixels = (tensor * STD + MEAN).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(pixels).resize((192, 192), Image.Resampling.NEAREST)
-
-    def text_of(ids: list[int]) -> str:
-        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
-
-    cell, text_height = 192, 64
-    sheet = Image.new("RGB", (3 * cell + 40, len(rows) * (cell + text_height) + 10), "white")
-    draw = ImageDraw.Draw(sheet)
-    offset = 0
-    for index, row in enumerate(rows):
-        top = index * (cell + text_height) + 5
-        for column, tensor in enumerate((images[index], model.unpatchify(masked_view[index:index + 1])[0],
-                                         model.unpatchify(predicted[index:index + 1])[0])):
-            sheet.paste(to_pil(tensor), (10 + column * (cell + 10), top))
-        ids = tokens[index].tolist()
-        masked_positions = set(plans[index][3].tolist())
-        masked_words = " ".join("[MASK]" if i in masked_positions else text_of([t]) for i, t in enumerate(ids))
-        filled = [token_guess.get(offset + i, t) if i in masked_positions else t for i, t in enumerate(ids)]
-        offset += len(ids)
-        for line, text in enumerate((f"caption:   {text_of(ids)}", f"masked:    {masked_words}",
-                                     f"predicted: {text_of(filled)}")):
-            draw.text((10, top + cell + 4 + 18 * line), text[:110], fill="black")
+    plans = plan_masks(inputs, model.num_patches, DefaultMasking(image_ratio=image_ratio, text_ratio=text_ratio), seed)
+    sheet = render(model, inputs, plans, limit=len(rows), tokenizer=load_tokenizer(dataset))
     with fsspec.open(out, "wb") as handle:
         sheet.save(handle, format="PNG")
     return {"out": out, "samples": len(rows)}

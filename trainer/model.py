@@ -10,8 +10,14 @@ text); modality-type embeddings are learned.
 Samples are handled as *packed rows*: every tensor of tokens is `[T, D]` with per-sample
 lengths, so no FLOP is spent on padding unless the attention backend asks for it.
 
-    model = mmae_tiny(vocab_size=340, image_size=64)
-    out = model(batch_inputs, image_ratio=0.75, text_ratio=0.75, generator_seed=...)
+    model = build_model("tiny", vocab_size=340, image_size=64, max_text_tokens=64)
+    plans = plan_masks(batch.inputs(), model.num_patches, config.masking, seed)   # trainer.masking
+    losses = model(batch.inputs(), plans, weights)        # forward_loss: Losses (trainer.objectives)
+    predictions = model.predict(batch.inputs(), plans)    # Predictions at the masked positions
+    features = model.encode_images(images)                # [N, D] CLS features, nothing masked
+
+The model only computes: masks come from `trainer.masking`, loss functions and every
+collective they need from `trainer.objectives`.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from trainer.attention import Layout, attend, from_layout, to_layout
+from trainer.batch import Inputs
+from trainer.masking import MaskPlan, nothing_masked, plan_masks
+from trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
 
 CLS, IMAGE, TEXT = 0, 1, 2  # modality-type ids
 
@@ -95,27 +103,19 @@ class Block(nn.Module):
 
 
 @dataclass
-class Inputs:
-    """What the model needs of a batch (see trainer.data.Batch)."""
+class Predictions:
+    """What the decoder predicts at the masked positions of one forward, with the true values."""
 
-    images: torch.Tensor  # [N_img, 3, S, S]
-    image_index: torch.Tensor  # [B] row in images or -1
-    tokens: torch.Tensor  # [T_tok] packed
-    token_lengths: torch.Tensor  # [B]
-    ids: list[str]  # per-sample keys for the masking RNG
-
-
-@dataclass
-class Output:
-    loss: torch.Tensor
-    image_loss: torch.Tensor
-    text_loss: torch.Tensor
-    unpaired_text_loss: torch.Tensor
-    counts: dict[str, int]  # masked patches / text tokens that carried a loss
+    pixels: torch.Tensor  # [M, p*p*3] predicted masked patches
+    pixel_targets: torch.Tensor  # [M, p*p*3] their true pixels (normalised images, not per patch)
+    pixel_at: torch.Tensor  # [M, 2] (image row, patch) of each
+    token_logits: torch.Tensor  # [K, vocab] predicted masked tokens
+    token_targets: torch.Tensor  # [K] their true ids
+    token_at: torch.Tensor  # [K] index of each in the packed `Inputs.tokens`
+    token_paired: torch.Tensor  # [K] bool: a caption token of a sample with an image
     encoder_tokens: int
     decoder_tokens: int
-    itc_loss: Optional[torch.Tensor] = None
-    itm_loss: Optional[torch.Tensor] = None
+    anchor: torch.Tensor  # a zero connected to the graph: a loss with no targets still back-propagates
 
 
 class MultimodalMAE(nn.Module):
@@ -195,36 +195,6 @@ class MultimodalMAE(nn.Module):
         x = patches.reshape(n, g, g, p, p, 3)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, 3, g * p, g * p)
 
-    # -- masking ------------------------------------------------------------------------
-
-    def random_masking(self, inputs: Inputs, image_ratio: float, text_ratio: float, seed: int,
-                       image_ratios: Optional[list[float]] = None, text_ratios: Optional[list[float]] = None):
-        """Per sample: a random permutation of its patches and tokens, from a generator seeded by
-        (seed, sample id), so masks do not depend on where a sample sits in a batch or rank.
-        Returns, per sample, (kept patch ids, masked patch ids, kept token ids, masked token ids)."""
-        plans = []
-        lengths = inputs.token_lengths.tolist()
-        for index, sample_id in enumerate(inputs.ids):
-            generator = torch.Generator().manual_seed(_sample_seed(seed, sample_id))
-            has_image = int(inputs.image_index[index]) >= 0
-            ratio_i = image_ratios[index] if image_ratios is not None else image_ratio
-            ratio_t = text_ratios[index] if text_ratios is not None else text_ratio
-            if has_image:
-                order = torch.randperm(self.num_patches, generator=generator)
-                keep = self.num_patches - int(round(self.num_patches * ratio_i))
-                image_keep, image_masked = order[:keep].sort().values, order[keep:].sort().values
-            else:
-                image_keep = image_masked = torch.empty(0, dtype=torch.long)
-            length = lengths[index]
-            if length:
-                order = torch.randperm(length, generator=generator)
-                masked = min(length, max(1 if ratio_t > 0 else 0, int(round(length * ratio_t))))
-                text_keep, text_masked = order[masked:].sort().values, order[:masked].sort().values
-            else:
-                text_keep = text_masked = torch.empty(0, dtype=torch.long)
-            plans.append((image_keep, image_masked, text_keep, text_masked))
-        return plans
-
     # -- forward ------------------------------------------------------------------------
 
     def _run(self, blocks, norm, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
@@ -233,8 +203,9 @@ class MultimodalMAE(nn.Module):
             hidden = block(hidden, layout)
         return norm(from_layout(hidden, layout))
 
-    def forward_encoder(self, inputs: Inputs, plans) -> tuple[torch.Tensor, list[int], dict]:
-        """Embed everything, keep the unmasked tokens, run the encoder on packed rows."""
+    def encode(self, inputs: Inputs, plans: list[MaskPlan]) -> tuple[torch.Tensor, list[int]]:
+        """Embed everything, keep what the plans show, run the encoder on packed rows
+        `[CLS | kept patches | kept tokens]` -> ([T_enc, D], per-sample lengths)."""
         device = self.cls_token.device
         patches = self.patchify(inputs.images)  # [N_img, P, p*p*3]
         image_tokens = self.patch_embed(patches) + self.image_pos + self.type_embed.weight[IMAGE]  # [N_img, P, D]
@@ -247,57 +218,59 @@ class MultimodalMAE(nn.Module):
         image_base, text_base = 1, 1 + image_tokens.shape[0] * self.num_patches
         index, seqlens = [], []
         text_offset = 0
-        for sample, (image_keep, _, text_keep, _) in enumerate(plans):
+        for sample, plan in enumerate(plans):
             parts = [torch.zeros(1, dtype=torch.long)]
             row = int(inputs.image_index[sample])
             if row >= 0:
-                parts.append(image_base + row * self.num_patches + image_keep)
-            parts.append(text_base + text_offset + text_keep)
+                parts.append(image_base + row * self.num_patches + plan.image_keep)
+            parts.append(text_base + text_offset + plan.text_keep)
             text_offset += lengths[sample]
             sample_index = torch.cat(parts)
             index.append(sample_index)
             seqlens.append(len(sample_index))
         flat = torch.cat(index).to(device)
-        encoded = self._run(self.blocks, self.norm, pool[flat], seqlens)  # [T_enc, D]
-        return encoded, seqlens, {"pool_index": flat}
+        return self._run(self.blocks, self.norm, pool[flat], seqlens), seqlens  # [T_enc, D]
 
-    def forward_decoder(self, encoded: torch.Tensor, seqlens: list[int], inputs: Inputs, plans):
-        """Decoder rows: CLS, every patch, every token (encoded where kept, a mask token where not)."""
+    def predict(self, inputs: Inputs, plans: list[MaskPlan]) -> Predictions:
+        """Encode what the plans show; decode rows of CLS, every patch and every token (encoded
+        where kept, a mask token where not); predict pixels and ids at the masked positions."""
+        encoded, seqlens = self.encode(inputs, plans)
         device = encoded.device
         projected = self.decoder_embed(encoded)  # [T_enc, Dd]
         pool = torch.cat([projected, self.image_mask_token[None], self.text_mask_token[None]])
         image_mask_at, text_mask_at = len(projected), len(projected) + 1
         gather, pos_rows, types, seqlens_dec = [], [], [], []
-        image_targets, text_targets = [], []  # (decoder row, target) per masked element
-        start = 0
+        image_rows, image_at = [], []  # decoder row, (image row, patch) per masked patch
+        text_rows, text_at, text_paired = [], [], []  # decoder row, packed token index, paired? per masked token
+        start = decoder_row = text_offset = 0
         lengths = inputs.token_lengths.tolist()
-        decoder_row = 0
-        text_offset = 0
-        for sample, (image_keep, image_masked, text_keep, text_masked) in enumerate(plans):
-            has_image = int(inputs.image_index[sample]) >= 0
+        for sample, plan in enumerate(plans):
+            has_image = inputs.has_image(sample)
             length = lengths[sample]
-            rows = [start]  # CLS
-            kinds = [CLS]
-            positions = [0]
+            rows, kinds, positions = [start], [CLS], [0]
             cursor = start + 1
             if has_image:
                 source = torch.full((self.num_patches,), image_mask_at, dtype=torch.long)
-                source[image_keep] = torch.arange(cursor, cursor + len(image_keep))
-                cursor += len(image_keep)
+                source[plan.image_keep] = torch.arange(cursor, cursor + len(plan.image_keep))
+                cursor += len(plan.image_keep)
                 rows += source.tolist()
                 kinds += [IMAGE] * self.num_patches
                 positions += list(range(self.num_patches))
-                for patch in image_masked.tolist():
-                    image_targets.append((decoder_row + 1 + patch, int(inputs.image_index[sample]), patch, sample))
+                image = int(inputs.image_index[sample])
+                for patch in plan.image_masked.tolist():
+                    image_rows.append(decoder_row + 1 + patch)
+                    image_at.append((image, patch))
             if length:
                 source = torch.full((length,), text_mask_at, dtype=torch.long)
-                source[text_keep] = torch.arange(cursor, cursor + len(text_keep))
+                source[plan.text_keep] = torch.arange(cursor, cursor + len(plan.text_keep))
                 base = decoder_row + 1 + (self.num_patches if has_image else 0)
                 rows += source.tolist()
                 kinds += [TEXT] * length
                 positions += list(range(length))
-                for token in text_masked.tolist():
-                    text_targets.append((base + token, text_offset + token, sample, has_image))
+                for token in plan.text_masked.tolist():
+                    text_rows.append(base + token)
+                    text_at.append(text_offset + token)
+                    text_paired.append(has_image)
             text_offset += length
             start += seqlens[sample]
             gather += rows
@@ -308,122 +281,52 @@ class MultimodalMAE(nn.Module):
         types_t = torch.tensor(types, device=device)
         pos_t = torch.tensor(pos_rows, device=device)
         position = torch.zeros(len(types), pool.shape[-1], device=device)
-        image_rows = types_t == IMAGE
-        text_rows = types_t == TEXT
-        position[image_rows] = self.decoder_image_pos[pos_t[image_rows]]
-        position[text_rows] = self.decoder_text_pos[pos_t[text_rows]]
+        image_mask, text_mask = types_t == IMAGE, types_t == TEXT
+        position[image_mask] = self.decoder_image_pos[pos_t[image_mask]]
+        position[text_mask] = self.decoder_text_pos[pos_t[text_mask]]
         x = pool[torch.tensor(gather, device=device)] + position + self.decoder_type_embed(types_t)
         decoded = self._run(self.decoder_blocks, self.decoder_norm, x, seqlens_dec)  # [T_dec, Dd]
-        return decoded, image_targets, text_targets
 
-    def forward(self, inputs: Inputs, image_ratio: float = 0.75, text_ratio: float = 0.75, seed: int = 0,
-                weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                normalisers: Optional[dict[str, float]] = None, plans=None,
-                alignment: tuple[float, float] = (0.0, 0.0)) -> Output:
-        """`normalisers`: global counts of masked patches / paired / unpaired text tokens (for DDP);
-        defaults to this batch's own counts, i.e. plain means."""
-        plans = plans or self.random_masking(inputs, image_ratio, text_ratio, seed)
-        encoded, seqlens, _ = self.forward_encoder(inputs, plans)
-        decoded, image_targets, text_targets = self.forward_decoder(encoded, seqlens, inputs, plans)
-        device = decoded.device
-        zero = decoded.sum() * 0.0  # keeps the graph connected when a part has no targets
+        pixel_at = torch.tensor(image_at, dtype=torch.long, device=device).reshape(-1, 2)
+        token_at = torch.tensor(text_at, dtype=torch.long, device=device)
+        patch_dim = 3 * self.patch_size**2
+        if image_rows:
+            pixels = self.image_head(decoded[torch.tensor(image_rows, device=device)])
+            pixel_targets = self.patchify(inputs.images)[pixel_at[:, 0], pixel_at[:, 1]]
+        else:
+            pixels = pixel_targets = decoded.new_zeros(0, patch_dim)
+        if text_rows:
+            token_logits = self.text_head(decoded[torch.tensor(text_rows, device=device)])
+        else:
+            token_logits = decoded.new_zeros(0, self.vocab_size)
+        return Predictions(pixels, pixel_targets, pixel_at, token_logits, inputs.tokens[token_at], token_at,
+                           torch.tensor(text_paired, dtype=torch.bool, device=device), sum(seqlens), len(decoded),
+                           anchor=decoded.sum() * 0.0)
 
-        image_loss_sum = zero
-        if image_targets:
-            rows = torch.tensor([t[0] for t in image_targets], device=device)
-            prediction = self.image_head(decoded[rows])  # [M, p*p*3]
-            target = self.patchify(inputs.images)[
-                torch.tensor([t[1] for t in image_targets], device=device),
-                torch.tensor([t[2] for t in image_targets], device=device)]
-            if self.norm_pix_loss:
-                mean = target.mean(dim=-1, keepdim=True)
-                var = target.var(dim=-1, keepdim=True)
-                target = (target - mean) / (var + 1e-6) ** 0.5
-            image_loss_sum = ((prediction - target) ** 2).mean(dim=-1).sum()
+    def forward_loss(self, inputs: Inputs, plans: Optional[list[MaskPlan]] = None, weights: Optional[Weights] = None,
+                     normalisers: Optional[dict[str, float]] = None, seed: int = 0) -> Losses:
+        """The training forward: predictions at the masked positions and the weighted loss.
 
-        paired_sum, unpaired_sum = zero, zero
-        paired_count = sum(1 for t in text_targets if t[3])
-        unpaired_count = len(text_targets) - paired_count
-        if text_targets:
-            rows = torch.tensor([t[0] for t in text_targets], device=device)
-            logits = self.text_head(decoded[rows])  # [M, vocab]
-            target = inputs.tokens[torch.tensor([t[1] for t in text_targets], device=device)]
-            losses = F.cross_entropy(logits.float(), target, reduction="none")
-            paired = torch.tensor([t[3] for t in text_targets], device=device)
-            paired_sum = losses[paired].sum()
-            unpaired_sum = losses[~paired].sum()
+        `plans` default to M3AE's 75%/75% masks drawn from `seed`; `normalisers` are the global
+        counts of masked patches / paired / unpaired text tokens of the step (all micro-batches,
+        all ranks), by default this batch's own, i.e. plain means."""
+        weights = weights or DefaultWeights()
+        plans = plans if plans is not None else plan_masks(inputs, self.num_patches, DefaultMasking(), seed)
+        losses = masked_losses(self.predict(inputs, plans), weights, self.norm_pix_loss, normalisers)
+        if self.alignment and (weights.itc or weights.itm):
+            losses.itc_loss, losses.itm_loss = alignment_losses(self, inputs, seed)
+            losses.loss = losses.loss + weights.itc * losses.itc_loss + weights.itm * losses.itm_loss
+        return losses
 
-        counts = {"image": len(image_targets), "paired_text": paired_count, "unpaired_text": unpaired_count}
-        norm = normalisers or counts
-        image_loss = image_loss_sum / max(1, norm["image"])
-        text_loss = paired_sum / max(1, norm["paired_text"])
-        unpaired_loss = unpaired_sum / max(1, norm["unpaired_text"])
-        loss = weights[0] * image_loss + weights[1] * text_loss + weights[2] * unpaired_loss
-        itc = itm = None
-        if self.alignment and (alignment[0] or alignment[1]):
-            itc, itm = self.alignment_losses(inputs, seed)
-            loss = loss + alignment[0] * itc + alignment[1] * itm
-        return Output(loss, image_loss, text_loss, unpaired_loss, counts, sum(seqlens), len(decoded), itc, itm)
+    forward = forward_loss  # what DDP/FSDP wrappers call: every parameter's use happens inside it
 
-    # -- alignment (MaskVLM) ------------------------------------------------------------
+    # -- features -----------------------------------------------------------------------
 
     def cls_features(self, inputs: Inputs) -> torch.Tensor:
         """Unmasked forward of whatever each sample holds -> its CLS [B, D] (with gradients)."""
-        plans = []
-        for index, length in enumerate(inputs.token_lengths.tolist()):
-            has_image = int(inputs.image_index[index]) >= 0
-            everything = torch.arange(self.num_patches) if has_image else torch.empty(0, dtype=torch.long)
-            plans.append((everything, everything[:0], torch.arange(length), torch.empty(0, dtype=torch.long)))
-        encoded, seqlens, _ = self.forward_encoder(inputs, plans)
+        encoded, seqlens = self.encode(inputs, nothing_masked(inputs, self.num_patches))
         starts = torch.tensor([0, *seqlens[:-1]], device=encoded.device).cumsum(0)
         return encoded[starts]
-
-    def alignment_losses(self, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITC between image-only and text-only passes of the paired samples (gathered over ranks),
-        and ITM on joint passes: each pair, plus one hard negative text per image and one hard
-        negative image per text, drawn from the in-batch ITC similarities."""
-        device = self.cls_token.device
-        lengths = inputs.token_lengths.tolist()
-        paired = [i for i in range(len(lengths)) if int(inputs.image_index[i]) >= 0 and lengths[i] > 0]
-        zero = self.logit_scale.sum() * 0.0
-        if len(paired) < 2:
-            return zero, zero
-        token_rows = torch.split(inputs.tokens, lengths)
-        images = inputs.images[inputs.image_index[paired]]
-        texts = [token_rows[i] for i in paired]
-        n = len(paired)
-
-        def make(image_rows, text_rows) -> Inputs:
-            has_image = image_rows is not None
-            return Inputs(
-                images=images[image_rows] if has_image else images[:0],
-                image_index=torch.arange(len(image_rows if has_image else text_rows)) if has_image
-                else torch.full((len(text_rows),), -1),
-                tokens=torch.cat([texts[j] for j in text_rows]) if text_rows is not None else inputs.tokens[:0],
-                token_lengths=torch.tensor([len(texts[j]) for j in text_rows]) if text_rows is not None
-                else torch.zeros(len(image_rows), dtype=torch.long),
-                ids=[str(k) for k in range(len(image_rows if has_image else text_rows))],
-            )
-
-        image_z = F.normalize(self.itc_image_proj(self.cls_features(make(list(range(n)), None))), dim=-1)
-        text_z = F.normalize(self.itc_text_proj(self.cls_features(make(None, list(range(n))))), dim=-1)
-        all_image, all_text, offset = _gather(image_z), _gather(text_z), _rank_offset(n, image_z.device)
-        scale = self.logit_scale.exp().clamp(max=100)
-        labels = torch.arange(n, device=device) + offset
-        itc = (F.cross_entropy(scale * image_z @ all_text.T, labels)
-               + F.cross_entropy(scale * text_z @ all_image.T, labels)) / 2
-
-        with torch.no_grad():  # hard negatives, sampled in proportion to similarity
-            similarity = (image_z @ text_z.T).float()
-            similarity.fill_diagonal_(-float("inf"))
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            negative_text = torch.multinomial(similarity.softmax(dim=1).cpu(), 1, generator=generator).flatten()
-            negative_image = torch.multinomial(similarity.T.softmax(dim=1).cpu(), 1, generator=generator).flatten()
-        image_rows = list(range(n)) + list(range(n)) + negative_image.tolist()
-        text_rows = list(range(n)) + negative_text.tolist() + list(range(n))
-        logits = self.itm_head(self.cls_features(make(image_rows, text_rows)))
-        targets = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(device)
-        return itc, F.cross_entropy(logits.float(), targets)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
@@ -436,60 +339,23 @@ class MultimodalMAE(nn.Module):
         encoded = encoded.view(len(images), -1, encoded.shape[-1])
         return encoded[:, 0] if pool == "cls" else encoded[:, 1:].mean(dim=1)
 
-
-class _AllGather(torch.autograd.Function):
-    """All ranks' equal-shaped tensors stacked; the backward sums every rank's gradient for our slice.
-
-    Ten lines over plain c10d calls: ``torch.distributed.nn.functional.all_gather`` warns that it
-    is deprecated on every call (torch 2.13) and its suggested replacement is a private module.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rank = dist.get_rank()
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank]
+    @torch.no_grad()
+    def encode_texts(self, rows: list[torch.Tensor], pool: str = "cls") -> torch.Tensor:
+        """Unmasked text-only forward of token rows -> [N, D]: the CLS token, or the mean of the tokens."""
+        rows = [row[: self.max_text_tokens] for row in rows]
+        inputs = Inputs.of_texts(rows)
+        encoded, seqlens = self.encode(inputs, nothing_masked(inputs, self.num_patches))
+        pieces = torch.split(encoded, seqlens)
+        if pool == "cls":
+            return torch.stack([piece[0] for piece in pieces])
+        return torch.stack([piece[1:].mean(dim=0) if len(piece) > 1 else piece[0] for piece in pieces])
 
 
-def _gather(features: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows (with gradients for ours); ranks may hold different numbers of rows."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features
-    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(features)], device=features.device))
-    width = int(max(size.item() for size in sizes))
-    parts = _AllGather.apply(F.pad(features, (0, 0, 0, width - len(features))))
-    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)])
-
-
-def _rank_offset(count: int, device: torch.device | str = "cpu") -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([count], device=device))  # NCCL takes device tensors only
-    return int(sum(size.item() for size in sizes[: dist.get_rank()]))
-
-
-def _sample_seed(seed: int, sample_id: str) -> int:
-    import hashlib
-
-    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+@dataclass(frozen=True)
+class DefaultMasking:
+    strategy: str = "independent"
+    image_ratio: float = 0.75
+    text_ratio: float = 0.75
 
 
 def build_model(preset: str, vocab_size: int, image_size: int, max_text_tokens: int,

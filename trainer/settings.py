@@ -14,7 +14,9 @@ differs. The others may, with these meanings, and each change is appended to
 - `grad_accum`: only together with a different number of processes, so that processes x
   grad_accum stays what it was (an elastic resume: `RankLoaders` keeps the data ranks);
 - intervals and plumbing (`log_every`, `checkpoint_every`, `keep_checkpoints`, `tensorboard`,
-  `num_workers`, `prefetch_factor`, `compile`, `attention`, `out`): change nothing computed.
+  `num_workers`, `prefetch_factor`, `compile`, `attention`, `out`, `validation.data`,
+  `validation.every`, `validation.batches`): change nothing trained. `validation.holdout` may not
+  change: it decides which rows are trained on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CHANGEABLE = frozenset({
     "optimizer.grad_clip", "on_nonfinite", "max_skipped_steps", "data_errors",
     "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "num_workers", "prefetch_factor",
     "compile", "attention", "out", "resume_from", "init_from",
+    "validation.data", "validation.every", "validation.batches",  # what is measured, not what is trained
     "grad_accum",  # only with a different number of processes, keeping the global batch (checked on resume)
 })
 

@@ -1,197 +1,79 @@
-"""`mmae train`: the M3AE training loop.
+"""`mmae train`: the training loop.
 
     mmae train --config pipeline.yaml                       # one process (resumes RUN/ if it has checkpoints)
     mmae train --config pipeline.yaml --nproc 2             # DDP via torchrun (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node=8 -m trainer --config pipeline.yaml --set train.model.preset=base
 
-The loop reads `while step < steps: train_step(); maybe_checkpoint(); maybe_log()`. Model
-code is single-device; DDP is applied by `parallelize()`. Restarting the same command resumes
-from the last good checkpoint; on CPU the resumed run reproduces the uninterrupted run's
-losses bit for bit (data order, masks and augmentations are functions of seed and step).
+The loop reads `while step < steps: train_step(); maybe validate(); maybe log; maybe
+checkpoint`. Where things live: batches (`batch`), streams and the loader (`streams`,
+`loader`), masks (`masking`), the model (`model`), losses and their collectives (`objectives`),
+processes and wrapping (`parallel`), optimizer and schedule (`schedule`), stages (`stages`),
+checkpoints (`checkpoint`), metrics and events (`metrics`), the run folder (`run_folder`),
+stop signals (`preemption`), settings that may change on resume (`settings`).
+
+Restarting the same command resumes from the last good checkpoint; on CPU the resumed run
+reproduces the uninterrupted run's losses bit for bit (data order, masks and augmentations are
+functions of seed and step).
+
+Fault injection for tests of all this: `MMAE_FAULT=kill@N` makes the process SIGKILL itself right
+after step N (after that step's checkpoint, if one is due); `term@N` and `int@N` send SIGTERM or
+SIGINT instead (a graceful stop; to the whole process group when the trainer leads one).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import random
 import signal
-import sys
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from schemas.config import Config, TrainConfig
+from schemas.manifest import read_manifest
 from trainer.attention import resolve_backend
+from trainer.batch import KINDS, Batch
 from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
-from trainer.settings import differences
-from trainer.data import RankLoaders, Batch, MixedLoader, read_manifest
-from trainer.model import Inputs, MultimodalMAE, build_model, count_parameters
+from trainer.loader import MixedLoader, RankLoaders
+from trainer.masking import masked_counts, plan_masks, step_seed
+from trainer.metrics import DIGEST_MODULUS, Events, MetricsLog, Progress, sample_digest
+from trainer.model import build_model, count_parameters
+from trainer.parallel import (Distributed, agree_max, barrier, close_distributed, init_distributed, parallelize,
+                              shard_model, sum_over_ranks)
+from trainer.preemption import Preempted, StopRequests
+from trainer.run_folder import RunFolder
+from trainer.schedule import apply_schedule, build_optimizer, peak_lr
+from trainer.settings import differences, flatten
+from trainer.stages import Stage, loader_config, mix_of, objectives_of, plan_stages, stage_at, uses_alignment
 
 log = logging.getLogger("mmae.train")
 
-NO_DECAY_NAMES = ("token_embed", "type_embed", "decoder_type_embed", "cls_token", "image_mask_token",
-                  "text_mask_token")
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived: the current step finished, a checkpoint was saved."""
-
-    def __init__(self, signum: int, step: int, path: Optional[Path]) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; saved {path}; run the same command to resume")
-        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT: what a shell reports
+LOSSES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")
+MASKED = ("image", "paired_text", "unpaired_text")
 
 
 class TrainError(RuntimeError):
-    """The run cannot start; the message says why."""
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Distributed:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # before the process group, so NCCL binds the right GPU
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
-
-
-class WarmupCosine:
-    """lr multiplier: linear warmup, then cosine to min_lr (a class, so its state pickles plainly)."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms, biases, embeddings and special tokens (MAE's rule)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.ndim <= 1 or name.split(".")[0] in NO_DECAY_NAMES:
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def shard_model(model: MultimodalMAE) -> None:
-    """FSDP2 in place: every encoder and decoder block is its own unit (gathered just before it
-    runs, freed after), the embeddings, heads and norms form the root unit."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in [*model.blocks, *model.decoder_blocks]:
-        fully_shard(block)
-    fully_shard(model)
-
-
-def parallelize(model: MultimodalMAE, env: Distributed, config: TrainConfig) -> torch.nn.Module:
-    """DDP (and optionally torch.compile) around single-device model code; an FSDP model
-    (sharded by `shard_model` when the trainer was built) is returned as it is."""
-    wrapped: torch.nn.Module = model
-    if config.compile:
-        # The blocks hold nearly all FLOPs and have regular shapes; the masking and packing code
-        # around them is index bookkeeping that would only cause graph breaks.
-        for block in [*model.blocks, *model.decoder_blocks]:
-            block.compile(dynamic=True)
-    if env.world_size > 1 and config.parallel == "ddp":
-        device_ids = [env.local_rank] if torch.cuda.is_available() else None
-        # Some parameters sit idle in some steps when a kind is absent (a zero share, a stage, MAE).
-        missing_kind = min(config.mix.shares().values()) == 0 or not config.use_text or bool(config.stages)
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=device_ids, find_unused_parameters=missing_kind)
-    return wrapped
-
-
-def inputs_of(batch: Batch) -> Inputs:
-    return Inputs(batch.images, batch.image_index, batch.tokens, batch.token_lengths, batch.ids)
-
-
-def masked_counts(inputs: Inputs, plans) -> dict[str, int]:
-    counts = {"image": 0, "paired_text": 0, "unpaired_text": 0}
-    for index, (_, image_masked, _, text_masked) in enumerate(plans):
-        has_image = int(inputs.image_index[index]) >= 0
-        counts["image"] += len(image_masked)
-        counts["paired_text" if has_image else "unpaired_text"] += len(text_masked)
-    return counts
-
-
-def masking_ratios(inputs: Inputs, masking) -> tuple[list[float], list[float]]:
-    """Per-sample (image, text) mask ratios. `cross` (MaskVLM): a paired sample masks its image
-    and keeps the caption whole, or the other way round, alternating by a hash of its id."""
-    image_ratios, text_ratios = [], []
-    for index, sample_id in enumerate(inputs.ids):
-        paired = int(inputs.image_index[index]) >= 0 and int(inputs.token_lengths[index]) > 0
-        if masking.strategy == "cross" and paired:
-            mask_image = int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=2).digest(), "little") % 2 == 0
-            image_ratios.append(masking.image_ratio if mask_image else 0.0)
-            text_ratios.append(0.0 if mask_image else masking.text_ratio)
-        else:
-            image_ratios.append(masking.image_ratio)
-            text_ratios.append(masking.text_ratio)
-    return image_ratios, text_ratios
-
-
-DIGEST_MODULUS = 1 << 40  # per-rank digests summed over ranks stay exact in float64
-
-
-def sample_digest(batches: list[Batch]) -> int:
-    """Which samples a step read, whatever their order or split over ranks and micro-batches:
-    a sum of 40-bit id hashes (the global step's is the all-reduced sum)."""
-    total = sum(int.from_bytes(hashlib.blake2b(sample.encode(), digest_size=5).digest(), "big")
-                for batch in batches for sample in batch.ids)
-    return total % DIGEST_MODULUS
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Masks are drawn per sample id from this seed: the same whatever the micro-batch or rank split."""
-    return seed * 1_000_003 + step
+    """The run cannot start or go on; the message says why."""
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, env: Distributed) -> None:
         self.config, self.env = config, env
-        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-        manifest = read_manifest(config.data)
-        tokenizer = manifest.get("tokenizer") or {}
-        self.vocab_size = tokenizer.get("vocab_size") or 0
+        self.device = env.device
+        tokenizer = read_manifest(config.data).tokenizer
+        self.vocab_size = tokenizer.vocab_size if tokenizer else 0
         if not self.vocab_size and config.use_text and (config.mix.paired or config.mix.text):
             raise TrainError(f"{config.data} has no tokenizer in its manifest; text needs one")
         self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
                            "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
                            "norm_pix_loss": config.model.norm_pix_loss}
-        objectives = [config.loss_weights] + [stage.objectives for stage in config.stages if stage.objectives]
-        if any(weights.itc or weights.itm for weights in objectives):
+        if uses_alignment(config):
             self.model_spec["alignment"] = True
         torch.manual_seed(config.seed)
         self.model = build_model(**self.model_spec).to(self.device)
@@ -200,71 +82,43 @@ class Trainer:
         self.sharded = config.parallel == "fsdp" and env.world_size > 1
         if self.sharded:
             shard_model(self.model)  # before the optimizer: it must hold the sharded parameters
-        # Stages: (first step, end step, stage config or None for a single-stage run).
-        self.stages: list[tuple[int, int, Any]] = []
-        start = 0
-        for stage in config.stages or [None]:
-            end = start + (stage.steps if stage is not None else config.steps)
-            self.stages.append((start, end, stage))
-            start = end
-        self.stage_index = 0
+        self.stages = plan_stages(config)
+        self.stage = self.stages[0]
         self.data_world = env.world_size  # data ranks: the processes of the run's first start
-        self.loader = self._make_loader(0)
-        global_batch = config.batch_size * env.world_size * config.grad_accum
-        lr = config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
-        self.lr = lr
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.optimizer.weight_decay), lr=lr,
-                                           betas=tuple(config.optimizer.betas))
-        schedule = WarmupCosine(config.optimizer.warmup_steps, config.steps, config.optimizer.min_lr / lr)
-        if config.optimizer.warmup_steps >= config.steps and env.main:
-            log.warning("train.optimizer.warmup_steps (%d) covers the whole run (train.steps %d): the learning "
-                        "rate never reaches its peak and never decays", config.optimizer.warmup_steps, config.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.loader = self._make_loader(self.stage)
+        self.lr = peak_lr(config, env.world_size)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.lr, warn=env.main)
         self.step = 0
         self.skipped_steps = 0  # updates not applied because the loss or gradient was not finite
         self.changed_on_resume: dict[str, list] = {}
-        self.run = Path(config.out)
-        self.checkpoints = Checkpointer(self.run / "checkpoints", config.keep_checkpoints)
+        self.run = RunFolder(config.out)
+        self.checkpoints = Checkpointer(self.run, config.keep_checkpoints)
+        self.metrics = MetricsLog(self.run)
+        self._last_validation = None  # (inputs, plans) of the last validation's first batch
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
 
-    # -- stages ---------------------------------------------------------------------------
+    # -- data and stages ------------------------------------------------------------------
 
-    def _make_loader(self, index: int) -> RankLoaders:
-        """The loader of stage `index`: its mix (text share 0 for the MAE baseline), its own order."""
-        stage = self.stages[index][2]
-        mix = stage.mix if stage is not None else self.config.mix
-        if not self.config.use_text:
-            # MAE baseline: the same images (paired ones too, captions dropped); no text-only rows.
-            mix = mix.model_copy(update={"text": 0.0})
-        stage_config = self.config.model_copy(update={"mix": mix, "seed": self.config.seed + 1009 * index})
+    def _data_ranks(self) -> list[int]:
         per_process = self.data_world // self.env.world_size
-        ranks = [self.env.rank * per_process + offset for offset in range(per_process)]
-        return RankLoaders([MixedLoader(stage_config, rank=rank, world_size=self.data_world) for rank in ranks],
-                           self.config.grad_accum // per_process)
+        return [self.env.rank * per_process + offset for offset in range(per_process)]
 
-    def stage_of(self, step: int) -> int:
-        for index, (start, end, _) in enumerate(self.stages):
-            if start <= step < end:
-                return index
-        return len(self.stages) - 1
+    def _make_loader(self, stage: Stage) -> RankLoaders:
+        """The loaders of this process's data ranks for a stage (its mix, its own data order)."""
+        config = loader_config(self.config, stage)
+        ranks = self._data_ranks()
+        return RankLoaders([MixedLoader(config, rank=rank, world_size=self.data_world) for rank in ranks],
+                           self.config.grad_accum // len(ranks))
 
-    def _enter_stage(self, index: int) -> None:
-        stage = self.stages[index][2]
-        frozen = tuple(stage.frozen) if stage is not None else ()
+    def _enter_stage(self, stage: Stage) -> None:
         for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(not name.startswith(frozen) if frozen else True)
-        if index != self.stage_index:
-            self.stage_index = index
-            self.loader = self._make_loader(index)
-        if stage is not None and self.env.main:
-            log.info("stage %d%s: steps %d-%d, %s", index, f" ({stage.name})" if stage.name else "",
-                     self.stages[index][0], self.stages[index][1], self.loader.describe())
-
-    def loss_weights(self):
-        stage = self.stages[self.stage_index][2]
-        weights = stage.objectives if stage is not None and stage.objectives is not None else self.config.loss_weights
-        return weights
+            parameter.requires_grad_(not name.startswith(stage.frozen) if stage.frozen else True)
+        if stage != self.stage:
+            self.stage = stage
+            self.loader = self._make_loader(stage)
+        if stage.config is not None and self.env.main:
+            log.info("%s: steps %d-%d, %s", stage.name, stage.start, stage.end, self.loader.describe())
 
     # -- state ----------------------------------------------------------------------------
 
@@ -288,7 +142,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
-            "stage": self.stage_index,
+            "stage": self.stage.index,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "model_spec": self.model_spec,
             "config": self.config.model_dump(mode="json"),
@@ -311,23 +165,25 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("stage", 0) != self.stage_index:
-            self.stage_index = state["stage"]
-            self.loader = self._make_loader(self.stage_index)
+        if state.get("stage", 0) != self.stage.index:
+            self.stage = self.stages[state["stage"]]
+            self.loader = self._make_loader(self.stage)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
 
-    def resume(self) -> Optional[Path]:
+    def resume(self) -> Optional[str]:
+        """Load the checkpoint to continue from (train.resume_from, else the run's newest readable
+        one), or start from train.init_from's weights, or from scratch. Returns what was loaded."""
         if self.config.resume_from:
-            path = Path(self.config.resume_from)
             try:
-                path = resolve_checkpoint(path)
+                path = resolve_checkpoint(self.config.resume_from)
                 found = (path, load_checkpoint(path))
             except Exception as error:  # noqa: BLE001 - say which file and why
-                raise TrainError(f"train.resume_from {path}: cannot load ({type(error).__name__}: {error})") from None
+                raise TrainError(f"train.resume_from {self.config.resume_from}: cannot load "
+                                 f"({type(error).__name__}: {error})") from None
         else:
             try:
                 found = self.checkpoints.load_latest()
@@ -335,7 +191,7 @@ class Trainer:
                 raise TrainError(str(error)) from None
         if found is None:
             if self.config.init_from:
-                self._init_weights(Path(self.config.init_from))
+                self._init_weights(self.config.init_from)
             return None
         path, state = found
         allowed, refused = differences(state.get("config", {}), self.config.model_dump(mode="json"))
@@ -350,11 +206,11 @@ class Trainer:
             self.load_state_dict(state)
         except ValueError as error:  # the loader's own checks (world size, streams, data)
             raise TrainError(f"{path}: {error}") from None
-        self._apply_schedule()
+        apply_schedule(self.optimizer, self.scheduler, self.config, self.lr)
         self.changed_on_resume = allowed
         return path
 
-    def _adopt_data_ranks(self, path: Path, state: dict[str, Any]) -> None:
+    def _adopt_data_ranks(self, path: str, state: dict[str, Any]) -> None:
         """Elastic resume: fewer processes than data ranks, the global batch kept by grad_accum."""
         data_world = state["loader"]["world_size"]
         saved_accum = state.get("config", {}).get("grad_accum", self.config.grad_accum)
@@ -368,18 +224,18 @@ class Trainer:
                              f"{processes} process(es) set train.grad_accum={needed} to keep the same global batch")
         if data_world != self.data_world:
             self.data_world = data_world
-            self.loader = self._make_loader(self.stage_index)
+            self.loader = self._make_loader(self.stage)
             if self.env.main:
                 log.info("elastic resume: %d data ranks on %d process(es), grad_accum %d", data_world, processes,
                          needed)
 
-    def _init_weights(self, path: Path) -> None:
+    def _init_weights(self, given: str) -> None:
         """A new run from another run's weights; optimizer, schedule and data start fresh."""
         try:
-            path = resolve_checkpoint(path)
+            path = resolve_checkpoint(given)
             state = load_checkpoint(path)
         except Exception as error:  # noqa: BLE001
-            raise TrainError(f"train.init_from {path}: cannot load ({type(error).__name__}: {error})") from None
+            raise TrainError(f"train.init_from {given}: cannot load ({type(error).__name__}: {error})") from None
         if state["model_spec"] != self.model_spec:
             raise TrainError(f"train.init_from {path} holds a {state['model_spec']} model; this config builds "
                              f"{self.model_spec}")
@@ -387,111 +243,116 @@ class Trainer:
         log.info("initialised the model from %s (its step %d); optimizer, schedule and data start fresh",
                  path, state["step"])
 
-    def _apply_schedule(self) -> None:
-        """The schedule of this config from the current step on (a checkpoint holds its own)."""
-        optimizer = self.config.optimizer
-        for schedule in self.scheduler.lr_lambdas:
-            schedule.warmup, schedule.total, schedule.min_ratio = optimizer.warmup_steps, self.config.steps, \
-                optimizer.min_lr / self.lr
-        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
-        for group, schedule in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = self.lr
-            group["lr"] = self.lr * schedule(self.scheduler.last_epoch)
-
-    # -- the loop -------------------------------------------------------------------------
+    # -- one step -------------------------------------------------------------------------
 
     def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> dict[str, Any]:
-        config = self.config
-        objectives = self.loss_weights()
-        weights = (objectives.image, objectives.text, objectives.unpaired_text)
-        seen = {kind: sum(batch.counts()[kind] for batch in batches) for kind in ("paired", "image", "text")}
+        """One optimizer step over the micro-batches of this process; figures for the global step."""
+        config, env = self.config, self.env
+        objectives = objectives_of(config, self.stage)
+        seen = [sum(batch.counts()[kind] for batch in batches) for kind in KINDS]
         skipped = sum(batch.dropped for batch in batches)
-        digest = sample_digest(batches)
+        digest = sample_digest([batch.ids for batch in batches])
         if not config.use_text:
             batches = [batch.without_text() for batch in batches]
         if config.step_mode == "per_kind":
             # MoMo: one forward/backward per kind, gradients summed before the single step. With
             # losses normalised by the whole step's counts this is the packed step's update.
-            batches = [batch.select(indices) for batch in batches for code in range(3)
-                       if (indices := (batch.kinds == code).nonzero().flatten().tolist())]
-        inputs = [inputs_of(batch.to(self.device)) for batch in batches]
-        plans = []
-        for item in inputs:
-            image_ratios, text_ratios = masking_ratios(item, config.masking)
-            plans.append(self.model.random_masking(item, config.masking.image_ratio, config.masking.text_ratio,
-                                                   step_seed(config.seed, self.step), image_ratios, text_ratios))
+            batches = [part for batch in batches for part in batch.by_kind()]
+        inputs = [batch.to(self.device).inputs() for batch in batches]
+        seed = step_seed(config.seed, self.step)
+        plans = [plan_masks(item, self.model.num_patches, config.masking, seed) for item in inputs]
         # Normalise by the masked elements of the whole global step (all micro-batches, all
         # ranks), so the update equals one big batch's mean whatever the split.
-        counts = {key: 0 for key in ("image", "paired_text", "unpaired_text")}
-        for item, plan in zip(inputs, plans):
-            for key, value in masked_counts(item, plan).items():
-                counts[key] += value
-        totals = torch.tensor([counts["image"], counts["paired_text"], counts["unpaired_text"]], dtype=torch.float64,
-                              device=self.device)  # NCCL reduces device tensors only
-        if self.env.world_size > 1:
-            dist.all_reduce(totals)
-        normalisers = {key: float(value) / self.env.world_size
-                       for key, value in zip(("image", "paired_text", "unpaired_text"), totals.tolist())}
+        counts = [sum(masked_counts(item, plan)[key] for item, plan in zip(inputs, plans)) for key in MASKED]
+        normalisers = {key: value / env.world_size for key, value in zip(MASKED, sum_over_ranks(counts, env))}
+
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "image_loss": 0.0, "text_loss": 0.0, "unpaired_text_loss": 0.0, "itc_loss": 0.0,
-                "itm_loss": 0.0}
+        sums = dict.fromkeys(LOSSES, 0.0)
         encoder_tokens = 0
         for micro, (item, plan) in enumerate(zip(inputs, plans)):
-            sync = micro == len(inputs) - 1 or self.env.world_size == 1
+            sync = micro == len(inputs) - 1 or env.world_size == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             if self.sharded:  # FSDP: reduce-scatter gradients only after the last micro-batch
                 model.set_requires_gradient_sync(sync)
             with context, self.autocast:
-                output = model(item, plans=plan, weights=weights, normalisers=normalisers,
-                               alignment=(objectives.itc, objectives.itm), seed=step_seed(config.seed, self.step))
-            output.loss.backward()
-            sums["loss"] += float(output.loss.detach())
-            sums["image_loss"] += float(output.image_loss.detach())
-            sums["text_loss"] += float(output.text_loss.detach())
-            sums["unpaired_text_loss"] += float(output.unpaired_text_loss.detach())
-            for name in ("itc_loss", "itm_loss"):
-                value = getattr(output, name)
+                losses = model(item, plans=plan, weights=objectives, normalisers=normalisers, seed=seed)
+            losses.loss.backward()
+            for name in LOSSES[:4]:
+                sums[name] += float(getattr(losses, name).detach())
+            for name in LOSSES[4:]:
+                value = getattr(losses, name)
                 if value is not None:
                     sums[name] += float(value.detach()) / len(inputs)
-            encoder_tokens += output.encoder_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), config.optimizer.grad_clip or float("inf"))
+            encoder_tokens += losses.encoder_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   config.optimizer.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         # A NaN/inf loss or gradient must never reach the weights: every rank decides the same.
-        finite = torch.tensor([float(math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm)))],
-                              device=self.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        nonfinite = not bool(finite.item())
+        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        nonfinite = agree_max(float(not finite), env) > 0
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        if self.env.world_size > 1:
-            # Report the global step: losses averaged over ranks (each rank's loss is its share of
-            # the global mean, scaled by the world size), counts summed.
-            keys = list(sums)
-            totals = torch.tensor([*(sums[key] for key in keys), *seen.values(), skipped, encoder_tokens, digest],
-                                  dtype=torch.float64, device=self.device)
-            dist.all_reduce(totals)
-            values = totals.tolist()
-            sums = {key: value / self.env.world_size for key, value in zip(keys, values)}
-            seen = {kind: int(value) for kind, value in zip(seen, values[len(keys):])}
-            skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
-        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen,
+        # The global step: losses averaged over ranks (each rank's loss is its share of the
+        # global mean, scaled by the world size), counts summed.
+        values = sum_over_ranks([*(sums[name] for name in LOSSES), *seen, skipped, encoder_tokens, digest], env)
+        sums = {name: value / env.world_size for name, value in zip(LOSSES, values)}
+        seen_counts = dict(zip(KINDS, map(int, values[len(LOSSES):len(LOSSES) + 3])))
+        skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
+        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen_counts,
                 "skipped": skipped, "nonfinite": nonfinite, "sample_digest": digest}
+
+    # -- validation -----------------------------------------------------------------------
+
+    def validation_batches(self) -> Iterator[Batch]:
+        """The same `validation.batches` batches of held-out data every time, centre views, the
+        run's main mix; split over this process's data ranks like training data."""
+        config = self.config.model_copy(update={"mix": mix_of(self.config, None), "num_workers": 0})
+        for rank in self._data_ranks():
+            loader = MixedLoader(config, rank=rank, world_size=self.data_world, train=False, slots=1,
+                                 split="validation")
+            yield from loader.batches(self.config.validation.batches)
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Losses on held-out data with masks that do not change from one validation to the next."""
+        config, env = self.config, self.env
+        sums, batches, samples, first = dict.fromkeys(LOSSES, 0.0), 0, 0, None
+        for batch in self.validation_batches():
+            if not config.use_text:
+                batch = batch.without_text()
+            inputs = batch.to(self.device).inputs()
+            plans = plan_masks(inputs, self.model.num_patches, config.masking, config.seed)
+            with self.autocast:
+                losses = self.model(inputs, plans=plans, weights=config.loss_weights, seed=config.seed)
+            for name in LOSSES:
+                value = getattr(losses, name)
+                sums[name] += float(value) if value is not None else 0.0
+            batches += 1
+            samples += len(batch.ids)
+            first = first or (inputs, plans)
+        totals = sum_over_ranks([*(sums[name] for name in LOSSES), batches, samples], env)
+        count = max(1.0, totals[len(LOSSES)])
+        record = {"step": self.step, "split": "validation", **{name: totals[index] / count
+                                                               for index, name in enumerate(LOSSES)},
+                  "samples": int(totals[-1])}
+        self._last_validation = first
+        return record
+
+    # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         config, env = self.config, self.env
         resumed = self.resume()
         if env.main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            (self.run / "config.yaml").write_text(yaml.safe_dump({"train": config.model_dump(mode="json")},
-                                                                 sort_keys=False))
-            _truncate_metrics(self.run / "metrics.jsonl", self.step)
+            self.run.makedirs()
+            self.run.write_text("config.yaml", text=yaml.safe_dump({"train": config.model_dump(mode="json")},
+                                                                   sort_keys=False))
+            self.metrics.truncate_after(self.step)
             log.info("model %s: %.2fM parameters; attention %s on %s rows; lr %.2e; %s",
                      config.model.preset, count_parameters(self.model) / 1e6, self.backend, self.layout,
                      self.lr, self.loader.describe())
@@ -500,92 +361,93 @@ class Trainer:
             if self.changed_on_resume:
                 log.info("settings changed on resume: %s", "; ".join(
                     f"train.{key}: {old!r} -> {new!r}" for key, (old, new) in self.changed_on_resume.items()))
-                with open(self.run / "config-history.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": self.step, "changed": {
-                        f"train.{key}": value for key, value in self.changed_on_resume.items()}}) + "\n")
+                self.run.append_text("config-history.jsonl", text=json.dumps({"step": self.step, "changed": {
+                    f"train.{key}": value for key, value in self.changed_on_resume.items()}}) + "\n")
         model = parallelize(self.model, env, config)
-        writer = _tensorboard(self.run) if config.tensorboard and env.main else None
-        progress = _Progress(config.steps, self.step) if env.main else None
-        stop_requests: list[int] = []
-        previous = _catch_stop_signals(stop_requests)
+        events = None
+        if config.tensorboard and env.main:
+            try:
+                events = Events(self.run, self.step)
+            except RuntimeError as error:
+                raise TrainError(str(error)) from None
+        progress = Progress(config.steps, self.step) if env.main else None
         try:
-            return self._loop(model, writer, progress, stop_requests)
+            with StopRequests() as stops:
+                last = self._loop(model, events, progress, stops)
+            if events is not None:
+                events.hyperparameters(flatten(config.model_dump(mode="json")),
+                                       {key: value for key, value in last.items() if key.endswith("loss")})
+            return last
         finally:
-            _restore_signals(previous)
             if progress is not None:
                 progress.close()
-            if writer is not None:
-                writer.close()
+            if events is not None:
+                events.close()
 
-    def _loop(self, model, writer, progress, stop_requests: list[int]) -> dict[str, Any]:
+    def _loop(self, model, events: Optional[Events], progress: Optional[Progress], stops: StopRequests) -> dict:
         config, env = self.config, self.env
         batches = None
         window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
         last: dict[str, Any] = {}
-        path: Optional[Path] = None
+        path: Optional[str] = None
+        fault = _fault_hook()
         while self.step < config.steps:
-            stage = self.stage_of(self.step)
-            if batches is None or stage != self.stage_index:
+            stage = stage_at(self.stages, self.step)
+            if batches is None or stage != self.stage:
                 self._enter_stage(stage)
-                end = self.stages[stage][1]
-                batches = self.loader.steps(end - self.step)
-            step_batches = next(batches)
-            result = self.train_step(model, step_batches)
+                batches = self.loader.steps(stage.end - self.step)
+            result = self.train_step(model, next(batches))
             if result["nonfinite"]:
                 self._on_nonfinite(result)
             window_samples += sum(result["seen"].values())
             window_tokens += result["encoder_tokens"]
             window_skipped += result["skipped"]
-            stopping = self._stop_requested(stop_requests)
-            saved = self.step % config.checkpoint_every == 0 or self.step == config.steps or stopping
-            if saved:
-                path = self._checkpoint()
-            if self.step % config.log_every == 0 or self.step == config.steps or stopping:
+            stopping = int(agree_max(stops.first, env))
+            final = self.step == config.steps
+            if config.validation.enabled and (self.step % config.validation.every == 0 or final):
+                self._report_validation(events, progress)
+            if self.step % config.log_every == 0 or final or stopping:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                last = {
-                    "step": self.step,
-                    "loss": result["loss"],
-                    "image_loss": result["image_loss"],
-                    "text_loss": result["text_loss"],
-                    "unpaired_text_loss": result["unpaired_text_loss"],
-                    "itc_loss": result["itc_loss"],
-                    "itm_loss": result["itm_loss"],
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": result["grad_norm"],
-                    "samples_per_s": window_samples / elapsed,
-                    "tokens_per_s": window_tokens / elapsed,
-                    "backend": f"{self.backend}/{self.layout}",
-                    "seen_paired": result["seen"]["paired"],
-                    "seen_image": result["seen"]["image"],
-                    "seen_text": result["seen"]["text"],
-                    "stage": self.stage_index,
-                    "skipped_samples": window_skipped,
-                    "skipped_steps": self.skipped_steps,
-                    "sample_digest": result["sample_digest"],
-                }
+                last = {"step": self.step, "split": "train",
+                        **{name: result[name] for name in LOSSES},
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
+                        "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                        "backend": f"{self.backend}/{self.layout}",
+                        **{f"seen_{kind}": result["seen"][kind] for kind in KINDS},
+                        "stage": self.stage.index, "skipped_samples": window_skipped,
+                        "skipped_steps": self.skipped_steps, "sample_digest": result["sample_digest"]}
                 if env.main:
-                    with open(self.run / "metrics.jsonl", "a") as handle:
-                        handle.write(json_line(last))
-                    if writer is not None:
-                        for key, value in last.items():
-                            if isinstance(value, (int, float)) and key != "step":
-                                writer.add_scalar(f"train/{key}", value, self.step)
+                    self.metrics.append(last)
+                    if events is not None:
+                        events.scalars("train", last, self.step)
                     progress.update(self.step, last)
                 window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
             elif progress is not None:
                 progress.update(self.step, None)
-            if stopping and self.step < config.steps:
+            if self.step % config.checkpoint_every == 0 or final or stopping:
+                path = self._checkpoint()
+                if events is not None:
+                    events.flush()
+            if stopping and not final:
                 raise Preempted(stopping, self.step, path if env.main else None)
+            fault(self.step)
         return last
 
-    def _stop_requested(self, requests: list[int]) -> int:
-        """The signal that asked to stop (0: none); under torchrun every rank agrees."""
-        signum = requests[0] if requests else 0
-        if self.env.world_size > 1:
-            flag = torch.tensor([signum], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
-        return signum
+    def _report_validation(self, events: Optional[Events], progress: Optional[Progress]) -> None:
+        record = self.validate()
+        if not self.env.main:
+            return
+        self.metrics.append(record)
+        progress.note(f"step {self.step} validation loss {record['loss']:.4f} (image {record['image_loss']:.4f}, "
+                      f"text {record['text_loss']:.4f}, unpaired {record['unpaired_text_loss']:.4f}) "
+                      f"on {record['samples']} samples")
+        if events is not None:
+            events.scalars("validation", record, self.step)
+            if self._last_validation is not None:
+                from trainer.reconstruction import render
+
+                inputs, plans = self._last_validation
+                events.image("validation/reconstruction", render(self.model, inputs, plans, limit=4), self.step)
 
     def _on_nonfinite(self, result: dict[str, Any]) -> None:
         """The update of this step was not applied; stop, or skip it while the budget lasts."""
@@ -593,14 +455,14 @@ class Trainer:
         what = f"loss {result['loss']}, gradient norm {result['grad_norm']}"
         if self.config.on_nonfinite == "stop" or self.skipped_steps > self.config.max_skipped_steps:
             newest = self.checkpoints.existing()
-            kept = f"; the newest checkpoint, {newest[0]}, holds finite weights" if newest else ""
+            kept = f"; the newest checkpoint, {self.checkpoints.url(newest[0])}, holds finite weights" if newest else ""
             limit = "" if self.config.on_nonfinite == "stop" else f" ({self.skipped_steps} non-finite steps)"
             raise TrainError(f"step {self.step}: {what}{limit}: the run stopped without applying it{kept}. Lower "
                              "train.optimizer.base_lr or raise warmup_steps; train.on_nonfinite: skip skips such steps")
         log.warning("step %d: %s: update skipped (%d of at most %d)", self.step, what, self.skipped_steps,
                     self.config.max_skipped_steps)
 
-    def _checkpoint(self) -> Optional[Path]:
+    def _checkpoint(self) -> Optional[str]:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.parameters()):
             raise TrainError(f"step {self.step}: the weights are no longer finite; no checkpoint was written")
         state = self.state_dict() if self.env.main or self.sharded else None  # FSDP: a collective
@@ -608,79 +470,26 @@ class Trainer:
         if self.env.main:
             path = self.checkpoints.save(self.step, state)
             log.info("checkpoint %s", path)
-        if self.env.world_size > 1:
-            dist.barrier()
+        barrier(self.env)
         return path
 
 
-def _catch_stop_signals(requests: list[int]):
-    """SIGTERM (what SLURM and Kubernetes send before taking a node) and SIGINT only ask the loop
-    to stop after the current step; a second Ctrl-C interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+def _fault_hook():
+    """`MMAE_FAULT=kill@N|term@N|int@N`: the process signals itself right after step N."""
+    spec = os.environ.get("MMAE_FAULT", "")
+    if "@" not in spec:
+        return lambda step: None
+    kind, _, at = spec.partition("@")
+    signum = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind]
 
-    def ask(signum, _frame):
-        if requests and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requests.append(signum)
-        log.warning("%s: finishing step, then saving a checkpoint and stopping", signal.Signals(signum).name)
+    def maybe(step: int) -> None:
+        if step == int(at):
+            if signum != signal.SIGKILL and os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), signum)  # the whole group, as a terminal or SLURM signals it
+            else:
+                os.kill(os.getpid(), signum)
 
-    return {signum: signal.signal(signum, ask) for signum in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signals(previous) -> None:
-    for signum, handler in (previous or {}).items():
-        signal.signal(signum, handler)
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One metrics line of strict JSON: NaN and infinities become null."""
-    clean = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
-             for key, value in record.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (the killed run's tail)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _tensorboard(run: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainError("train.tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
-    return SummaryWriter(str(run / "tensorboard"))
-
-
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise."""
-
-    def __init__(self, total: int, start: int) -> None:
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self.last = start
-
-    def update(self, step: int, metrics: Optional[dict[str, Any]]) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.last)
-            if metrics:
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
-        elif metrics:
-            log.info("step %d loss %.4f (image %.4f, text %.4f, unpaired %.4f) lr %.2e %.0f samples/s",
-                     step, metrics["loss"], metrics["image_loss"], metrics["text_loss"],
-                     metrics["unpaired_text_loss"], metrics["lr"], metrics["samples_per_s"])
-        self.last = step
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return maybe
 
 
 def run_training(config: Config) -> dict[str, Any]:
@@ -692,5 +501,4 @@ def run_training(config: Config) -> dict[str, Any]:
         last = trainer.fit()
         return last if env.main else {}  # one summary, from rank 0
     finally:
-        if env.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(env)
