@@ -8,7 +8,7 @@ is instant and the data side never imports torch.
     mmae validate DATASET [--no-decode]
     mmae train [--config F] [--set k=v]... [--nproc N]
     mmae eval probe --checkpoint CKPT --data DATASET [--json]
-    mmae eval retrieval --checkpoint CKPT --data DATASET [--json]
+    mmae eval retrieval --checkpoint CKPT --data DATASET [--holdout F] [--json]
     mmae eval reconstruct --checkpoint CKPT --data DATASET --out grid.png
 """
 
@@ -136,7 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {result['out']} ({result['samples']} samples: original | masked | reconstruction)")
             return 0
         if args.evaluation == "retrieval":
-            result = retrieval(args.checkpoint, args.data, limit=args.limit)
+            result = retrieval(args.checkpoint, args.data, limit=args.limit, holdout=args.holdout)
         else:
             result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
     except (DataError, ManifestError, FileNotFoundError) as error:
@@ -226,6 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--checkpoint", required=True)
     retrieve.add_argument("--data", required=True)
     retrieve.add_argument("--limit", type=int, default=1000, help="paired rows scored (first by id)")
+    retrieve.add_argument("--holdout", type=float, default=0.0, metavar="F",
+                          help="score the rows a run with train.validation.holdout: F never trained on "
+                               "(default: the test side of the deterministic 80/20 split by id)")
     retrieve.add_argument("--json", action="store_true")
 
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")

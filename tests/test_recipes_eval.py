@@ -164,6 +164,10 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
 
     held_out = [index for index in range(90) if split_of({"id": f"p{index:07d}"}) == "test"]
     assert result["n"] == len(held_out) and result["split"] == "test" and 5 < len(held_out) < 35
+    from trainer.streams import held_out as never_trained
+
+    unseen = retrieval(str(run / "checkpoints" / "step-0000004.pt"), str(dataset), holdout=0.3)
+    assert unseen["n"] == sum(never_trained(f"p{index:07d}", 0.3) for index in range(90)) > 5
     # Rows with the same caption (or the same image) are right answers for each other: when every
     # caption is the same, every retrieval is a hit, whatever the model.
     same = tmp_path / "same-caption"

@@ -282,11 +282,115 @@ def test_fsdp_run_checkpoints_full_weights_and_resumes_exactly(dataset, tmp_path
     assert single.returncode == 2 and "train.parallel: 'fsdp' -> 'ddp'" in single.stderr
 
 
-def test_tensorboard_events(dataset, tmp_path):
+def tensorboard_events(folder: Path) -> dict:
+    """tag -> [(step, value)] of every scalar, and the image and hparams tags, over all event files."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(folder))
+    multiplexer.Reload()
+    found = {"scalars": {}, "images": set(), "hparams": False}
+    for run, tags in multiplexer.Runs().items():
+        accumulator = multiplexer.GetAccumulator(run)
+        for tag in tags.get("scalars", []):
+            found["scalars"].setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+        found["images"] |= set(tags.get("images", []))
+        found["hparams"] |= any("hparams" in plugin for plugin in accumulator.PluginTagToContent("hparams") or {}) or \
+            bool(accumulator.PluginTagToContent("hparams"))
+    return found
+
+
+def test_validation_on_held_out_rows_tensorboard_images_hparams_one_stream_across_resumes(dataset, tmp_path):
+    sets = ["--set", "train.validation.holdout=0.2", "--set", "train.validation.every=4", "--set",
+            "train.validation.batches=2", "--set", "train.tensorboard=true"]
+    # Held-out rows are never trained on, and every row is on exactly one side.
+    config = train_config(dataset, tmp_path / "unused", validation={"holdout": 0.2})
+    train_ids = {sample for batch in MixedLoader(config).batches(40) for sample in batch.ids}
+    validation = MixedLoader(config, train=False, split="validation")
+    held_ids = {sample for batch in validation.batches(10) for sample in batch.ids}
+    assert held_ids and train_ids and not train_ids & held_ids
+    whole = MixedLoader(train_config(dataset, tmp_path / "unused"))
+    assert sum(s.total_rows for s in whole.streams) == sum(s.total_rows for s in MixedLoader(config).streams) + \
+        sum(s.total_rows for s in validation.streams)
+
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(dataset, straight, *sets), check=True, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    checks = [record for record in records if record["split"] == "validation"]
+    assert [record["step"] for record in checks] == [4, 8, 12]
+    assert all(record["loss"] > 0 and record["samples"] == 16 for record in checks)
+    assert checks[0]["loss"] != checks[-1]["loss"]  # the same batches and masks, a model that changed
+
+    # Killed after step 10, resumed from step 8: the same validation figures, and TensorBoard shows
+    # one stream (the killed run's events after step 8 are purged, none twice).
     run = tmp_path / "run"
-    subprocess.run(train_command(dataset, run, "--set", "train.steps=2", "--set", "train.tensorboard=true"),
-                   check=True, capture_output=True, timeout=300)
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    crash = subprocess.run(train_command(dataset, run, *sets), capture_output=True, timeout=300,
+                           env={**os.environ, "MMAE_FAULT": "kill@10"})
+    assert crash.returncode == -signal.SIGKILL
+    subprocess.run(train_command(dataset, run, *sets), check=True, capture_output=True, timeout=300)
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"], r["loss"]) for r in resumed] == [(r["step"], r["split"], r["loss"]) for r in records]
+    events = tensorboard_events(run / "tensorboard")
+    train_loss = events["scalars"]["train/loss"]
+    assert sorted(step for step, _ in train_loss) == list(range(1, 13))  # each step once
+    assert [step for step, _ in sorted(events["scalars"]["validation/loss"])] == [4, 8, 12]
+    assert "validation/reconstruction" in events["images"]
+    assert events["hparams"]
+
+
+def test_tensorboard_needs_the_package_or_says_so(dataset, tmp_path, monkeypatch):
+    import builtins
+
+    from trainer.parallel import Distributed
+    from trainer.train import TrainError, Trainer
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(TrainError, match="pip install tensorboard"):
+        Trainer(train_config(dataset, tmp_path / "run", tensorboard=True, steps=1), Distributed()).fit()
+
+
+def test_a_run_folder_on_object_storage_checkpoints_atomically_and_resumes(dataset, tmp_path, monkeypatch):
+    """train.out as an fsspec URL (memory:// here, s3:// or gs:// on a cluster)."""
+    import fsspec
+
+    from trainer.checkpoint import load_model
+    from trainer.parallel import Distributed
+    from trainer.train import Trainer
+
+    memory = fsspec.filesystem("memory")
+    straight = Trainer(train_config(dataset, tmp_path / "local", steps=8), Distributed()).fit()
+    url = "memory://runs/remote"
+    real_save, saves = torch.save, []
+
+    def dies_the_second_time(state, handle, *args, **kwargs):
+        saves.append(state["step"])
+        if len(saves) == 2:  # the step-8 save dies half-way
+            handle.write(b"half a checkpoint")
+            raise OSError("the node went away")
+        real_save(state, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_the_second_time)
+    with pytest.raises(OSError, match="went away"):
+        Trainer(train_config(dataset, url, steps=8), Distributed()).fit()
+    assert saves == [4, 8] and memory.exists("/runs/remote/config.yaml")
+    # Nothing under a checkpoint's name but whole checkpoints, no temporary file, `last` names one.
+    names = [path.rsplit("/", 1)[1] for path in memory.ls("/runs/remote/checkpoints", detail=False)]
+    assert sorted(names) == ["last", "step-0000004.pt"]
+    assert memory.cat("/runs/remote/checkpoints/last").decode().strip() == "step-0000004.pt"
+    monkeypatch.setattr(torch, "save", real_save)
+    # The same command resumes from the object store and ends where an uninterrupted run ends.
+    resumed = Trainer(train_config(dataset, url, steps=8), Distributed()).fit()
+    assert resumed["loss"] == straight["loss"] and resumed["step"] == 8
+    lines = memory.cat("/runs/remote/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    model, state = load_model(url)  # eval reads from there too
+    assert state["step"] == 8
 
 
 def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):

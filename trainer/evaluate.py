@@ -98,19 +98,24 @@ def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, s
     return {"top1": top1, "n_train": len(train_rows), "n_test": len(test_rows), "classes": len(names)}
 
 
-def paired_rows(dataset: str, limit: int, split: str = "test") -> list[dict[str, Any]]:
+def paired_rows(dataset: str, limit: int, split: str = "test", holdout: float = 0.0) -> list[dict[str, Any]]:
     """Paired rows with a caption (id, image, tokens, image_sha256), sorted by id; `split`: the
-    deterministic test split (as the probe's), or "all"."""
+    deterministic test split (as the probe's), or "all"; `holdout`: instead, the rows a run with
+    `train.validation.holdout` of that fraction never trained on."""
+    from trainer.streams import held_out
+
     rows = []
     for entry in read_manifest(dataset).entries("paired"):
         url = f"{dataset.rstrip('/')}/{entry.path}"
         with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
             columns = [c for c in ("id", "image", "tokens", "image_sha256", "split") if c in parquet.schema_arrow.names]
             rows += [row for row in parquet.read(columns=columns).to_pylist()
-                     if row["tokens"] and (split == "all" or split_of(row) == split)]
+                     if row["tokens"] and (held_out(row["id"], holdout) if holdout
+                                           else split == "all" or split_of(row) == split)]
     rows.sort(key=lambda row: row["id"])
     if len(rows) < 2:
-        raise DataError(f"{dataset}: retrieval needs at least 2 paired rows in the {split} split (found {len(rows)})")
+        which = f"held out by validation.holdout {holdout}" if holdout else f"in the {split} split"
+        raise DataError(f"{dataset}: retrieval needs at least 2 paired rows {which} (found {len(rows)})")
     return rows[:limit]
 
 
@@ -127,15 +132,17 @@ def relevance(rows: list[dict[str, Any]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "test") -> dict[str, Any]:
+def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "test",
+              holdout: float = 0.0) -> dict[str, Any]:
     """Image->text and text->image recall@1/5 over the dataset's held-out paired rows (the probe's
     deterministic 80/20 split by id, its test side; the first `limit` by id). A retrieved row is a
     hit when it has the same image or the same caption as the query's row: duplicates and several
-    captions per image do not count as misses."""
+    captions per image do not count as misses. `holdout`: score the rows a run trained with
+    `train.validation.holdout` of that fraction never saw."""
     model, _ = load_model(checkpoint)
     if not model.alignment:
         raise DataError(f"{checkpoint} was trained without ITC (train.loss_weights.itc = 0): no retrieval heads")
-    rows = paired_rows(dataset, limit, split)
+    rows = paired_rows(dataset, limit, split, holdout)
     image_z, text_z = [], []
     for start in range(0, len(rows), 256):
         chunk = rows[start:start + 256]
@@ -153,7 +160,7 @@ def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "te
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices
         return float(relevant.gather(1, top).any(dim=1).float().mean())
 
-    return {"n": len(rows), "split": split,
+    return {"n": len(rows), "split": f"holdout {holdout}" if holdout else split,
             "image_to_text": {"r1": recall(similarity, 1), "r5": recall(similarity, 5)},
             "text_to_image": {"r1": recall(similarity.T, 1), "r5": recall(similarity.T, 5)}}
 

@@ -71,8 +71,9 @@ class Events:
         else:
             key = hashlib.sha256(run.url.encode()).hexdigest()[:16]
             self.folder = os.path.join(tempfile.gettempdir(), f"mmae-tensorboard-{key}")
-        # purge_step: events a killed run wrote after the step we resume from are hidden.
-        self.writer = SummaryWriter(self.folder, purge_step=start_step if start_step else None)
+        # purge_step: events a killed run wrote after the step we resume from are hidden (those of
+        # that step itself were written before its checkpoint, and stay).
+        self.writer = SummaryWriter(self.folder, purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, prefix: str, record: dict[str, Any], step: int) -> None:
         for key, value in record.items():
