@@ -385,10 +385,11 @@ def test_a_run_folder_on_object_storage_checkpoints_atomically_and_resumes(datas
     assert memory.cat("/runs/remote/checkpoints/last").decode().strip() == "step-0000004.pt"
     monkeypatch.setattr(torch, "save", real_save)
     # The same command resumes from the object store and ends where an uninterrupted run ends.
-    resumed = Trainer(train_config(dataset, url, steps=8), Distributed()).fit()
+    resumed = Trainer(train_config(dataset, url, steps=8, tensorboard=True), Distributed()).fit()
     assert resumed["loss"] == straight["loss"] and resumed["step"] == 8
     lines = memory.cat("/runs/remote/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    assert any("tfevents" in path for path in memory.find("/runs/remote/tensorboard"))  # copied up
     model, state = load_model(url)  # eval reads from there too
     assert state["step"] == 8
 
