@@ -50,6 +50,10 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     images: dict[str, bytes] = {}
     bomb: bytes = b""
+    # What the server saw, by the `?t=TOKEN` a test adds: requests made, and how many bytes a
+    # trickling answer had written when the client hung up (what completed, not how long it took).
+    requests: dict[str, int] = {}
+    cut_after: dict[str, int] = {}
 
     def log_message(self, format, *args):  # noqa: A002
         pass
@@ -63,6 +67,23 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _trickle(self, data: bytes, token) -> None:
+        """One byte every 0.1 s; notes how many were written when the client hung up."""
+        written = 0
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                written += 1
+                time.sleep(0.1)
+            # The client is still reading: keep the connection open and silent until it leaves.
+            while self.connection.recv(1):
+                pass
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        if token:
+            self.cut_after[token] = written
+
     def _redirect(self, location: str) -> None:
         self.send_response(302)
         self.send_header("Location", location)
@@ -70,7 +91,10 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        token = query[2:] if query.startswith("t=") else None
+        if token:
+            self.requests[token] = self.requests.get(token, 0) + 1
         port = self.server.server_address[1]
         if path.startswith("/img/"):
             body = self.images.get(path[len("/img/"):])
@@ -89,23 +113,11 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "image/jpeg")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            try:
-                for byte in body[:40]:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            self._trickle(body[:40], token)
         elif path == "/trickle-headers":
             # The status line and headers one byte at a time: only a whole-request deadline ends it.
             head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Padding: " + b"x" * 200 + b"\r\n\r\n"
-            try:
-                for byte in head:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            self._trickle(head, token)
             self.close_connection = True
         elif path.startswith("/to-scheme/"):
             self._redirect(path[len("/to-scheme/"):] + ":///etc/passwd")

@@ -145,6 +145,8 @@ def test_shards_follow_schema_v1(built):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["rows"] == {"paired": 3, "image": 1, "text": 2}
+    # The source -> kind map the loader uses (it never reads the build's config back).
+    assert manifest["sources"] == {"web-pairs": "paired", "web-images": "image", "web-text": "text"}
     for entry in manifest["shards"] + manifest["rejects"]:
         path = output / entry["path"]
         data = path.read_bytes()

@@ -15,15 +15,12 @@ collective of the loss (`gather_rows`, `rank_offset`); the model itself never co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from trainer.batch import Inputs
-
-if TYPE_CHECKING:
-    from trainer.model import MultimodalMAE, Predictions
 
 
 class Weights(Protocol):
@@ -32,6 +29,31 @@ class Weights(Protocol):
     unpaired_text: float
     itc: float
     itm: float
+
+
+class Prediction(Protocol):
+    """What `masked_losses` reads of a model's predictions (trainer.model.Predictions)."""
+
+    pixels: torch.Tensor
+    pixel_targets: torch.Tensor
+    token_logits: torch.Tensor
+    token_targets: torch.Tensor
+    token_paired: torch.Tensor
+    encoder_tokens: int
+    decoder_tokens: int
+    anchor: torch.Tensor
+
+
+class AlignmentHeads(Protocol):
+    """What ITC/ITM need of a model: an unmasked CLS feature pass and the alignment heads."""
+
+    cls_token: torch.Tensor
+    logit_scale: torch.Tensor
+    itc_image_proj: Callable[[torch.Tensor], torch.Tensor]
+    itc_text_proj: Callable[[torch.Tensor], torch.Tensor]
+    itm_head: Callable[[torch.Tensor], torch.Tensor]
+
+    def cls_features(self, inputs: Inputs) -> torch.Tensor: ...
 
 
 @dataclass
@@ -65,7 +87,7 @@ def pixel_loss_sum(predicted: torch.Tensor, target: torch.Tensor, norm_pix: bool
     return ((predicted - target) ** 2).mean(dim=-1).sum()
 
 
-def masked_losses(predictions: "Predictions", weights: Weights, norm_pix: bool,
+def masked_losses(predictions: Prediction, weights: Weights, norm_pix: bool,
                   normalisers: Optional[dict[str, float]] = None) -> Losses:
     """Pixel and token losses of one forward; `normalisers` default to this batch's own counts."""
     zero = predictions.anchor
@@ -89,7 +111,7 @@ def masked_losses(predictions: "Predictions", weights: Weights, norm_pix: bool,
                   predictions.decoder_tokens)
 
 
-def alignment_losses(model: "MultimodalMAE", inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def alignment_losses(model: AlignmentHeads, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ITC between image-only and text-only passes of the paired samples (gathered over ranks),
     and ITM on joint passes: each pair, plus one hard negative text per image and one hard
     negative image per text, drawn from the in-batch ITC similarities."""
