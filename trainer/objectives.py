@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from trainer.batch import Inputs
 
 
+LOSS_NAMES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")  # fields of Losses
+
+
 class Weights(Protocol):
     image: float
     text: float

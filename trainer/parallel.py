@@ -96,3 +96,29 @@ def agree_max(value: float, env: Distributed) -> float:
 def barrier(env: Distributed) -> None:
     if env.world_size > 1:
         dist.barrier()
+
+
+def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of the whole model. With FSDP every rank must call it (it
+    gathers the shards) and rank 0 gets full CPU tensors: a checkpoint loadable anywhere."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    """The inverse of `full_state`: each rank keeps its shards of the full tensors."""
+    if not sharded:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -30,7 +30,7 @@ import os
 import random
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -39,22 +39,25 @@ from schemas.config import Config, TrainConfig
 from schemas.manifest import read_manifest
 from trainer.attention import resolve_backend
 from trainer.batch import KINDS, Batch
-from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
+from trainer.checkpoint import Checkpointer
 from trainer.loader import MixedLoader, RankLoaders
 from trainer.masking import masked_counts, plan_masks, step_seed
 from trainer.metrics import DIGEST_MODULUS, Events, MetricsLog, Progress, sample_digest
 from trainer.model import build_model, count_parameters
-from trainer.parallel import (Distributed, agree_max, barrier, close_distributed, init_distributed, parallelize,
-                              shard_model, sum_over_ranks)
+from trainer.objectives import LOSS_NAMES
+from trainer.parallel import (Distributed, agree_max, barrier, close_distributed, full_state, init_distributed,
+                              load_full_state, parallelize, shard_model, sum_over_ranks)
 from trainer.preemption import Preempted, StopRequests
+from trainer.resume import ResumeError, changes_allowed, checkpoint_to_resume, data_ranks, initial_weights
 from trainer.run_folder import RunFolder
 from trainer.schedule import apply_schedule, build_optimizer, peak_lr
-from trainer.settings import differences, flatten
-from trainer.stages import Stage, loader_config, mix_of, objectives_of, plan_stages, stage_at, uses_alignment
+from trainer.settings import flatten
+from trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
+from trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
 
-LOSSES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")
+LOSSES = LOSS_NAMES
 MASKED = ("image", "paired_text", "unpaired_text")
 
 
@@ -94,7 +97,7 @@ class Trainer:
         self.run = RunFolder(config.out)
         self.checkpoints = Checkpointer(self.run, config.keep_checkpoints)
         self.metrics = MetricsLog(self.run)
-        self._last_validation = None  # (inputs, plans) of the last validation's first batch
+        self.validator = Validator(config, env)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
 
@@ -125,15 +128,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The whole training state. With FSDP every rank must call it (it gathers the shards) and
         only rank 0 gets the full tensors; the saved checkpoint is the same full model either way."""
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.model, options=options)
-            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        else:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.sharded)
         return {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
@@ -154,16 +149,7 @@ class Trainer:
             # The optimizer state is keyed by parameter name under FSDP and by position otherwise.
             raise TrainError(f"this checkpoint was written with train.parallel: {'fsdp' if written == 'fsdp' else 'ddp'}"
                              f" over several processes; resume it the same way (its model weights load anywhere)")
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("stage", 0) != self.stage.index:
             self.stage = self.stages[state["stage"]]
@@ -175,73 +161,34 @@ class Trainer:
         self.skipped_steps = state.get("skipped_steps", 0)
 
     def resume(self) -> Optional[str]:
-        """Load the checkpoint to continue from (train.resume_from, else the run's newest readable
-        one), or start from train.init_from's weights, or from scratch. Returns what was loaded."""
-        if self.config.resume_from:
-            try:
-                path = resolve_checkpoint(self.config.resume_from)
-                found = (path, load_checkpoint(path))
-            except Exception as error:  # noqa: BLE001 - say which file and why
-                raise TrainError(f"train.resume_from {self.config.resume_from}: cannot load "
-                                 f"({type(error).__name__}: {error})") from None
-        else:
-            try:
-                found = self.checkpoints.load_latest()
-            except NoReadableCheckpoint as error:
-                raise TrainError(str(error)) from None
-        if found is None:
-            if self.config.init_from:
-                self._init_weights(self.config.init_from)
-            return None
-        path, state = found
-        allowed, refused = differences(state.get("config", {}), self.config.model_dump(mode="json"))
-        if refused:
-            listed = "; ".join(f"train.{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
-            raise TrainError(f"{path} was trained with other settings that may not change on resume ({listed}); "
-                             "restore them, or start a new run with another train.out")
-        if state["model_spec"] != self.model_spec:
-            raise TrainError(f"{path} holds a {state['model_spec']} model; this config builds {self.model_spec}")
-        self._adopt_data_ranks(path, state)
+        """Load the checkpoint to continue from, or start from train.init_from's weights, or from
+        scratch (trainer.resume decides which). Returns what was resumed from."""
+        try:
+            found = checkpoint_to_resume(self.config, self.checkpoints)
+            if found is None:
+                if self.config.init_from:
+                    path, state = initial_weights(self.config, self.model_spec)
+                    self.model.load_state_dict(state["model"])
+                    log.info("initialised the model from %s (its step %d); optimizer, schedule and data start "
+                             "fresh", path, state["step"])
+                return None
+            path, state = found
+            self.changed_on_resume = changes_allowed(path, state, self.config, self.model_spec)
+            data_world = data_ranks(path, state, self.config, self.env.world_size)
+        except ResumeError as error:
+            raise TrainError(str(error)) from None
+        if data_world != self.data_world:
+            self.data_world = data_world
+            self.loader = self._make_loader(self.stage)
+            if self.env.main:
+                log.info("elastic resume: %d data ranks on %d process(es), grad_accum %d", data_world,
+                         self.env.world_size, self.config.grad_accum)
         try:
             self.load_state_dict(state)
         except ValueError as error:  # the loader's own checks (world size, streams, data)
             raise TrainError(f"{path}: {error}") from None
         apply_schedule(self.optimizer, self.scheduler, self.config, self.lr)
-        self.changed_on_resume = allowed
         return path
-
-    def _adopt_data_ranks(self, path: str, state: dict[str, Any]) -> None:
-        """Elastic resume: fewer processes than data ranks, the global batch kept by grad_accum."""
-        data_world = state["loader"]["world_size"]
-        saved_accum = state.get("config", {}).get("grad_accum", self.config.grad_accum)
-        processes = self.env.world_size
-        if data_world % processes:
-            raise TrainError(f"{path} was trained on {data_world} data ranks; {processes} processes cannot share them "
-                             f"evenly: resume on a divisor of {data_world} processes")
-        needed = saved_accum * data_world // processes
-        if self.config.grad_accum != needed:
-            raise TrainError(f"{path} was trained with {data_world} process(es) x train.grad_accum {saved_accum}; on "
-                             f"{processes} process(es) set train.grad_accum={needed} to keep the same global batch")
-        if data_world != self.data_world:
-            self.data_world = data_world
-            self.loader = self._make_loader(self.stage)
-            if self.env.main:
-                log.info("elastic resume: %d data ranks on %d process(es), grad_accum %d", data_world, processes,
-                         needed)
-
-    def _init_weights(self, given: str) -> None:
-        """A new run from another run's weights; optimizer, schedule and data start fresh."""
-        try:
-            path = resolve_checkpoint(given)
-            state = load_checkpoint(path)
-        except Exception as error:  # noqa: BLE001
-            raise TrainError(f"train.init_from {given}: cannot load ({type(error).__name__}: {error})") from None
-        if state["model_spec"] != self.model_spec:
-            raise TrainError(f"train.init_from {path} holds a {state['model_spec']} model; this config builds "
-                             f"{self.model_spec}")
-        self.model.load_state_dict(state["model"])
-        log.info("initialised the model from %s (its step %d); optimizer, schedule and data start fresh",
-                 path, state["step"])
 
     # -- one step -------------------------------------------------------------------------
 
@@ -305,43 +252,6 @@ class Trainer:
         skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
         return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen_counts,
                 "skipped": skipped, "nonfinite": nonfinite, "sample_digest": digest}
-
-    # -- validation -----------------------------------------------------------------------
-
-    def validation_batches(self) -> Iterator[Batch]:
-        """The same `validation.batches` batches of held-out data every time, centre views, the
-        run's main mix; split over this process's data ranks like training data."""
-        config = self.config.model_copy(update={"mix": mix_of(self.config, None), "num_workers": 0})
-        for rank in self._data_ranks():
-            loader = MixedLoader(config, rank=rank, world_size=self.data_world, train=False, slots=1,
-                                 split="validation")
-            yield from loader.batches(self.config.validation.batches)
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, Any]:
-        """Losses on held-out data with masks that do not change from one validation to the next."""
-        config, env = self.config, self.env
-        sums, batches, samples, first = dict.fromkeys(LOSSES, 0.0), 0, 0, None
-        for batch in self.validation_batches():
-            if not config.use_text:
-                batch = batch.without_text()
-            inputs = batch.to(self.device).inputs()
-            plans = plan_masks(inputs, self.model.num_patches, config.masking, config.seed)
-            with self.autocast:
-                losses = self.model(inputs, plans=plans, weights=config.loss_weights, seed=config.seed)
-            for name in LOSSES:
-                value = getattr(losses, name)
-                sums[name] += float(value) if value is not None else 0.0
-            batches += 1
-            samples += len(batch.ids)
-            first = first or (inputs, plans)
-        totals = sum_over_ranks([*(sums[name] for name in LOSSES), batches, samples], env)
-        count = max(1.0, totals[len(LOSSES)])
-        record = {"step": self.step, "split": "validation", **{name: totals[index] / count
-                                                               for index, name in enumerate(LOSSES)},
-                  "samples": int(totals[-1])}
-        self._last_validation = first
-        return record
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -434,7 +344,7 @@ class Trainer:
         return last
 
     def _report_validation(self, events: Optional[Events], progress: Optional[Progress]) -> None:
-        record = self.validate()
+        record = self.validator.run(self.model, self.step, self._data_ranks(), self.data_world, self.autocast)
         if not self.env.main:
             return
         self.metrics.append(record)
@@ -443,11 +353,9 @@ class Trainer:
                       f"on {record['samples']} samples")
         if events is not None:
             events.scalars("validation", record, self.step)
-            if self._last_validation is not None:
-                from trainer.reconstruction import render
-
-                inputs, plans = self._last_validation
-                events.image("validation/reconstruction", render(self.model, inputs, plans, limit=4), self.step)
+            picture = self.validator.picture(self.model)
+            if picture is not None:
+                events.image("validation/reconstruction", picture, self.step)
 
     def _on_nonfinite(self, result: dict[str, Any]) -> None:
         """The update of this step was not applied; stop, or skip it while the budget lasts."""

@@ -1,0 +1,65 @@
+"""Validation loss on data the run never trains on (`train.validation`).
+
+The same `validation.batches` batches every time (centre views, the run's main mix, masks from
+a fixed seed), split over the process's data ranks like training data: figures are comparable
+from one validation to the next and identical in a resumed or elastic run. All ranks take part
+(FSDP gathers parameters, ITC gathers features); the sums are reduced over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+
+from schemas.config import TrainConfig
+from trainer.batch import Batch, Inputs
+from trainer.loader import MixedLoader
+from trainer.masking import MaskPlan, plan_masks
+from trainer.objectives import LOSS_NAMES
+from trainer.parallel import Distributed, sum_over_ranks
+from trainer.stages import mix_of
+
+
+class Validator:
+    def __init__(self, config: TrainConfig, env: Distributed) -> None:
+        self.config, self.env = config, env
+        self.sample: Optional[tuple[Inputs, list[MaskPlan]]] = None  # the last validation's first batch
+
+    def batches(self, data_ranks: list[int], data_world: int) -> Iterator[Batch]:
+        config = self.config.model_copy(update={"mix": mix_of(self.config, None), "num_workers": 0})
+        for rank in data_ranks:
+            loader = MixedLoader(config, rank=rank, world_size=data_world, train=False, slots=1, split="validation")
+            yield from loader.batches(self.config.validation.batches)
+
+    @torch.no_grad()
+    def run(self, model, step: int, data_ranks: list[int], data_world: int, autocast) -> dict[str, Any]:
+        """Mean losses over the validation batches of every rank: a `"split": "validation"` record."""
+        config = self.config
+        sums, batches, samples, first = dict.fromkeys(LOSS_NAMES, 0.0), 0, 0, None
+        for batch in self.batches(data_ranks, data_world):
+            if not config.use_text:
+                batch = batch.without_text()
+            inputs = batch.to(self.env.device).inputs()
+            plans = plan_masks(inputs, model.num_patches, config.masking, config.seed)
+            with autocast:
+                losses = model(inputs, plans=plans, weights=config.loss_weights, seed=config.seed)
+            for name in LOSS_NAMES:
+                value = getattr(losses, name)
+                sums[name] += float(value) if value is not None else 0.0
+            batches, samples = batches + 1, samples + len(batch.ids)
+            first = first or (inputs, plans)
+        totals = sum_over_ranks([*(sums[name] for name in LOSS_NAMES), batches, samples], self.env)
+        count = max(1.0, totals[len(LOSS_NAMES)])
+        self.sample = first
+        return {"step": step, "split": "validation",
+                **{name: totals[index] / count for index, name in enumerate(LOSS_NAMES)}, "samples": int(totals[-1])}
+
+    def picture(self, model):
+        """A reconstruction grid of the last validation's first samples (None before any)."""
+        if self.sample is None:
+            return None
+        from trainer.reconstruction import render
+
+        inputs, plans = self.sample
+        return render(model, inputs, plans, limit=4)
