@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install interop-env demo test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,26 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# timm (the export interop test) imports torchvision, whose PyPI wheels pin a CUDA build of
+# torch: it gets an environment of its own (~5.5 GB, about a minute), never mixed with the
+# project's CPU torch. The test runs timm there in a fresh interpreter that cannot import mmae.
+TIMM_VENV ?= .venv-timm
+TIMM_STAMP := $(TIMM_VENV)/.installed
+$(TIMM_STAMP):
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q timm safetensors
+	touch $(TIMM_STAMP)
+
+interop-env: $(TIMM_STAMP)
+
 demo: install
 	$(VENV)/bin/mmae demo --out build/demo
 
-test: install
-	$(PY) -m pytest
+test: install $(TIMM_STAMP)
+	MMAE_TIMM_PYTHON=$(TIMM_VENV)/bin/python $(PY) -m pytest
 
-test-all: install
-	$(PY) -m pytest -m ''
+test-all: install $(TIMM_STAMP)
+	MMAE_TIMM_PYTHON=$(TIMM_VENV)/bin/python $(PY) -m pytest -m ''
 
 bench: install
 	$(PY) benchmarks/build_throughput.py

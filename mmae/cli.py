@@ -10,6 +10,8 @@ is instant and the data side never imports torch.
     mmae eval probe --checkpoint CKPT --data DATASET [--json]
     mmae eval retrieval --checkpoint CKPT --data DATASET [--holdout F] [--json]
     mmae eval reconstruct --checkpoint CKPT --data DATASET --out grid.png
+    mmae export --checkpoint CKPT --format timm|safetensors --out DIR
+    mmae embed --checkpoint CKPT (--data DATASET | --images FOLDER | --texts FILE) --out emb.parquet
 """
 
 from __future__ import annotations
@@ -154,6 +156,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import CheckpointNotFound
+    from trainer.export import ExportError, export
+
+    try:
+        result = export(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite,
+                        tokenizer_from=args.tokenizer_from)
+    except (ExportError, CheckpointNotFound) as error:
+        print(f"mmae export: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else
+          f"wrote {result['out']} ({args.format}: {', '.join(result['files'])}) from {result['checkpoint']}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from schemas.manifest import ManifestError
+    from trainer.checkpoint import CheckpointNotFound
+    from trainer.embed import EmbedError, embed
+
+    try:
+        result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
+                       pool=args.pool, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
+                       progress=sys.stderr.isatty())
+    except (EmbedError, CheckpointNotFound, ManifestError, OSError) as error:
+        print(f"mmae embed: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines.demo.run import run_demo
 
@@ -231,6 +264,29 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the test side of the deterministic 80/20 split by id)")
     retrieve.add_argument("--json", action="store_true")
 
+    exporting = commands.add_parser("export", help="write a checkpoint's model for other tools (timm, safetensors)")
+    exporting.add_argument("--checkpoint", required=True, help="a checkpoint file, a `last` pointer or a run folder")
+    exporting.add_argument("--format", choices=["timm", "safetensors"], default="timm",
+                           help="timm: the image encoder as a VisionTransformer folder (timm.create_model("
+                           "'local-dir:OUT', pretrained=True)); safetensors: the whole model with its tokenizer")
+    exporting.add_argument("--out", required=True, help="the folder to write")
+    exporting.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    exporting.add_argument("--tokenizer-from", metavar="DATASET",
+                           help="safetensors: copy this dataset's tokenizer (default: the run's train.data)")
+    exporting.add_argument("--json", action="store_true")
+
+    embedding = commands.add_parser("embed", help="image/text embeddings of a dataset, image folder or text file")
+    embedding.add_argument("--checkpoint", required=True,
+                           help="a checkpoint file, `last` pointer, run folder or exported safetensors folder")
+    source = embedding.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a built dataset (every row: its image and/or text)")
+    source.add_argument("--images", metavar="FOLDER", help="a folder of image files (ids: relative paths)")
+    source.add_argument("--texts", metavar="FILE", help="a text file, one text per line (ids: line-N)")
+    embedding.add_argument("--out", required=True, help="the Parquet file to write")
+    embedding.add_argument("--pool", choices=["cls", "mean"], default="cls")
+    embedding.add_argument("--batch-size", type=int, default=64)
+    embedding.add_argument("--tokenizer", help="tokenizer.model for --texts (default: the checkpoint's)")
+
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
     validate.add_argument("dataset")
     validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
@@ -256,6 +312,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _cmd_train(args)
     if args.command == "eval":
         return _cmd_eval(args)
+    if args.command == "export":
+        return _cmd_export(args)
+    if args.command == "embed":
+        return _cmd_embed(args)
     raise AssertionError(args.command)
 
 

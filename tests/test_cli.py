@@ -22,7 +22,7 @@ def test_help_lists_commands():
     result = mmae("--help")
     assert result.returncode == 0
     listed = set(re.search(r"\{([a-z,-]+)\}", result.stdout).group(1).split(","))
-    assert listed == {"demo-data", "build", "demo", "stats", "train", "eval", "validate"}
+    assert listed == {"demo-data", "build", "demo", "stats", "train", "eval", "validate", "export", "embed"}
     for command in listed:  # each one answers its own --help
         assert mmae(command, "--help").returncode == 0, command
 

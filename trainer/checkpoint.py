@@ -158,11 +158,23 @@ def resolve_checkpoint(given: str) -> str:
     return given
 
 
+def exported_folder(given: str) -> bool:
+    """A folder written by `mmae export --format safetensors` (weights, spec, tokenizer)."""
+    import os
+
+    return os.path.isdir(str(given)) and os.path.isfile(os.path.join(str(given), "mmae.json"))
+
+
 def load_model(path: str):
     """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load). `path`
-    may be a checkpoint file, a `last` pointer, or a run folder (`resolve_checkpoint`)."""
+    may be a checkpoint file, a `last` pointer, a run folder (`resolve_checkpoint`) or a folder
+    exported with `--format safetensors`."""
     from trainer.model import build_model
 
+    if exported_folder(path):
+        from trainer.export import load_exported
+
+        return load_exported(str(path))
     path = resolve_checkpoint(path)
     try:
         state = load_checkpoint(path)

@@ -35,6 +35,7 @@ from trainer.masking import MaskPlan, nothing_masked, plan_masks
 from trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
 
 CLS, IMAGE, TEXT = 0, 1, 2  # modality-type ids
+LN_EPS = 1e-6  # MAE's (and timm's ViT) LayerNorm epsilon: exported encoders compute the same features
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -140,7 +141,7 @@ class MultimodalMAE(nn.Module):
         self.register_buffer("image_pos", sincos_2d(dim, self.grid), persistent=False)
         self.register_buffer("text_pos", sincos_1d(dim, torch.arange(max_text_tokens)), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, size.heads, size.mlp_ratio) for _ in range(size.depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.image_mask_token = nn.Parameter(torch.zeros(decoder_dim))
@@ -151,7 +152,7 @@ class MultimodalMAE(nn.Module):
                              persistent=False)
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, size.decoder_heads, size.mlp_ratio) for _ in range(size.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=LN_EPS)
         self.image_head = nn.Linear(decoder_dim, patch_dim)
         self.text_head = nn.Linear(decoder_dim, vocab_size)
         self.alignment = alignment

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from schemas.config import TrainConfig
-from trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
+from trainer.checkpoint import (Checkpointer, NoReadableCheckpoint, exported_folder, load_checkpoint, load_model,
+                                resolve_checkpoint)
 from trainer.settings import differences
 
 
@@ -24,6 +25,8 @@ class ResumeError(RuntimeError):
 
 def _load(key: str, given: str) -> tuple[str, dict[str, Any]]:
     try:
+        if key == "init_from" and exported_folder(given):  # `mmae export --format safetensors` output
+            return given, load_model(given)[1]
         path = resolve_checkpoint(given)
         return path, load_checkpoint(path)
     except Exception as error:  # noqa: BLE001 - say which file and why

@@ -1,0 +1,177 @@
+"""`mmae embed`: image and text embeddings of a dataset, a folder of images or a text file.
+
+    mmae embed --checkpoint RUN --data build/demo/shards --out emb.parquet [--pool cls|mean]
+    mmae embed --checkpoint RUN --images photos/ --out emb.parquet
+    mmae embed --checkpoint RUN --texts captions.txt --out emb.parquet
+
+Output: Parquet with `id` (string), `image_embedding` and `text_embedding` (list<float32>,
+null where a row has no such part), written row group by row group as batches finish: memory
+stays flat whatever the input size. Features are the encoder's CLS token of an unmasked,
+single-modality forward (`--pool mean`: the mean of the patch or token features). Text files
+are tokenised with the checkpoint's tokenizer (an exported folder's `tokenizer.model`, else the
+tokenizer of the dataset the run trained on, else `--tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from trainer.transforms import eval_view
+
+SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
+                    pa.field("image_embedding", pa.list_(pa.float32())),
+                    pa.field("text_embedding", pa.list_(pa.float32()))])
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class EmbedError(RuntimeError):
+    """The input cannot be embedded; the message names it."""
+
+
+def dataset_rows(dataset: str, batch_size: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
+    """(rows, batches of {id, image, tokens}) of a built dataset, one row group at a time."""
+    import fsspec
+
+    from schemas.manifest import read_manifest
+
+    manifest = read_manifest(dataset)
+    entries = manifest.entries()
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        pending: list[dict[str, Any]] = []
+        for entry in entries:
+            with fsspec.open(f"{dataset.rstrip('/')}/{entry.path}", "rb") as handle, pq.ParquetFile(handle) as parquet:
+                columns = [name for name in ("id", "image", "tokens") if name in parquet.schema_arrow.names]
+                for group in range(parquet.num_row_groups):
+                    pending += parquet.read_row_group(group, columns=columns).to_pylist()
+                    while len(pending) >= batch_size:
+                        yield pending[:batch_size]
+                        pending = pending[batch_size:]
+        if pending:
+            yield pending
+
+    return sum(entry.rows for entry in entries), batches()
+
+
+def image_folder_rows(folder: str, batch_size: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise EmbedError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, len(paths), batch_size):
+            rows = []
+            for path in paths[start:start + batch_size]:
+                with open(path, "rb") as handle:
+                    rows.append({"id": os.path.relpath(path, folder), "image": handle.read(), "tokens": None})
+            yield rows
+
+    return len(paths), batches()
+
+
+def text_file_rows(path: str, tokenizer, batch_size: int, max_tokens: int) -> tuple[int, Iterator[list[dict]]]:
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.rstrip("\n") for line in handle]
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, len(lines), batch_size):
+            chunk = lines[start:start + batch_size]
+            yield [{"id": f"line-{start + offset + 1}", "image": None,
+                    "tokens": tokenizer.encode(text)[:max_tokens] if text.strip() else None}
+                   for offset, text in enumerate(chunk)]
+
+    return len(lines), batches()
+
+
+@torch.no_grad()
+def embed_rows(model, rows: list[dict[str, Any]], pool: str) -> pa.Table:
+    """One output table: each row's image and text embeddings (null where the row lacks the part)."""
+    image_rows = [index for index, row in enumerate(rows) if row.get("image")]
+    text_rows = [index for index, row in enumerate(rows) if row.get("tokens")]
+    image_out: list[Optional[list[float]]] = [None] * len(rows)
+    text_out: list[Optional[list[float]]] = [None] * len(rows)
+    if image_rows:
+        views = []
+        for index in image_rows:
+            try:
+                views.append(eval_view(rows[index]["image"], model.image_size))
+            except Exception as error:  # noqa: BLE001 - name the row whatever the decoder raised
+                raise EmbedError(f"row {rows[index]['id']}: image does not decode ({error})") from None
+        features = model.encode_images(torch.stack(views), pool=pool).float()
+        for index, vector in zip(image_rows, features.tolist()):
+            image_out[index] = vector
+    if text_rows:
+        tokens = [torch.tensor(rows[index]["tokens"], dtype=torch.long) for index in text_rows]
+        features = model.encode_texts(tokens, pool=pool).float()
+        for index, vector in zip(text_rows, features.tolist()):
+            text_out[index] = vector
+    return pa.table({"id": [row["id"] for row in rows], "image_embedding": image_out, "text_embedding": text_out},
+                    schema=SCHEMA)
+
+
+def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optional[str] = None,
+          texts: Optional[str] = None, pool: str = "cls", batch_size: int = 64,
+          tokenizer_path: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from trainer.checkpoint import load_model
+
+    if sum(value is not None for value in (data, images, texts)) != 1:
+        raise EmbedError("give exactly one of --data DATASET, --images FOLDER, --texts FILE")
+    model, state = load_model(checkpoint)
+    if data is not None:
+        total, batches = dataset_rows(data, batch_size)
+    elif images is not None:
+        total, batches = image_folder_rows(images, batch_size)
+    else:
+        tokenizer = checkpoint_tokenizer(checkpoint, state, tokenizer_path)
+        total, batches = text_file_rows(texts, tokenizer, batch_size, model.max_text_tokens)
+    temporary = f"{out}.tmp-{os.getpid()}"
+    rows = with_image = with_text = 0
+    bar = tqdm(total=total, unit="row", desc="embed", disable=not progress)
+    try:
+        with pq.ParquetWriter(temporary, SCHEMA) as writer:
+            for chunk in batches:
+                table = embed_rows(model, chunk, pool)
+                writer.write_table(table)
+                rows += table.num_rows
+                with_image += table.num_rows - table.column("image_embedding").null_count
+                with_text += table.num_rows - table.column("text_embedding").null_count
+                bar.update(table.num_rows)
+        os.replace(temporary, out)
+    finally:
+        bar.close()
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return {"out": out, "rows": rows, "image_embeddings": with_image, "text_embeddings": with_text,
+            "dim": model.size.dim, "pool": pool}
+
+
+def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optional[str] = None):
+    """The SentencePiece model that goes with a checkpoint."""
+    import sentencepiece as spm
+
+    from trainer.reconstruction import load_tokenizer
+
+    candidates = [explicit] if explicit else []
+    if os.path.isdir(checkpoint):
+        candidates.append(os.path.join(checkpoint, "tokenizer.model"))
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return spm.SentencePieceProcessor(model_file=path)
+    from schemas.manifest import ManifestError
+
+    dataset = (state.get("config") or {}).get("data")
+    try:
+        tokenizer = load_tokenizer(dataset) if dataset else None
+    except ManifestError:
+        tokenizer = None
+    if tokenizer is None:
+        raise EmbedError(f"no tokenizer for {checkpoint}: pass --tokenizer PATH/tokenizer.model (the dataset's)")
+    return tokenizer
