@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install interop-env demo test test-all bench clean
+.PHONY: install interop-env wheel-check demo test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ $(TIMM_STAMP):
 	touch $(TIMM_STAMP)
 
 interop-env: $(TIMM_STAMP)
+
+# The package as users get it: a wheel in a clean environment, run from an empty folder.
+WHEEL_CHECK ?= build/wheel-check
+wheel-check: install
+	rm -rf $(WHEEL_CHECK) && mkdir -p $(WHEEL_CHECK)/dist $(WHEEL_CHECK)/empty
+	$(PY) -m pip wheel -q --no-deps -w $(WHEEL_CHECK)/dist .
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_CHECK)/venv/bin/python -m pip install -q $(WHEEL_CHECK)/dist/mmae-*.whl
+	cd $(WHEEL_CHECK)/empty && ../venv/bin/mmae --version && ../venv/bin/mmae config m3ae > m3ae.yaml \
+		&& ../venv/bin/mmae demo --out demo --pairs 60 --train-steps 2 > demo.log \
+		&& test -f demo/run/checkpoints/last && echo "wheel-check: OK"
 
 demo: install
 	$(VENV)/bin/mmae demo --out build/demo

@@ -10,6 +10,7 @@ is instant and the data side never imports torch.
     mmae eval probe --checkpoint CKPT --data DATASET [--json]
     mmae eval retrieval --checkpoint CKPT --data DATASET [--holdout F] [--json]
     mmae eval reconstruct --checkpoint CKPT --data DATASET --out grid.png
+    mmae config [NAME]                           a config with every key documented (NAME: pipeline, m3ae, ...)
     mmae export --checkpoint CKPT --format timm|safetensors --out DIR
     mmae embed --checkpoint CKPT (--data DATASET | --images FOLDER | --texts FILE) --out emb.parquet
 """
@@ -156,6 +157,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from schemas.config import ConfigError, documented_yaml, load_config, packaged_configs, resolve_config_path
+
+    try:
+        path = resolve_config_path(args.name)
+        config = load_config(path, args.set)
+    except ConfigError as error:
+        print(f"mmae config: error: {error}", file=sys.stderr)
+        return 2
+    print(f"# {args.name} ({path}); packaged configs: {', '.join(packaged_configs())}")
+    print("# every key with its type and meaning; pass a file or a packaged name to --config, override with --set")
+    print(documented_yaml(config))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from trainer.checkpoint import CheckpointNotFound
     from trainer.export import ExportError, export
@@ -264,6 +280,12 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the test side of the deterministic 80/20 split by id)")
     retrieve.add_argument("--json", action="store_true")
 
+    configuring = commands.add_parser("config", help="print a config (default or packaged recipe) with every key "
+                                      "documented")
+    configuring.add_argument("name", nargs="?", default="pipeline.yaml",
+                             help="a config file or a packaged name: pipeline (default), m3ae, mae, maskvlm, momo")
+    configuring.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     exporting = commands.add_parser("export", help="write a checkpoint's model for other tools (timm, safetensors)")
     exporting.add_argument("--checkpoint", required=True, help="a checkpoint file, a `last` pointer or a run folder")
     exporting.add_argument("--format", choices=["timm", "safetensors"], default="timm",
@@ -314,6 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _cmd_eval(args)
     if args.command == "export":
         return _cmd_export(args)
+    if args.command == "config":
+        return _cmd_config(args)
     if args.command == "embed":
         return _cmd_embed(args)
     raise AssertionError(args.command)

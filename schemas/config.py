@@ -395,13 +395,32 @@ def apply_override(tree: dict[str, Any], dotted: str) -> None:
         raise ConfigError(f"--set {dotted}: {'.'.join(path[:-1])} is not a section")
 
 
+PACKAGED = Path(__file__).resolve().parent / "configs"  # shipped in the package: pipeline, m3ae, mae, ...
+
+
+def packaged_configs() -> list[str]:
+    return sorted(path.stem for path in PACKAGED.glob("*.yaml"))
+
+
+def resolve_config_path(given: str | Path) -> Path:
+    """A config file: the path itself when it exists, else a packaged config by name (`m3ae`,
+    `configs/m3ae.yaml`, `pipeline.yaml`), so an installed mmae works from any folder."""
+    path = Path(given)
+    if path.exists():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if (PACKAGED / f"{name}.yaml").exists() and (path.parent == Path(".") or path.parent.name == "configs"):
+        return PACKAGED / f"{name}.yaml"
+    raise ConfigError(f"config file not found: {given} (packaged configs, usable by name: "
+                      f"{', '.join(packaged_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or nothing), apply `--set` overrides, validate; raise `ConfigError` on any problem."""
+    """Read YAML (or nothing), apply `--set` overrides, validate; raise `ConfigError` on any problem.
+    `path` may name a packaged config (`m3ae`, `pipeline.yaml`) when no such file is here."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
@@ -417,3 +436,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error)) from None
+
+
+def documented_yaml(config: BaseModel, indent: int = 0) -> str:
+    """A config as YAML with every key's type and description as a comment above it."""
+    lines: list[str] = []
+    pad = " " * indent
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        note = field.description or ""
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        lines.append(f"{pad}# {name} ({kind}){': ' + note if note else ''}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(documented_yaml(value, indent + 2))
+        else:
+            plain = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+            dumped = yaml.safe_dump({name: plain}, default_flow_style=None, sort_keys=False, width=100).rstrip()
+            lines.extend(pad + line for line in dumped.splitlines())
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    return value
