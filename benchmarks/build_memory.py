@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
+from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
 
 
 def make_images(folder: Path, count: int, side: int = 320, seed: int = 0) -> None:

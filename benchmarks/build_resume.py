@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHUNK_FILES = "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].parquet"  # committed chunks, not parts
 sys.path.insert(0, str(ROOT))
 
+from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
+
 from benchmarks.build_memory import make_images  # noqa: E402
-from pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
 
 
 def command(config: Path, processes: int) -> list[str]:

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = textwrap.dedent("""
     import json, os, resource, sys, time, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    from schemas.config import TrainConfig
-    from trainer.parallel import Distributed, parallelize
-    from trainer.train import Trainer
+    from mmae.schemas.config import TrainConfig
+    from mmae.trainer.parallel import Distributed, parallelize
+    from mmae.trainer.train import Trainer
     rank, world = int(sys.argv[1]), {world}
     device = torch.device({device!r}, rank) if {device!r} == "cuda" else torch.device("cpu")
     if device.type == "cuda":

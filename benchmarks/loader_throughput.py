@@ -26,9 +26,8 @@ from benchmarks.fresh_process import last_line  # noqa: E402
 
 def make_data(work: Path, count: int, side: int, shards: int) -> None:
     import webdataset as wds
+    from mmae.pipelines.shards import write_shard
     from PIL import Image
-
-    from pipelines.shards import write_shard
 
     rng = random.Random(0)
     noise = Image.effect_noise((side, side), 50).convert("RGB")
@@ -57,7 +56,7 @@ COMMON = """
 import resource, sys, time, random
 sys.path.insert(0, {root!r})
 import torch
-from trainer.transforms import train_view
+from mmae.trainer.transforms import train_view
 def report(seconds, samples):
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -65,8 +64,8 @@ def report(seconds, samples):
 """
 
 MMAE = COMMON + """
-from schemas.config import TrainConfig
-from trainer.loader import MixedLoader
+from mmae.schemas.config import TrainConfig
+from mmae.trainer.loader import MixedLoader
 loader = MixedLoader(TrainConfig(data={data!r}, batch_size={batch}, num_workers={workers}, image_size={size},
                                  mix={{"paired": 0, "image": 1, "text": 0}}))
 samples = 0

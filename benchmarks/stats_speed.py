@@ -39,9 +39,9 @@ def _write(table: pa.Table, path: Path) -> dict:
 
 
 def synthesise(root: Path, rows: int, shards: int = 10, seed: int = 0) -> None:
-    from pipelines.builder.tokenizer import train_sentencepiece
-    from schemas.config import TokenizerConfig
-    from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
+    from mmae.pipelines.builder.tokenizer import train_sentencepiece
+    from mmae.schemas.config import TokenizerConfig
+    from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
     rng = np.random.default_rng(seed)
     captions = [" ".join(rng.choice(WORDS, 12)) for _ in range(2000)]
@@ -111,8 +111,8 @@ MMAE_CODE = """
 import resource, sys, time, json
 sys.path.insert(0, {root!r})
 started = time.perf_counter()
-from pipelines.inspect.dataset import Dataset
-from pipelines.inspect.stats import compute_stats
+from mmae.pipelines.inspect.dataset import Dataset
+from mmae.pipelines.inspect.stats import compute_stats
 stats = compute_stats(Dataset.open({data!r}))
 print(json.dumps({{"seconds": time.perf_counter() - started, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rows": stats["rows"], "mean_tokens": stats["tokens"]["mean"]}}))

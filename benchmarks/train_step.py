@@ -27,9 +27,9 @@ from benchmarks.fresh_process import last_line  # noqa: E402
 STEP = textwrap.dedent("""
     import json, resource, sys, time, torch
     sys.path.insert(0, {root!r})
-    from schemas.config import TrainConfig
-    from trainer.loader import MixedLoader
-    from trainer.model import build_model, PRESETS
+    from mmae.schemas.config import TrainConfig
+    from mmae.trainer.loader import MixedLoader
+    from mmae.trainer.model import build_model, PRESETS
     device = torch.device({device!r})
     config = TrainConfig(data={data!r}, batch_size={batch}, num_workers=0, image_size={size}, max_text_tokens=64)
     batches = [b.to(device) for b in MixedLoader(config).batches(4)]

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 
 def _config(config: Optional[str], overrides: Optional[Sequence[str]]):
-    from schemas.config import load_config
+    from mmae.schemas.config import load_config
 
     return load_config(config, list(overrides or []))
 
@@ -29,15 +29,15 @@ def _config(config: Optional[str], overrides: Optional[Sequence[str]]):
 def build(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None,
           beam_args: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict[str, Any]:
     """Build (or resume building) the dataset of the config's `data:` section; the build report."""
-    from pipelines.builder.pipeline import run
+    from mmae.pipelines.builder.pipeline import run
 
     return run(_config(config, overrides), list(beam_args or []), overwrite=overwrite)
 
 
 def stats(dataset: str) -> dict[str, Any]:
     """Every figure of `mmae stats --json`."""
-    from pipelines.inspect.dataset import Dataset
-    from pipelines.inspect.stats import compute_stats
+    from mmae.pipelines.inspect.dataset import Dataset
+    from mmae.pipelines.inspect.stats import compute_stats
 
     return compute_stats(Dataset.open(dataset))
 
@@ -45,7 +45,7 @@ def stats(dataset: str) -> dict[str, Any]:
 def batches(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None,
             steps: Optional[int] = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
     """Mixed training batches of the config's `train:` section (`steps` of them, or forever)."""
-    from trainer.loader import MixedLoader
+    from mmae.trainer.loader import MixedLoader
 
     settings = _config(config, overrides).train
     if settings is None:
@@ -55,7 +55,7 @@ def batches(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequenc
 
 def train(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train (or resume) in this process; the last logged metrics. Several processes: torchrun."""
-    from trainer.train import run_training
+    from mmae.trainer.train import run_training
 
     return run_training(_config(config, overrides))
 
@@ -75,7 +75,7 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from trainer.embed import checkpoint_tokenizer
+            from mmae.trainer.embed import checkpoint_tokenizer
 
             self._tokenizer = checkpoint_tokenizer(self.source, self.state, self._tokenizer_path)
         return self._tokenizer
@@ -84,7 +84,7 @@ class Model:
         """PIL images (or encoded bytes) -> [N, D]: the centre view at the model's size, unmasked."""
         import torch
 
-        from trainer.transforms import eval_view
+        from mmae.trainer.transforms import eval_view
 
         views = []
         for image in images:
@@ -105,7 +105,7 @@ class Model:
 
 def load(checkpoint: str, tokenizer: Optional[str] = None) -> Model:
     """A checkpoint file, a `last` pointer, a run folder or a `mmae export --format safetensors` folder."""
-    from trainer.checkpoint import load_model
+    from mmae.trainer.checkpoint import load_model
 
     model, state = load_model(checkpoint)
     return Model(model, state, str(checkpoint), tokenizer)

@@ -45,7 +45,7 @@ def _split_beam_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipelines.demo.corpus import generate
+    from mmae.pipelines.demo.corpus import generate
 
     counts = generate(args.out_dir, pairs=args.pairs, images=args.images, texts=args.texts, seed=args.seed)
     print(json.dumps({"out_dir": args.out_dir, **counts}))
@@ -53,8 +53,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.builder.pipeline import BuildError, run
-    from schemas.config import ConfigError, load_config
+    from mmae.pipelines.builder.pipeline import BuildError, run
+    from mmae.schemas.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.set)
@@ -67,8 +67,8 @@ def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from pipelines.inspect.dataset import Dataset, DatasetError
-    from pipelines.inspect.stats import compute_stats, print_tables
+    from mmae.pipelines.inspect.dataset import Dataset, DatasetError
+    from mmae.pipelines.inspect.stats import compute_stats, print_tables
 
     try:
         dataset = Dataset.open(args.dataset)
@@ -79,7 +79,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.html:
         import fsspec
 
-        from pipelines.inspect.report_html import render_html, sample_rows
+        from mmae.pipelines.inspect.report_html import render_html, sample_rows
 
         page = render_html(stats, sample_rows(dataset, args.samples, seed=args.seed), dataset.tokenizer_model())
         with fsspec.open(args.html, "w", encoding="utf-8") as handle:
@@ -93,7 +93,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipelines.inspect.validate import validate
+    from mmae.pipelines.inspect.validate import validate
 
     report = validate(args.dataset, decode_images=not args.no_decode)
     if report.problems:
@@ -112,9 +112,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         # torchrun: one process per rank, DDP over gloo (CPU) or nccl (CUDA).
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-                   "--standalone", "-m", "trainer", "--config", args.config, *overrides]
+                   "--standalone", "-m", "mmae.trainer", "--config", args.config, *overrides]
         return subprocess.run(command).returncode
-    from trainer.__main__ import main as train_main
+    from mmae.trainer.__main__ import main as train_main
 
     return train_main(["--config", args.config, *overrides])
 
@@ -129,9 +129,9 @@ def _version() -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from schemas.manifest import ManifestError
-    from trainer.evaluate import probe, reconstruct, retrieval
-    from trainer.streams import DataError
+    from mmae.schemas.manifest import ManifestError
+    from mmae.trainer.evaluate import probe, reconstruct, retrieval
+    from mmae.trainer.streams import DataError
 
     try:
         if args.evaluation == "reconstruct":
@@ -158,7 +158,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from schemas.config import ConfigError, documented_yaml, load_config, packaged_configs, resolve_config_path
+    from mmae.schemas.config import (
+        ConfigError,
+        documented_yaml,
+        load_config,
+        packaged_configs,
+        resolve_config_path,
+    )
 
     try:
         path = resolve_config_path(args.name)
@@ -173,8 +179,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import CheckpointNotFound
-    from trainer.export import ExportError, export
+    from mmae.trainer.checkpoint import CheckpointNotFound
+    from mmae.trainer.export import ExportError, export
 
     try:
         result = export(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite,
@@ -188,9 +194,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from schemas.manifest import ManifestError
-    from trainer.checkpoint import CheckpointNotFound
-    from trainer.embed import EmbedError, embed
+    from mmae.schemas.manifest import ManifestError
+    from mmae.trainer.checkpoint import CheckpointNotFound
+    from mmae.trainer.embed import EmbedError, embed
 
     try:
         result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
@@ -204,7 +210,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.demo.run import run_demo
+    from mmae.pipelines.demo.run import run_demo
 
     return run_demo(args.out, config_path=args.config, beam_args=beam_args, pairs=args.pairs,
                     train_steps=args.train_steps)

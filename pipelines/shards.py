@@ -11,8 +11,7 @@ from typing import Any, Iterable
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
+from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
 
 def join(root: str, *parts: str) -> str:

@@ -7,9 +7,8 @@ import io
 import json
 from pathlib import Path
 
+from mmae.pipelines.shards import write_shard
 from PIL import Image
-
-from pipelines.shards import write_shard
 
 
 def tiny_jpeg(index: int, side: int = 16) -> bytes:

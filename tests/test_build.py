@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mmae.pipelines.builder.pipeline import BuildError, run
+from mmae.pipelines.shards import write_atomic
+from mmae.schemas.config import load_config
+from mmae.schemas.shard import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
-from pipelines.builder.pipeline import BuildError, run
-from pipelines.shards import write_atomic
-from schemas.config import load_config
-from schemas.shard import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 from tests.conftest import write_jsonl
 
 BAD_ROUTES = {
@@ -167,7 +167,7 @@ def test_shards_follow_schema_v1(built):
 
 
 def test_rows_have_images_tokens_and_labels(built):
-    from pipelines.builder.tokenizer import Tokenizer
+    from mmae.pipelines.builder.tokenizer import Tokenizer
 
     _, output, _, _ = built
     tokenizer = Tokenizer((output / "tokenizer.model").read_bytes(), 64)

@@ -9,15 +9,15 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from mmae.pipelines.builder import staging
+from mmae.pipelines.builder.dedup import ENTRY, KEYS, FindDuplicates, HashPacker, url_key
+from mmae.pipelines.builder.download import CAPTIONS, DownloadChunks
+from mmae.pipelines.builder.plan import make_plan
+from mmae.pipelines.builder.read import ReadChunks
+from mmae.pipelines.builder.sources import row_id
+from mmae.pipelines.builder.write import REJECTS, SplitIntoShardsFn, WriteShards
+from mmae.schemas.config import DataConfig
 
-from pipelines.builder import staging
-from pipelines.builder.dedup import ENTRY, KEYS, FindDuplicates, HashPacker, url_key
-from pipelines.builder.download import CAPTIONS, DownloadChunks
-from pipelines.builder.plan import make_plan
-from pipelines.builder.read import ReadChunks
-from pipelines.builder.sources import row_id
-from pipelines.builder.write import REJECTS, SplitIntoShardsFn, WriteShards
-from schemas.config import DataConfig
 from tests.conftest import write_jsonl
 
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mmae.pipelines.builder.pipeline import BuildError, run
+from mmae.schemas.config import load_config
 from PIL import Image
 
-from pipelines.builder.pipeline import BuildError, run
-from schemas.config import load_config
 from tests.conftest import jpeg_bytes, write_jsonl
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mmae.pipelines.builder.download import KILL_AFTER_CHUNKS_ENV
+from mmae.pipelines.builder.pipeline import run
+from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike
+from mmae.schemas.config import load_config
 
-from pipelines.builder.download import KILL_AFTER_CHUNKS_ENV
-from pipelines.builder.pipeline import run
-from pipelines.demo.serve import WebBehaviour, serve_weblike
-from schemas.config import load_config
 from tests.conftest import jpeg_bytes, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from mmae.pipelines.builder.fetch import ANSWER_TIMEOUT, AddressGuard, Fetcher, FetchError
+from mmae.schemas.config import DownloadConfig
 
-from pipelines.builder.fetch import ANSWER_TIMEOUT, AddressGuard, Fetcher, FetchError
 from tests.conftest import BadInputHandler
-from schemas.config import DownloadConfig
 
 
 def fetcher(**overrides) -> Fetcher:
@@ -190,8 +190,7 @@ def test_opt_out_agrees_with_img2dataset(headers):
     from email.message import Message
 
     from img2dataset.downloader import is_disallowed
-
-    from pipelines.builder.fetch import opt_out
+    from mmae.pipelines.builder.fetch import opt_out
 
     directives = {"noai", "noimageai", "noindex", "noimageindex"}
     message = Message()

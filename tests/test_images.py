@@ -6,10 +6,10 @@ import io
 import resource
 
 import pytest
+from mmae.pipelines.builder.images import ImageReject, process_image
+from mmae.schemas.config import ImageConfig
 from PIL import Image
 
-from pipelines.builder.images import ImageReject, process_image
-from schemas.config import ImageConfig
 from tests.conftest import jpeg_bytes
 
 
@@ -173,7 +173,7 @@ def test_jpeg_with_missing_data_is_rejected_even_with_an_end_marker():
 def test_decoding_threads_share_one_memory_budget():
     import threading
 
-    from pipelines.builder.images import DecodeBudget
+    from mmae.pipelines.builder.images import DecodeBudget
 
     budget = DecodeBudget(100)
     with pytest.raises(ImageReject) as error:

@@ -13,18 +13,18 @@ def imported_after(statement: str) -> set[str]:
 
 
 def test_pipelines_never_import_torch():
-    modules = imported_after("import pipelines.builder.pipeline, pipelines.demo.run, pipelines.builder.fetch, pipelines.builder.images")
+    modules = imported_after("import mmae.pipelines.builder.pipeline, mmae.pipelines.demo.run, mmae.pipelines.builder.fetch, mmae.pipelines.builder.images")
     assert "torch" not in modules
     assert "cv2" not in modules  # heavy; the data side decodes with Pillow
 
 
 def test_schemas_import_only_pyarrow_and_pydantic():
-    modules = imported_after("import schemas, schemas.manifest")
+    modules = imported_after("import mmae.schemas, mmae.schemas.manifest")
     assert not {"torch", "apache_beam"} & modules
 
 
 def test_trainer_never_imports_beam():
-    assert "apache_beam" not in imported_after("import trainer")
+    assert "apache_beam" not in imported_after("import mmae.trainer, mmae.trainer.train, mmae.trainer.export")
 
 
 def test_cli_help_is_light():

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmae.schemas.config import TrainConfig
+from mmae.trainer.loader import MixedLoader, apportion
+from mmae.trainer.streams import DataError
+from mmae.trainer.transforms import eval_view, random_resized_crop_box, train_view
 
-from schemas.config import TrainConfig
 from tests.datasets import corrupt_row_group, write_dataset
-from trainer.loader import MixedLoader, apportion
-from trainer.streams import DataError
-from trainer.transforms import eval_view, random_resized_crop_box, train_view
 
 ROOT = Path(__file__).resolve().parent.parent
 UNEVEN = {"paired": [37, 5, 90], "image": [23, 41], "text": [11, 2, 60, 9]}  # 132 / 64 / 82 rows
@@ -178,9 +178,11 @@ def test_missing_and_corrupt_shards(dataset, tmp_path, caplog):
 
 
 def test_undecodable_image_names_the_row(tmp_path):
-    from tests.datasets import row
-    from pipelines.shards import write_shard
     import json
+
+    from mmae.pipelines.shards import write_shard
+
+    from tests.datasets import row
 
     root = tmp_path / "ds"
     rows = [row("image", index) for index in range(4)]
@@ -213,9 +215,11 @@ def test_unreadable_row_group_fails_naming_it_or_is_skipped_and_counted(dataset,
 
 
 def test_undecodable_image_is_skipped_and_counted_with_skip(tmp_path):
-    from tests.datasets import row
-    from pipelines.shards import write_shard
     import json
+
+    from mmae.pipelines.shards import write_shard
+
+    from tests.datasets import row
 
     root = tmp_path / "ds"
     rows = [row("image", index) for index in range(4)]
@@ -247,8 +251,8 @@ def test_transforms():
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    from schemas.config import TrainConfig
-    from trainer.loader import MixedLoader
+    from mmae.schemas.config import TrainConfig
+    from mmae.trainer.loader import MixedLoader
     dist.init_process_group("gloo", init_method="file://{init}", rank=int(sys.argv[1]), world_size=2)
     rank = dist.get_rank()
     loader = MixedLoader(TrainConfig(data={data!r}, batch_size=6, num_workers=1, image_size=16, shuffle_window=8),
@@ -286,8 +290,8 @@ def test_ddp_two_processes_on_uneven_shards_do_not_hang(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {root!r})
-    from schemas.config import TrainConfig
-    from trainer.loader import MixedLoader
+    from mmae.schemas.config import TrainConfig
+    from mmae.trainer.loader import MixedLoader
     loader = MixedLoader(TrainConfig(data=sys.argv[1], batch_size=32, num_workers=0, image_size=16,
                                      shuffle_window=64))
     for batch in loader.batches(300):

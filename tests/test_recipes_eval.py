@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import torch
+from mmae.pipelines.shards import write_shard
+from mmae.schemas.config import MaskingConfig
+from mmae.trainer.batch import Inputs
+from mmae.trainer.masking import per_sample_ratios as masking_ratios
 from PIL import Image
 
-from pipelines.shards import write_shard
-from schemas.config import MaskingConfig
 from tests.datasets import row
 from tests.test_train import ROOT, dataset, losses, train_command  # noqa: F401 - fixtures reused
-from trainer.batch import Inputs
-from trainer.masking import per_sample_ratios as masking_ratios
 
 
 def test_cross_masking_masks_one_modality_of_each_pair():
@@ -50,8 +50,8 @@ def solid(colour) -> bytes:
 
 def test_linear_probe_separates_what_is_separable(tmp_path):
     """Colour labels on solid images: any features keep colour, so the probe must be near 100%."""
-    from trainer.evaluate import probe
-    from trainer.model import build_model
+    from mmae.trainer.evaluate import probe
+    from mmae.trainer.model import build_model
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     rows = []
@@ -84,7 +84,7 @@ def test_linear_probe_separates_what_is_separable(tmp_path):
 
 def test_probe_needs_labels(tmp_path):
     """A real checkpoint and a real dataset whose rows have no label: the error is about labels."""
-    from trainer.model import build_model
+    from mmae.trainer.model import build_model
 
     rows = [row("image", index) for index in range(12)]
     for item in rows:
@@ -130,10 +130,10 @@ def test_stages_switch_mix_and_resume_in_the_right_stage(dataset, tmp_path):  # 
 
 
 def test_per_kind_step_mode_gives_the_packed_update(dataset, tmp_path):  # noqa: F811
-    from schemas.config import TrainConfig
-    from trainer.loader import MixedLoader
-    from trainer.parallel import Distributed
-    from trainer.train import Trainer
+    from mmae.schemas.config import TrainConfig
+    from mmae.trainer.loader import MixedLoader
+    from mmae.trainer.parallel import Distributed
+    from mmae.trainer.train import Trainer
 
     grads = {}
     for mode in ("packed", "per_kind"):
@@ -160,11 +160,11 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     result = json.loads(cli.stdout)
-    from trainer.evaluate import retrieval, split_of
+    from mmae.trainer.evaluate import retrieval, split_of
 
     held_out = [index for index in range(90) if split_of({"id": f"p{index:07d}"}) == "test"]
     assert result["n"] == len(held_out) and result["split"] == "test" and 5 < len(held_out) < 35
-    from trainer.streams import held_out as never_trained
+    from mmae.trainer.streams import held_out as never_trained
 
     unseen = retrieval(str(run / "checkpoints" / "step-0000004.pt"), str(dataset), holdout=0.3)
     assert unseen["n"] == sum(never_trained(f"p{index:07d}", 0.3) for index in range(90)) > 5
@@ -191,7 +191,7 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
 
 
 def test_retrieval_counts_same_image_or_same_caption_as_hits():
-    from trainer.evaluate import relevance
+    from mmae.trainer.evaluate import relevance
 
     rows = [{"id": "a", "image_sha256": "x", "tokens": [1, 2]}, {"id": "b", "image_sha256": "x", "tokens": [3]},
             {"id": "c", "image_sha256": "y", "tokens": [1, 2]}, {"id": "d", "image_sha256": "z", "tokens": [4]}]
@@ -202,7 +202,7 @@ def test_retrieval_counts_same_image_or_same_caption_as_hits():
 GATHER = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from trainer.objectives import gather_rows as _gather, rank_offset as _rank_offset
+from mmae.trainer.objectives import gather_rows as _gather, rank_offset as _rank_offset
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://{init}", rank=rank, world_size=2)
 rows = torch.full((rank + 2, 3), float(rank), requires_grad=True)  # 2 rows on rank 0, 3 on rank 1

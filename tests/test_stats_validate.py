@@ -14,14 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipelines.builder.pipeline import run
-from pipelines.inspect.dataset import Dataset
-from pipelines.demo.corpus import generate
-from pipelines.shards import table_bytes
-from pipelines.inspect.stats import compute_stats
-from schemas.config import load_config
-from schemas.shard import SHARD_SCHEMA
+from mmae.pipelines.builder.pipeline import run
+from mmae.pipelines.demo.corpus import generate
+from mmae.pipelines.inspect.dataset import Dataset
+from mmae.pipelines.inspect.stats import compute_stats
+from mmae.pipelines.shards import table_bytes
+from mmae.schemas.config import load_config
+from mmae.schemas.shard import SHARD_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +86,7 @@ def test_bytes_per_image_from_footers_is_exact(dataset):
 
 
 def test_stats_never_reads_the_image_column(dataset, monkeypatch):
-    import pipelines.inspect.stats as stats_module
+    import mmae.pipelines.inspect.stats as stats_module
 
     requested: list[list[str]] = []
     real_scan = stats_module.scan
@@ -170,7 +169,7 @@ def test_html_report_renders_its_images_in_a_browser(dataset, tmp_path):
 
 
 def test_gallery_decodes_tokens_and_flags_mismatches(dataset):
-    from pipelines.inspect.report_html import render_html, sample_rows
+    from mmae.pipelines.inspect.report_html import render_html, sample_rows
 
     data = Dataset.open(str(dataset))
     samples = sample_rows(data, 6)
@@ -277,8 +276,7 @@ def test_distribution_from_histogram_matches_polars_on_raw_values():
     import random
 
     import polars as pl
-
-    from pipelines.inspect.stats import _distribution_from_counts
+    from mmae.pipelines.inspect.stats import _distribution_from_counts
 
     rng = random.Random(1)
     for size in (1, 2, 7, 100, 1001):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pipelines.builder.text import clean_text
-from pipelines.builder.tokenizer import SPECIAL_IDS, SampleTexts, Tokenizer, special_ids, train_sentencepiece
-from schemas.config import TokenizerConfig
+from mmae.pipelines.builder.text import clean_text
+from mmae.pipelines.builder.tokenizer import (
+    SPECIAL_IDS,
+    SampleTexts,
+    Tokenizer,
+    special_ids,
+    train_sentencepiece,
+)
+from mmae.schemas.config import TokenizerConfig
 
 
 def test_clean_text():
@@ -56,7 +62,7 @@ def test_no_text_no_model():
 def test_default_tokenizer_learns_words_on_a_small_corpus():
     import random
 
-    from pipelines.demo.corpus import _scene, caption_for
+    from mmae.pipelines.demo.corpus import _scene, caption_for
 
     rng = random.Random(0)
     texts = sorted({caption_for(_scene(rng), rng) for _ in range(2000)})

@@ -1,5 +1,5 @@
 """Training side: streaming loader (`data`), transforms, model and attention backends,
-training loop (`train`, also `python -m trainer` for torchrun), checkpoints and evaluation.
+training loop (`train`, also `python -m mmae.trainer` for torchrun), checkpoints and evaluation.
 
 Imports torch, xformers (optional, CUDA only), pyarrow and fsspec; never apache_beam.
 """

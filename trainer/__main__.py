@@ -1,4 +1,4 @@
-"""`python -m trainer` / `torchrun ... -m trainer`: the training entry point (same flags as `mmae train`)."""
+"""`python -m mmae.trainer` / `torchrun ... -m mmae.trainer`: the training entry point (same flags as `mmae train`)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="train a multimodal MAE")
+    parser = argparse.ArgumentParser(prog="python -m mmae.trainer", description="train a multimodal MAE")
     parser.add_argument("--config", default="pipeline.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from schemas.config import ConfigError, load_config
-    from schemas.manifest import ManifestError
-    from trainer.preemption import Preempted
-    from trainer.streams import DataError
-    from trainer.train import TrainError, run_training
+    from mmae.schemas.config import ConfigError, load_config
+    from mmae.schemas.manifest import ManifestError
+    from mmae.trainer.preemption import Preempted
+    from mmae.trainer.streams import DataError
+    from mmae.trainer.train import TrainError, run_training
 
     try:
         last = run_training(load_config(args.config, args.set))

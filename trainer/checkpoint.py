@@ -19,8 +19,7 @@ from typing import Any, Optional
 
 import fsspec
 import torch
-
-from trainer.run_folder import RunFolder
+from mmae.trainer.run_folder import RunFolder
 
 log = logging.getLogger("mmae.checkpoint")
 
@@ -169,10 +168,10 @@ def load_model(path: str):
     """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load). `path`
     may be a checkpoint file, a `last` pointer, a run folder (`resolve_checkpoint`) or a folder
     exported with `--format safetensors`."""
-    from trainer.model import build_model
+    from mmae.trainer.model import build_model
 
     if exported_folder(path):
-        from trainer.export import load_exported
+        from mmae.trainer.export import load_exported
 
         return load_exported(str(path))
     path = resolve_checkpoint(path)

@@ -20,8 +20,7 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from trainer.transforms import eval_view
+from mmae.trainer.transforms import eval_view
 
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                     pa.field("image_embedding", pa.list_(pa.float32())),
@@ -36,8 +35,7 @@ class EmbedError(RuntimeError):
 def dataset_rows(dataset: str, batch_size: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
     """(rows, batches of {id, image, tokens}) of a built dataset, one row group at a time."""
     import fsspec
-
-    from schemas.manifest import read_manifest
+    from mmae.schemas.manifest import read_manifest
 
     manifest = read_manifest(dataset)
     entries = manifest.entries()
@@ -118,9 +116,8 @@ def embed_rows(model, rows: list[dict[str, Any]], pool: str) -> pa.Table:
 def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optional[str] = None,
           texts: Optional[str] = None, pool: str = "cls", batch_size: int = 64,
           tokenizer_path: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    from mmae.trainer.checkpoint import load_model
     from tqdm import tqdm
-
-    from trainer.checkpoint import load_model
 
     if sum(value is not None for value in (data, images, texts)) != 1:
         raise EmbedError("give exactly one of --data DATASET, --images FOLDER, --texts FILE")
@@ -156,8 +153,7 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
 def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optional[str] = None):
     """The SentencePiece model that goes with a checkpoint."""
     import sentencepiece as spm
-
-    from trainer.reconstruction import load_tokenizer
+    from mmae.trainer.reconstruction import load_tokenizer
 
     candidates = [explicit] if explicit else []
     if os.path.isdir(checkpoint):
@@ -165,7 +161,7 @@ def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optio
     for path in candidates:
         if path and os.path.isfile(path):
             return spm.SentencePieceProcessor(model_file=path)
-    from schemas.manifest import ManifestError
+    from mmae.schemas.manifest import ManifestError
 
     dataset = (state.get("config") or {}).get("data")
     try:

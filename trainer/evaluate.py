@@ -18,12 +18,11 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 import torch
-
-from schemas.manifest import read_manifest
-from trainer.batch import Inputs
-from trainer.checkpoint import load_model
-from trainer.streams import DataError
-from trainer.transforms import eval_view
+from mmae.schemas.manifest import read_manifest
+from mmae.trainer.batch import Inputs
+from mmae.trainer.checkpoint import load_model
+from mmae.trainer.streams import DataError
+from mmae.trainer.transforms import eval_view
 
 log = logging.getLogger("mmae.eval")
 
@@ -102,7 +101,7 @@ def paired_rows(dataset: str, limit: int, split: str = "test", holdout: float = 
     """Paired rows with a caption (id, image, tokens, image_sha256), sorted by id; `split`: the
     deterministic test split (as the probe's), or "all"; `holdout`: instead, the rows a run with
     `train.validation.holdout` of that fraction never trained on."""
-    from trainer.streams import held_out
+    from mmae.trainer.streams import held_out
 
     rows = []
     for entry in read_manifest(dataset).entries("paired"):
@@ -169,9 +168,9 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
                 image_ratio: float = 0.75, text_ratio: float = 0.75) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
-    from trainer.masking import plan_masks
-    from trainer.model import DefaultMasking
-    from trainer.reconstruction import load_tokenizer, render
+    from mmae.trainer.masking import plan_masks
+    from mmae.trainer.model import DefaultMasking
+    from mmae.trainer.reconstruction import load_tokenizer, render
 
     model, _ = load_model(checkpoint)
     rows = paired_rows(dataset, count, split="all")

@@ -23,10 +23,9 @@ import os
 from typing import Any, Optional
 
 import torch
-
-from trainer.checkpoint import load_model, resolve_checkpoint
-from trainer.model import CLS, IMAGE, MultimodalMAE
-from trainer.transforms import MEAN, STD
+from mmae.trainer.checkpoint import load_model, resolve_checkpoint
+from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
+from mmae.trainer.transforms import MEAN, STD
 
 log = logging.getLogger("mmae.export")
 
@@ -124,8 +123,7 @@ def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = Fa
 
 def _copy_tokenizer(dataset: str, target: str) -> bool:
     import fsspec
-
-    from schemas.manifest import ManifestError, read_manifest
+    from mmae.schemas.manifest import ManifestError, read_manifest
 
     try:
         entry = read_manifest(dataset).tokenizer
@@ -142,9 +140,8 @@ def _copy_tokenizer(dataset: str, target: str) -> bool:
 
 def load_exported(folder: str) -> tuple[MultimodalMAE, dict[str, Any]]:
     """A model from a `--format safetensors` folder (weights, spec, config)."""
+    from mmae.trainer.model import build_model
     from safetensors.torch import load_file
-
-    from trainer.model import build_model
 
     with open(os.path.join(folder, MMAE_CONFIG)) as handle:
         meta = json.load(handle)

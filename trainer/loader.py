@@ -1,6 +1,6 @@
 """The training loader: mixed batches over streams, exact resume, elastic data ranks.
 
-    from trainer.loader import MixedLoader
+    from mmae.trainer.loader import MixedLoader
     loader = MixedLoader(train_config, rank=0, world_size=1)
     for batch in loader.batches(steps=100):      # Batch (trainer.batch): images, packed tokens, kinds, ...
         ...
@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
+from mmae.schemas.config import TrainConfig
+from mmae.trainer.batch import KIND_CODES, Batch
+from mmae.trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
+from mmae.trainer.transforms import eval_view, train_view, truncate_tokens
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from schemas.config import TrainConfig
-from trainer.batch import KIND_CODES, Batch
-from trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
-from trainer.transforms import eval_view, train_view, truncate_tokens
 
 log = logging.getLogger("mmae.data")
 

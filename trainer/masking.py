@@ -17,8 +17,7 @@ import hashlib
 from typing import NamedTuple, Protocol
 
 import torch
-
-from trainer.batch import Inputs
+from mmae.trainer.batch import Inputs
 
 EMPTY = torch.empty(0, dtype=torch.long)
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Any, Optional
 
-from trainer.run_folder import RunFolder
+from mmae.trainer.run_folder import RunFolder
 
 log = logging.getLogger("mmae.train")
 

@@ -28,11 +28,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-
-from trainer.attention import Layout, attend, from_layout, to_layout
-from trainer.batch import Inputs
-from trainer.masking import MaskPlan, nothing_masked, plan_masks
-from trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
+from mmae.trainer.attention import Layout, attend, from_layout, to_layout
+from mmae.trainer.batch import Inputs
+from mmae.trainer.masking import MaskPlan, nothing_masked, plan_masks
+from mmae.trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
 
 CLS, IMAGE, TEXT = 0, 1, 2  # modality-type ids
 LN_EPS = 1e-6  # MAE's (and timm's ViT) LayerNorm epsilon: exported encoders compute the same features

@@ -19,9 +19,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-
-from trainer.batch import Inputs
-
+from mmae.trainer.batch import Inputs
 
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")  # fields of Losses
 

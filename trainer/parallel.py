@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from schemas.config import TrainConfig
+from mmae.schemas.config import TrainConfig
 
 
 @dataclass
@@ -103,8 +102,11 @@ def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
     gathers the shards) and rank 0 gets full CPU tensors: a checkpoint loadable anywhere."""
     if not sharded:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
@@ -116,8 +118,11 @@ def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, 
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)

@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from trainer.batch import Inputs
-from trainer.masking import MaskPlan
-from trainer.transforms import MEAN, STD
+from mmae.trainer.batch import Inputs
+from mmae.trainer.masking import MaskPlan
+from mmae.trainer.transforms import MEAN, STD
 
 CELL, TEXT_HEIGHT = 192, 64
 
@@ -69,8 +68,7 @@ def load_tokenizer(dataset: str) -> Optional[object]:
 
     import fsspec
     import sentencepiece as spm
-
-    from schemas.manifest import read_manifest
+    from mmae.schemas.manifest import read_manifest
 
     entry = read_manifest(dataset).tokenizer
     if entry is None:

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from schemas.config import TrainConfig
-from trainer.checkpoint import (Checkpointer, NoReadableCheckpoint, exported_folder, load_checkpoint, load_model,
-                                resolve_checkpoint)
-from trainer.settings import differences
+from mmae.schemas.config import TrainConfig
+from mmae.trainer.checkpoint import (
+    Checkpointer,
+    NoReadableCheckpoint,
+    exported_folder,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+)
+from mmae.trainer.settings import differences
 
 
 class ResumeError(RuntimeError):

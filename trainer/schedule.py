@@ -10,8 +10,7 @@ import math
 from typing import Any
 
 import torch
-
-from schemas.config import TrainConfig
+from mmae.schemas.config import TrainConfig
 
 log = logging.getLogger("mmae.train")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from schemas.config import LossWeightsConfig, MixConfig, StageConfig, TrainConfig
+from mmae.schemas.config import LossWeightsConfig, MixConfig, StageConfig, TrainConfig
 
 
 @dataclass(frozen=True)

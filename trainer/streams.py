@@ -27,10 +27,9 @@ from typing import Any, Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from schemas.config import TrainConfig
-from schemas.manifest import read_manifest
-from trainer.batch import KINDS
+from mmae.schemas.config import TrainConfig
+from mmae.schemas.manifest import read_manifest
+from mmae.trainer.batch import KINDS
 
 log = logging.getLogger("mmae.data")
 

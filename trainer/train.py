@@ -2,7 +2,7 @@
 
     mmae train --config pipeline.yaml                       # one process (resumes RUN/ if it has checkpoints)
     mmae train --config pipeline.yaml --nproc 2             # DDP via torchrun (gloo on CPU, nccl on CUDA)
-    torchrun --nproc_per_node=8 -m trainer --config pipeline.yaml --set train.model.preset=base
+    torchrun --nproc_per_node=8 -m mmae.trainer --config pipeline.yaml --set train.model.preset=base
 
 The loop reads `while step < steps: train_step(); maybe validate(); maybe log; maybe
 checkpoint`. Where things live: batches (`batch`), streams and the loader (`streams`,
@@ -34,26 +34,41 @@ from typing import Any, Optional
 
 import torch
 import yaml
-
-from schemas.config import Config, TrainConfig
-from schemas.manifest import read_manifest
-from trainer.attention import resolve_backend
-from trainer.batch import KINDS, Batch
-from trainer.checkpoint import Checkpointer
-from trainer.loader import MixedLoader, RankLoaders
-from trainer.masking import masked_counts, plan_masks, step_seed
-from trainer.metrics import DIGEST_MODULUS, Events, MetricsLog, Progress, sample_digest
-from trainer.model import build_model, count_parameters
-from trainer.objectives import LOSS_NAMES
-from trainer.parallel import (Distributed, agree_max, barrier, close_distributed, full_state, init_distributed,
-                              load_full_state, parallelize, shard_model, sum_over_ranks)
-from trainer.preemption import Preempted, StopRequests
-from trainer.resume import ResumeError, changes_allowed, checkpoint_to_resume, data_ranks, initial_weights
-from trainer.run_folder import RunFolder
-from trainer.schedule import apply_schedule, build_optimizer, peak_lr
-from trainer.settings import flatten
-from trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
-from trainer.validation import Validator
+from mmae.schemas.config import Config, TrainConfig
+from mmae.schemas.manifest import read_manifest
+from mmae.trainer.attention import resolve_backend
+from mmae.trainer.batch import KINDS, Batch
+from mmae.trainer.checkpoint import Checkpointer
+from mmae.trainer.loader import MixedLoader, RankLoaders
+from mmae.trainer.masking import masked_counts, plan_masks, step_seed
+from mmae.trainer.metrics import DIGEST_MODULUS, Events, MetricsLog, Progress, sample_digest
+from mmae.trainer.model import build_model, count_parameters
+from mmae.trainer.objectives import LOSS_NAMES
+from mmae.trainer.parallel import (
+    Distributed,
+    agree_max,
+    barrier,
+    close_distributed,
+    full_state,
+    init_distributed,
+    load_full_state,
+    parallelize,
+    shard_model,
+    sum_over_ranks,
+)
+from mmae.trainer.preemption import Preempted, StopRequests
+from mmae.trainer.resume import (
+    ResumeError,
+    changes_allowed,
+    checkpoint_to_resume,
+    data_ranks,
+    initial_weights,
+)
+from mmae.trainer.run_folder import RunFolder
+from mmae.trainer.schedule import apply_schedule, build_optimizer, peak_lr
+from mmae.trainer.settings import flatten
+from mmae.trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
+from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
 

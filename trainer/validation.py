@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import torch
-
-from schemas.config import TrainConfig
-from trainer.batch import Batch, Inputs
-from trainer.loader import MixedLoader
-from trainer.masking import MaskPlan, plan_masks
-from trainer.objectives import LOSS_NAMES
-from trainer.parallel import Distributed, sum_over_ranks
-from trainer.stages import mix_of
+from mmae.schemas.config import TrainConfig
+from mmae.trainer.batch import Batch, Inputs
+from mmae.trainer.loader import MixedLoader
+from mmae.trainer.masking import MaskPlan, plan_masks
+from mmae.trainer.objectives import LOSS_NAMES
+from mmae.trainer.parallel import Distributed, sum_over_ranks
+from mmae.trainer.stages import mix_of
 
 
 class Validator:
@@ -59,7 +58,7 @@ class Validator:
         """A reconstruction grid of the last validation's first samples (None before any)."""
         if self.sample is None:
             return None
-        from trainer.reconstruction import render
+        from mmae.trainer.reconstruction import render
 
         inputs, plans = self.sample
         return render(model, inputs, plans, limit=4)

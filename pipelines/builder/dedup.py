@@ -20,8 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
-
-from pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.plan import ChunkKey
 
 KEYS = "keys"  # the tagged output that carries packed hashes
 ENTRY = struct.Struct("<16sI10s")

@@ -30,16 +30,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
-
-from pipelines.builder import staging
-from pipelines.builder.inline import InlineImages
-from pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
-from pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
-from pipelines.builder.images import ImageReject, process_image
-from pipelines.builder.memory import release_freed_memory
-from pipelines.builder.tokenizer import SampleTexts
-from pipelines.builder.plan import ChunkKey
-from schemas.config import DataConfig
+from mmae.pipelines.builder import staging
+from mmae.pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
+from mmae.pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
+from mmae.pipelines.builder.images import ImageReject, process_image
+from mmae.pipelines.builder.inline import InlineImages
+from mmae.pipelines.builder.memory import release_freed_memory
+from mmae.pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.tokenizer import SampleTexts
+from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")
 

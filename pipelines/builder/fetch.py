@@ -33,12 +33,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-import urllib3
-
 import fsspec
-
-from pipelines.builder.localfiles import NotARegularFile, read_regular_file
-from schemas.config import DownloadConfig
+import urllib3
+from mmae.pipelines.builder.localfiles import NotARegularFile, read_regular_file
+from mmae.schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024
 USER_AGENT = "Mozilla/5.0 (compatible; mmae-build; +https://github.com/mmae/mmae)"

@@ -8,11 +8,10 @@ import hashlib
 from typing import Any, Iterator
 
 import apache_beam as beam
-
-from pipelines.builder.tokenizer import Tokenizer, special_ids
-from pipelines.shards import join, write_atomic, write_json
-from schemas.config import DataConfig
-from schemas.shard import KINDS, SCHEMA_VERSION
+from mmae.pipelines.builder.tokenizer import Tokenizer, special_ids
+from mmae.pipelines.shards import join, write_atomic, write_json
+from mmae.schemas.config import DataConfig
+from mmae.schemas.shard import KINDS, SCHEMA_VERSION
 
 
 def rows_read(summary, names: list[str]) -> tuple[str, int]:

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
+from mmae.schemas.config import ImageConfig
 from PIL import Image, ImageOps
-
-from schemas.config import ImageConfig
 
 # We enforce our own pixel cap from the header; Pillow's warning/error threshold must not
 # pre-empt it with a different (and process-global) limit.

@@ -14,8 +14,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.builder.fetch import FetchError, FetchResult
+from mmae.pipelines.builder.fetch import FetchError, FetchResult
 
 ROW_GROUPS_KEPT = 4  # per process: the rows of a chunk are consecutive, so few are in use at once
 

@@ -23,10 +23,9 @@ from enum import Enum
 from typing import Any, Iterable
 
 import fsspec
-
-from pipelines.builder.staging import STAGING
-from pipelines.shards import join, write_json
-from schemas.config import DataConfig
+from mmae.pipelines.builder.staging import STAGING
+from mmae.pipelines.shards import join, write_json
+from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")
 

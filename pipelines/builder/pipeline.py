@@ -33,21 +33,26 @@ from typing import Any, Optional
 import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
-
-from pipelines.builder.dedup import KEYS, FindDuplicates
-from pipelines.builder.download import CAPTIONS, DownloadChunks
-from pipelines.builder.finalize import Finalize
-from pipelines.builder.output import (BuildError, Mode, check_apart_from_inputs, discard_previous, prepare_output,
-                                      restore_previous)
-from pipelines.builder.plan import BuildPlan, make_plan
-from pipelines.builder.progress import ProgressMonitor
-from pipelines.builder.read import ReadChunks
-from pipelines.builder.staging import STAGING
-from pipelines.builder.sources import SourceError, input_folders
-from pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
-from pipelines.builder.write import REJECTS, WriteShards
-from pipelines.shards import join, write_json
-from schemas.config import Config, DataConfig
+from mmae.pipelines.builder.dedup import KEYS, FindDuplicates
+from mmae.pipelines.builder.download import CAPTIONS, DownloadChunks
+from mmae.pipelines.builder.finalize import Finalize
+from mmae.pipelines.builder.output import (
+    BuildError,
+    Mode,
+    check_apart_from_inputs,
+    discard_previous,
+    prepare_output,
+    restore_previous,
+)
+from mmae.pipelines.builder.plan import BuildPlan, make_plan
+from mmae.pipelines.builder.progress import ProgressMonitor
+from mmae.pipelines.builder.read import ReadChunks
+from mmae.pipelines.builder.sources import SourceError, input_folders
+from mmae.pipelines.builder.staging import STAGING
+from mmae.pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
+from mmae.pipelines.builder.write import REJECTS, WriteShards
+from mmae.pipelines.shards import join, write_json
+from mmae.schemas.config import Config, DataConfig
 
 __all__ = ["BuildError", "build_pipeline", "run"]
 

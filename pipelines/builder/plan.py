@@ -18,10 +18,9 @@ from typing import Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.builder import webdataset
-from pipelines.builder.sources import SourceError, SourceFile, expand_source, open_csv, required_columns
-from schemas.config import DataConfig
+from mmae.pipelines.builder import webdataset
+from mmae.pipelines.builder.sources import SourceError, SourceFile, expand_source, open_csv, required_columns
+from mmae.schemas.config import DataConfig
 
 Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
 ChunkKey = tuple[int, int, int]  # (source index, file number, chunk number)

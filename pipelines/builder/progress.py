@@ -9,11 +9,10 @@ import time
 from typing import Optional
 
 import fsspec
-
-from pipelines.builder.plan import BuildPlan, parse_chunk_name
-from pipelines.builder.staging import STAGING
-from pipelines.shards import join
-from schemas.config import DataConfig
+from mmae.pipelines.builder.plan import BuildPlan, parse_chunk_name
+from mmae.pipelines.builder.staging import STAGING
+from mmae.pipelines.shards import join
+from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")
 

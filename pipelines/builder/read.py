@@ -16,13 +16,12 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-
-from pipelines.builder import staging
-from pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
-from pipelines.builder.plan import ChunkKey, ReadUnit, chunk_of, record_order
-from pipelines.builder.sources import read_source_file, reject
-from pipelines.builder.text import clean_text, word_count
-from schemas.config import DataConfig
+from mmae.pipelines.builder import staging
+from mmae.pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
+from mmae.pipelines.builder.plan import ChunkKey, ReadUnit, chunk_of, record_order
+from mmae.pipelines.builder.sources import read_source_file, reject
+from mmae.pipelines.builder.text import clean_text, word_count
+from mmae.schemas.config import DataConfig
 
 
 def clean_record(record: dict[str, Any], config: DataConfig) -> dict[str, Any]:

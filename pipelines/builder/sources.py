@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
-from pipelines.builder import webdataset
-from pipelines.builder.localfiles import read_regular_file
-from schemas.config import SourceConfig
+from mmae.pipelines.builder import webdataset
+from mmae.pipelines.builder.localfiles import read_regular_file
+from mmae.schemas.config import SourceConfig
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 TAR_SUFFIX = ".tar"  # a WebDataset shard (see webdataset.py)

@@ -19,10 +19,9 @@ from typing import Any, Iterable, Iterator, Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.builder.plan import ChunkKey, chunk_name
-from pipelines.shards import join, table_bytes, write_atomic
-from schemas.shard import SHARD_SCHEMA
+from mmae.pipelines.builder.plan import ChunkKey, chunk_name
+from mmae.pipelines.shards import join, table_bytes, write_atomic
+from mmae.schemas.shard import SHARD_SCHEMA
 
 STAGING = "staging"
 IDS_KEY = b"mmae.chunk_records"

@@ -13,8 +13,7 @@ from typing import Iterable, Optional
 
 import apache_beam as beam
 import sentencepiece as spm
-
-from schemas.config import TokenizerConfig
+from mmae.schemas.config import TokenizerConfig
 
 # Special ids every mmae tokenizer has; the trainer relies on them (recorded in the manifest).
 SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}

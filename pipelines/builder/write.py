@@ -24,16 +24,15 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.builder import staging
-from pipelines.builder.dedup import duplicates_of
-from pipelines.builder.memory import release_freed_memory
-from pipelines.builder.download import ChunkSummary
-from pipelines.builder.plan import ChunkKey
-from pipelines.builder.tokenizer import Tokenizer
-from pipelines.shards import join, shard_name, table_bytes, write_atomic
-from schemas.config import DataConfig
-from schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
+from mmae.pipelines.builder import staging
+from mmae.pipelines.builder.dedup import duplicates_of
+from mmae.pipelines.builder.download import ChunkSummary
+from mmae.pipelines.builder.memory import release_freed_memory
+from mmae.pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.tokenizer import Tokenizer
+from mmae.pipelines.shards import join, shard_name, table_bytes, write_atomic
+from mmae.schemas.config import DataConfig
+from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
 log = logging.getLogger("mmae.build")
 

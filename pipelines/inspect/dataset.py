@@ -8,9 +8,8 @@ from typing import Optional
 import fsspec
 import polars as pl
 import pyarrow.parquet as pq
-
-from pipelines.shards import join
-from schemas.manifest import Manifest, ManifestError, read_manifest
+from mmae.pipelines.shards import join
+from mmae.schemas.manifest import Manifest, ManifestError, read_manifest
 
 # Protocols polars reads natively (and lazily); anything else goes through fsspec.
 POLARS_NATIVE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "hf")

@@ -14,9 +14,8 @@ import math
 from typing import Any, Optional
 
 import polars as pl
-
-from pipelines.inspect.dataset import Dataset, column_bytes, scan
-from schemas.shard import KINDS
+from mmae.pipelines.inspect.dataset import Dataset, column_bytes, scan
+from mmae.schemas.shard import KINDS
 
 IMAGE_SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 TOP_TOKENS = 20

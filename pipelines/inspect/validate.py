@@ -21,12 +21,11 @@ from typing import Any, Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from mmae.pipelines.inspect.dataset import Dataset
+from mmae.schemas.manifest import Manifest, ManifestError, load_manifest_json
+from mmae.schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 from PIL import Image
 from pydantic import ValidationError
-
-from pipelines.inspect.dataset import Dataset
-from schemas.manifest import Manifest, ManifestError, load_manifest_json
-from schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 
 Image.MAX_IMAGE_PIXELS = None  # sizes are checked against the recorded ones instead
 
