@@ -47,10 +47,10 @@ demo: install
 	$(VENV)/bin/mmae demo --out build/demo
 
 test: install $(TIMM_STAMP)
-	MMAE_TIMM_PYTHON=$(TIMM_VENV)/bin/python $(PY) -m pytest
+	MMAE_TIMM_PYTHON=$(abspath $(TIMM_VENV))/bin/python $(PY) -m pytest
 
 test-all: install $(TIMM_STAMP)
-	MMAE_TIMM_PYTHON=$(TIMM_VENV)/bin/python $(PY) -m pytest -m ''
+	MMAE_TIMM_PYTHON=$(abspath $(TIMM_VENV))/bin/python $(PY) -m pytest -m ''
 
 bench: install
 	$(PY) benchmarks/build_throughput.py

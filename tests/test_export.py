@@ -23,7 +23,7 @@ VOCAB = 50
 def timm_python() -> str | None:
     """The interpreter of the separate timm environment (`make test` creates .venv-timm)."""
     candidate = os.environ.get("MMAE_TIMM_PYTHON") or str(ROOT / ".venv-timm" / "bin" / "python")
-    return candidate if Path(candidate).exists() else None
+    return str(Path(candidate).absolute()) if Path(candidate).exists() else None  # tests run it from elsewhere
 
 
 def a_checkpoint(tmp_path: Path, alignment: bool = False, data: str | None = None) -> Path:
