@@ -177,5 +177,22 @@ def test_safetensors_export_holds_the_whole_model_and_loads_back(tmp_path):
                           atol=1e-5)
     assert loaded.dim == 64
 
+    # Hostile input: an image file that does not decode is a null, counted and named, not a lost job;
+    # a text file that is not UTF-8 is one error naming the line; --out that is a file is refused.
+    (folder / "broken.jpg").write_bytes(shard["image"][:200])
+    result = mmae("embed", "--checkpoint", str(out), "--images", str(tmp_path / "photos"), "--out", str(emb))
+    assert result.returncode == 0 and json.loads(result.stdout)["undecodable_images"] == 1
+    assert "cats/broken.jpg" in result.stderr
+    rows = {row["id"]: row for row in pq.read_table(emb).to_pylist()}
+    assert rows["cats/broken.jpg"]["image_embedding"] is None and rows["cats/a.jpg"]["image_embedding"] is not None
+    texts.write_bytes("caption one\nline\u2028same line\n".encode() + b"\xff\xfe bad\n")
+    result = mmae("embed", "--checkpoint", str(out), "--texts", str(texts), "--out", str(emb))
+    assert result.returncode == 2 and "line 3 is not UTF-8" in result.stderr and "Traceback" not in result.stderr
+    texts.write_text("caption one\nline\u2028same line\n", encoding="utf-8")
+    result = mmae("embed", "--checkpoint", str(out), "--texts", str(texts), "--out", str(emb))
+    assert [row["id"] for row in pq.read_table(emb).to_pylist()] == ["line-1", "line-2"]
+    result = mmae("export", "--checkpoint", str(checkpoint), "--format", "timm", "--out", str(texts))
+    assert result.returncode == 2 and "is a file" in result.stderr
+
     bad = mmae("embed", "--checkpoint", str(out), "--images", str(tmp_path / "nowhere"), "--out", str(emb))
     assert bad.returncode == 2 and "no image files" in bad.stderr and "Traceback" not in bad.stderr

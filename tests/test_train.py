@@ -337,6 +337,14 @@ def test_validation_on_held_out_rows_tensorboard_images_hparams_one_stream_acros
     assert events["hparams"]
 
 
+def test_a_validation_set_that_cannot_be_read_stops_the_run_before_it_trains(dataset, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(train_command(dataset, run, "--set", f"train.validation.data={tmp_path / 'nowhere'}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "nowhere: no manifest.json" in result.stderr and "Traceback" not in result.stderr
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
 def test_tensorboard_needs_the_package_or_says_so(dataset, tmp_path, monkeypatch):
     import builtins
 

@@ -149,7 +149,7 @@ def resolve_checkpoint(given: str) -> str:
         with fs.open(path, "rb") as handle:
             named = handle.read().decode("utf-8").strip()
         target = posixpath.join(posixpath.dirname(given), named) if "/" in given else named
-        if not readable(target) and not fsspec.core.url_to_fs(target)[0].exists(fsspec.core.url_to_fs(target)[1]):
+        if not fs.isfile(posixpath.join(posixpath.dirname(path), named)):
             raise CheckpointNotFound(f"{given} names {named}, which does not exist")
         return target
     if not fs.isfile(path):

@@ -5,7 +5,8 @@
     mmae embed --checkpoint RUN --texts captions.txt --out emb.parquet
 
 Output: Parquet with `id` (string), `image_embedding` and `text_embedding` (list<float32>,
-null where a row has no such part), written row group by row group as batches finish: memory
+null where a row has no such part; an image that does not decode is a null too, counted as
+`undecodable_images` in the summary and named in a warning), written row group by row group as batches finish: memory
 stays flat whatever the input size. Features are the encoder's CLS token of an unmasked,
 single-modality forward (`--pool mean`: the mean of the patch or token features). Text files
 are tokenised with the checkpoint's tokenizer (an exported folder's `tokenizer.model`, else the
@@ -14,6 +15,7 @@ tokenizer of the dataset the run trained on, else `--tokenizer`).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterator, Optional
 
@@ -25,6 +27,7 @@ from mmae.trainer.transforms import eval_view
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                     pa.field("image_embedding", pa.list_(pa.float32())),
                     pa.field("text_embedding", pa.list_(pa.float32()))])
+log = logging.getLogger("mmae.embed")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -74,8 +77,15 @@ def image_folder_rows(folder: str, batch_size: int) -> tuple[int, Iterator[list[
 
 
 def text_file_rows(path: str, tokenizer, batch_size: int, max_tokens: int) -> tuple[int, Iterator[list[dict]]]:
-    with open(path, encoding="utf-8") as handle:
-        lines = [line.rstrip("\n") for line in handle]
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+        # "\n" only: U+2028 and friends inside a caption do not start a new line (a new id).
+        lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise EmbedError(f"{path}: line {line} is not UTF-8 ({error.reason} at byte {error.start})") from None
 
     def batches() -> Iterator[list[dict[str, Any]]]:
         for start in range(0, len(lines), batch_size):
@@ -88,21 +98,23 @@ def text_file_rows(path: str, tokenizer, batch_size: int, max_tokens: int) -> tu
 
 
 @torch.no_grad()
-def embed_rows(model, rows: list[dict[str, Any]], pool: str) -> pa.Table:
-    """One output table: each row's image and text embeddings (null where the row lacks the part)."""
+def embed_rows(model, rows: list[dict[str, Any]], pool: str, undecodable: list[str]) -> pa.Table:
+    """One output table: each row's image and text embeddings (null where the row lacks the part,
+    or where its image does not decode: that row's id and reason are appended to `undecodable`)."""
     image_rows = [index for index, row in enumerate(rows) if row.get("image")]
     text_rows = [index for index, row in enumerate(rows) if row.get("tokens")]
     image_out: list[Optional[list[float]]] = [None] * len(rows)
     text_out: list[Optional[list[float]]] = [None] * len(rows)
-    if image_rows:
-        views = []
-        for index in image_rows:
-            try:
-                views.append(eval_view(rows[index]["image"], model.image_size))
-            except Exception as error:  # noqa: BLE001 - name the row whatever the decoder raised
-                raise EmbedError(f"row {rows[index]['id']}: image does not decode ({error})") from None
+    views, decoded = [], []
+    for index in image_rows:
+        try:
+            views.append(eval_view(rows[index]["image"], model.image_size))
+            decoded.append(index)
+        except Exception as error:  # noqa: BLE001 - whatever the decoder raised: a null, counted and named
+            undecodable.append(f"{rows[index]['id']}: {type(error).__name__}: {str(error)[:120]}")
+    if views:
         features = model.encode_images(torch.stack(views), pool=pool).float()
-        for index, vector in zip(image_rows, features.tolist()):
+        for index, vector in zip(decoded, features.tolist()):
             image_out[index] = vector
     if text_rows:
         tokens = [torch.tensor(rows[index]["tokens"], dtype=torch.long) for index in text_rows]
@@ -131,11 +143,12 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
         total, batches = text_file_rows(texts, tokenizer, batch_size, model.max_text_tokens)
     temporary = f"{out}.tmp-{os.getpid()}"
     rows = with_image = with_text = 0
+    undecodable: list[str] = []
     bar = tqdm(total=total, unit="row", desc="embed", disable=not progress)
     try:
         with pq.ParquetWriter(temporary, SCHEMA) as writer:
             for chunk in batches:
-                table = embed_rows(model, chunk, pool)
+                table = embed_rows(model, chunk, pool, undecodable)
                 writer.write_table(table)
                 rows += table.num_rows
                 with_image += table.num_rows - table.column("image_embedding").null_count
@@ -146,8 +159,10 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
         bar.close()
         if os.path.exists(temporary):
             os.remove(temporary)
+    for problem in undecodable[:10]:
+        log.warning("image does not decode, its embedding is null: %s", problem)
     return {"out": out, "rows": rows, "image_embeddings": with_image, "text_embeddings": with_text,
-            "dim": model.size.dim, "pool": pool}
+            "undecodable_images": len(undecodable), "dim": model.size.dim, "pool": pool}
 
 
 def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optional[str] = None):

@@ -87,6 +87,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: Opt
 
 
 def _prepare(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"{out} is a file; --out names the folder to write")
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     os.makedirs(out, exist_ok=True)

@@ -42,8 +42,13 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 class MetricsLog:
+    """Local run folders get each line as it is logged. Object stores cannot append (each append
+    rewrites the file), so there lines are buffered and written with each checkpoint: the lines a
+    resume would drop (after the last checkpoint) are the only ones a crash can lose."""
+
     def __init__(self, run: RunFolder, name: str = "metrics.jsonl") -> None:
         self.run, self.name = run, name
+        self.pending: list[str] = []
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (the killed run's tail)."""
@@ -54,7 +59,15 @@ class MetricsLog:
         self.run.write_text(self.name, text="".join(line + "\n" for line in kept))
 
     def append(self, record: dict[str, Any]) -> None:
-        self.run.append_text(self.name, text=json_line(record))
+        if self.run.local:
+            self.run.append_text(self.name, text=json_line(record))
+        else:
+            self.pending.append(json_line(record))
+
+    def flush(self) -> None:
+        if self.pending:
+            self.run.append_text(self.name, text="".join(self.pending))
+            self.pending = []
 
 
 class Events:

@@ -72,7 +72,6 @@ from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
 
-LOSSES = LOSS_NAMES
 MASKED = ("image", "paired_text", "unpaired_text")
 
 
@@ -229,7 +228,7 @@ class Trainer:
         normalisers = {key: value / env.world_size for key, value in zip(MASKED, sum_over_ranks(counts, env))}
 
         self.optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(LOSSES, 0.0)
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
         encoder_tokens = 0
         for micro, (item, plan) in enumerate(zip(inputs, plans)):
             sync = micro == len(inputs) - 1 or env.world_size == 1
@@ -239,9 +238,9 @@ class Trainer:
             with context, self.autocast:
                 losses = model(item, plans=plan, weights=objectives, normalisers=normalisers, seed=seed)
             losses.loss.backward()
-            for name in LOSSES[:4]:
+            for name in LOSS_NAMES[:4]:
                 sums[name] += float(getattr(losses, name).detach())
-            for name in LOSSES[4:]:
+            for name in LOSS_NAMES[4:]:
                 value = getattr(losses, name)
                 if value is not None:
                     sums[name] += float(value.detach()) / len(inputs)
@@ -261,9 +260,9 @@ class Trainer:
         self.step += 1
         # The global step: losses averaged over ranks (each rank's loss is its share of the
         # global mean, scaled by the world size), counts summed.
-        values = sum_over_ranks([*(sums[name] for name in LOSSES), *seen, skipped, encoder_tokens, digest], env)
-        sums = {name: value / env.world_size for name, value in zip(LOSSES, values)}
-        seen_counts = dict(zip(KINDS, map(int, values[len(LOSSES):len(LOSSES) + 3])))
+        values = sum_over_ranks([*(sums[name] for name in LOSS_NAMES), *seen, skipped, encoder_tokens, digest], env)
+        sums = {name: value / env.world_size for name, value in zip(LOSS_NAMES, values)}
+        seen_counts = dict(zip(KINDS, map(int, values[len(LOSS_NAMES):len(LOSS_NAMES) + 3])))
         skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
         return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen_counts,
                 "skipped": skipped, "nonfinite": nonfinite, "sample_digest": digest}
@@ -288,6 +287,8 @@ class Trainer:
                     f"train.{key}: {old!r} -> {new!r}" for key, (old, new) in self.changed_on_resume.items()))
                 self.run.append_text("config-history.jsonl", text=json.dumps({"step": self.step, "changed": {
                     f"train.{key}": value for key, value in self.changed_on_resume.items()}}) + "\n")
+        if config.validation.enabled:
+            self.validator.prepare(self._data_ranks(), self.data_world)
         model = parallelize(self.model, env, config)
         events = None
         if config.tensorboard and env.main:
@@ -304,6 +305,8 @@ class Trainer:
                                        {key: value for key, value in last.items() if key.endswith("loss")})
             return last
         finally:
+            if env.main:
+                self.metrics.flush()
             if progress is not None:
                 progress.close()
             if events is not None:
@@ -334,7 +337,7 @@ class Trainer:
             if self.step % config.log_every == 0 or final or stopping:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 last = {"step": self.step, "split": "train",
-                        **{name: result[name] for name in LOSSES},
+                        **{name: result[name] for name in LOSS_NAMES},
                         "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
                         "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
                         "backend": f"{self.backend}/{self.layout}",
@@ -392,6 +395,7 @@ class Trainer:
         path = None
         if self.env.main:
             path = self.checkpoints.save(self.step, state)
+            self.metrics.flush()
             log.info("checkpoint %s", path)
         barrier(self.env)
         return path

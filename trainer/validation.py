@@ -24,11 +24,21 @@ class Validator:
     def __init__(self, config: TrainConfig, env: Distributed) -> None:
         self.config, self.env = config, env
         self.sample: Optional[tuple[Inputs, list[MaskPlan]]] = None  # the last validation's first batch
+        self._loaders: tuple[tuple, list[MixedLoader]] = ((), [])
+
+    def prepare(self, data_ranks: list[int], data_world: int) -> None:
+        """Open the validation data once (footers, and ids for a hold-out split), at the start of
+        the run: a missing or empty validation set is an error before any training step."""
+        key = (tuple(data_ranks), data_world)
+        if self._loaders[0] != key:
+            config = self.config.model_copy(update={"mix": mix_of(self.config, None), "num_workers": 0})
+            self._loaders = (key, [MixedLoader(config, rank=rank, world_size=data_world, train=False, slots=1,
+                                               split="validation") for rank in data_ranks])
 
     def batches(self, data_ranks: list[int], data_world: int) -> Iterator[Batch]:
-        config = self.config.model_copy(update={"mix": mix_of(self.config, None), "num_workers": 0})
-        for rank in data_ranks:
-            loader = MixedLoader(config, rank=rank, world_size=data_world, train=False, slots=1, split="validation")
+        self.prepare(data_ranks, data_world)
+        for loader in self._loaders[1]:
+            loader.consumed = 0  # the same batches every time
             yield from loader.batches(self.config.validation.batches)
 
     @torch.no_grad()
