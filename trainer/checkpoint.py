@@ -71,11 +71,7 @@ class Checkpointer:
         return [name for _, name in sorted(found, reverse=True)]
 
     def _readable(self, name: str) -> bool:
-        try:
-            with self.run.open(FOLDER, name) as handle:
-                return _whole(handle)
-        except OSError:
-            return False
+        return readable(self.url(name))
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of a save that was killed (one run saves at a time)."""

@@ -210,7 +210,8 @@ class Trainer:
         """One optimizer step over the micro-batches of this process; figures for the global step."""
         config, env = self.config, self.env
         objectives = objectives_of(config, self.stage)
-        seen = [sum(batch.counts()[kind] for batch in batches) for kind in KINDS]
+        per_batch = [batch.counts() for batch in batches]
+        seen = [sum(counts[kind] for counts in per_batch) for kind in KINDS]
         skipped = sum(batch.dropped for batch in batches)
         digest = sample_digest([batch.ids for batch in batches])
         if not config.use_text:
