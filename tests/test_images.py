@@ -211,3 +211,62 @@ def test_an_image_that_alone_exceeds_the_decode_budget_is_rejected_unread():
     with pytest.raises(ImageReject) as error:
         process_image(data, ImageConfig(size=32, max_decode_mb=256))
     assert error.value.reason == "too_many_pixels" and "max_decode_mb" in error.value.detail
+
+
+# --- the plain-JPEG path and Pillow's general path ----------------------------------------------
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """Structure in every direction, so a turned or shifted result would differ."""
+    import numpy as np
+
+    rng = np.random.default_rng(width * 7 + height)
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) % 256], axis=-1).astype(np.int16)
+    pixels += rng.integers(-20, 20, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _jpeg(image: Image.Image, orientation: int | None = None, **options) -> bytes:
+    buffer = io.BytesIO()
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    image.save(buffer, format="JPEG", quality=92, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, size", [
+    ("center_crop", 64), ("center_crop", 200), ("center_crop", 256), ("keep_ratio", 64),
+    ("keep_ratio_largest", 100), ("border", 64), ("no", 64),
+])
+@pytest.mark.parametrize("source", [(512, 512), (640, 480), (333, 500), (512, 770), (1030, 512)])
+def test_plain_jpegs_come_out_as_pillows_path_makes_them(mode, size, source):
+    # An EXIF block that says "upright" sends the same JPEG down Pillow's general path.
+    image = _photo(*source)
+    plain = process_image(_jpeg(image), ImageConfig(size=size, resize_mode=mode, min_size=8))
+    general = process_image(_jpeg(image, orientation=1), ImageConfig(size=size, resize_mode=mode, min_size=8))
+    assert plain.data == general.data
+    assert (plain.width, plain.height, plain.original_width, plain.original_height) == (
+        general.width, general.height, general.original_width, general.original_height)
+
+
+def test_exif_orientation_is_applied():
+    # Stored sideways with "rotate 90 clockwise to view" (6): the output is the upright picture.
+    upright = _photo(96, 64)
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    result = process_image(_jpeg(sideways, orientation=6), ImageConfig(size=64, resize_mode="keep_ratio_largest"))
+    assert (result.width, result.height) == (64, 43) and (result.original_width, result.original_height) == (64, 96)
+    out = Image.open(io.BytesIO(result.data)).convert("RGB")
+    reference = upright.resize((64, 43))
+    import numpy as np
+
+    error = np.abs(np.asarray(out, dtype=int) - np.asarray(reference, dtype=int)).mean()
+    assert error < 12, error
+
+
+def test_greyscale_jpeg_becomes_rgb_on_the_plain_path():
+    result = process_image(_jpeg(Image.new("L", (128, 128), 90)), ImageConfig(size=32))
+    stored = Image.open(io.BytesIO(result.data))
+    assert stored.mode == "RGB" and _close(stored.getpixel((16, 16)), (90, 90, 90))
