@@ -54,6 +54,8 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
     # trickling answer had written when the client hung up (what completed, not how long it took).
     requests: dict[str, int] = {}
     cut_after: dict[str, int] = {}
+    connections: dict[str, set] = {}  # token -> client (address, port) pairs: one per TCP connection
+    hung_up: dict[str, int] = {}  # token -> requests answered by closing a kept-alive connection
 
     def log_message(self, format, *args):  # noqa: A002
         pass
@@ -95,6 +97,13 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
         token = query[2:] if query.startswith("t=") else None
         if token:
             self.requests[token] = self.requests.get(token, 0) + 1
+            self.connections.setdefault(token, set()).add(self.client_address)
+        if getattr(self, "hang_up_next", False):
+            # /keep-then-hang-up/ said keep-alive; the next request on this connection finds it
+            # closed without an answer (what a server that drops idle connections looks like).
+            self.hung_up[token] = self.hung_up.get(token, 0) + 1
+            self.close_connection = True
+            return
         port = self.server.server_address[1]
         if path.startswith("/img/"):
             body = self.images.get(path[len("/img/"):])
@@ -102,6 +111,9 @@ class BadInputHandler(http.server.BaseHTTPRequestHandler):
                 self._send(404, b"not found", "text/plain")
             else:
                 self._send(200, body)
+        elif path.startswith("/keep-then-hang-up/"):
+            self._send(200, self.images[path.rsplit("/", 1)[1]])
+            self.hang_up_next = True
         elif path.startswith("/status/"):
             self._send(int(path.rsplit("/", 1)[1]), b"error page", "text/html")
         elif path == "/slow":

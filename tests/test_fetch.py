@@ -202,3 +202,55 @@ def test_opt_out_agrees_with_img2dataset(headers):
 def test_https_goes_through_the_guard(http_server):
     port = http_server.rsplit(":", 1)[1]
     assert reason_of(fetcher(allowed_networks=[]), f"https://127.0.0.1:{port}/img/red.jpg") == "private_address"
+
+
+def test_connections_are_kept_alive(http_server):
+    fetch = fetcher()
+    for _ in range(10):
+        assert fetch.fetch(f"{http_server}/img/red.jpg?t=alive").data[:2] == b"\xff\xd8"
+        with pytest.raises(FetchError):  # a small error page is read, the connection kept
+            fetch.fetch(f"{http_server}/status/404?t=alive")
+    assert BadInputHandler.requests["alive"] == 20 and len(BadInputHandler.connections["alive"]) == 1
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(http_server):
+    # The server answers keep-alive, then closes the connection when the next request arrives:
+    # that request goes once more on a new connection instead of becoming a connection_error.
+    fetch = fetcher()
+    assert fetch.fetch(f"{http_server}/keep-then-hang-up/red.jpg?t=stale").data[:2] == b"\xff\xd8"
+    assert fetch.fetch(f"{http_server}/img/blue.jpg?t=stale").data[:2] == b"\xff\xd8"
+    assert BadInputHandler.hung_up["stale"] == 1
+    assert BadInputHandler.requests["stale"] == 3 and len(BadInputHandler.connections["stale"]) == 2
+
+
+@pytest.fixture(scope="module")
+def https_server():
+    """A TLS server on 127.0.0.1 with a certificate from a throw-away CA; yields (url, CA)."""
+    import ssl
+    import threading
+
+    import trustme
+    from tests.conftest import _Server
+
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    server = _Server(("127.0.0.1", 0), BadInputHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", authority
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_checks_the_certificate(http_server, https_server):
+    url, authority = https_server
+    trusting = fetcher()
+    authority.configure_trust(trusting.pool.tls)
+    for _ in range(3):
+        assert trusting.fetch(f"{url}/img/green.jpg?t=tls").data[:2] == b"\xff\xd8"
+    assert len(BadInputHandler.connections["tls"]) == 1  # kept alive under TLS too
+    with pytest.raises(FetchError) as caught:
+        fetcher().fetch(f"{url}/img/green.jpg")  # the system's CAs do not know this one
+    assert caught.value.reason == "connection_error" and "CERTIFICATE_VERIFY_FAILED" in caught.value.detail
