@@ -9,6 +9,7 @@ import uuid
 from typing import Any, Iterable
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
@@ -37,20 +38,44 @@ def write_json(url: str, payload: Any) -> None:
     write_atomic(url, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
+def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; a missing key is null, extra keys are ignored) as a table, column by column."""
+    return pa.Table.from_arrays([pa.array([row.get(field.name) for row in rows], type=field.type) for field in schema],
+                                schema=schema)
+
+
+def _parquet_options(schema: pa.Schema, rows_per_row_group: int) -> dict[str, Any]:
+    """Image bytes stored uncompressed (already JPEG/WebP), other columns zstd."""
+    return {
+        "row_group_size": rows_per_row_group,
+        "compression": {name: ("none" if name == "image" else "zstd") for name in schema.names},
+        "use_dictionary": [name for name in ("source", "kind", "image_format", "label", "reason") if name in schema.names],
+        "write_statistics": ["id"] if "id" in schema.names else False,
+    }
+
+
 def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema, rows_per_row_group: int) -> bytes:
-    """Serialize rows to Parquet: image bytes stored uncompressed (already JPEG/WebP), others zstd."""
-    table = pa.Table.from_pylist(rows, schema=schema)
-    compression = {name: ("none" if name == "image" else "zstd") for name in schema.names}
+    """Serialize rows to Parquet (see `_parquet_options`)."""
+    table = rows_table(rows, schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=rows_per_row_group,
-        compression=compression,
-        use_dictionary=[name for name in ("source", "kind", "image_format", "label", "reason") if name in schema.names],
-        write_statistics=["id"] if "id" in schema.names else False,
-    )
+    pq.write_table(table, sink, **_parquet_options(schema, rows_per_row_group))
     return sink.getvalue().to_pybytes()
+
+
+def write_table_atomic(url: str, table: pa.Table, rows_per_row_group: int) -> None:
+    """Write a table as Parquet to a temporary name next to the target, then rename. A local
+    file is written by Arrow itself (no copy through Python bytes, without the GIL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    options = _parquet_options(table.schema, rows_per_row_group)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        pq.write_table(table, temporary, **options)
+    else:
+        with fs.open(temporary, "wb") as handle:
+            pq.write_table(table, handle, **options)
+    fs.mv(temporary, path)
 
 
 def write_shard(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -117,10 +118,11 @@ class _OpenChunk:
     key: ChunkKey
     url: str
     digest: str
-    rows: list[Optional[dict[str, Any]]]
+    rows: list[Optional[dict[str, Any]]]  # once saved, without their image bytes
     remaining: int
     unsaved: list[int] = field(default_factory=list)  # done rows not yet in a part file
-    parts: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # part files to remove once committed
+    tables: list[pa.Table] = field(default_factory=list)  # what this run saved, for the commit
     saved_at: float = field(default_factory=time.monotonic)
 
 
@@ -265,7 +267,7 @@ class DownloadChunkFn(beam.DoFn):
             self._open(key, url, digest, rows, {index: self._record(rows[index]) for index in redo})
         elif source.kind == "text":
             rows = [done.get(index) or {**record, "reason": None} for index, record in enumerate(records)]
-            self._commit(url, rows, digest)
+            self._commit(url, [staging.part_table(enumerate(rows))], len(rows), digest)
             yield from self._outputs(key, rows)
             return
         else:
@@ -274,7 +276,7 @@ class DownloadChunkFn(beam.DoFn):
             for index, row in staging.read_parts(parts, digest):
                 rows[index] = row
             if all(row is not None for row in rows):
-                self._commit(url, rows, digest, parts)
+                self._commit(url, [staging.part_table(enumerate(rows))], len(rows), digest, parts)
                 yield from self._outputs(key, rows)
                 return
             jobs = {index: record for index, record in enumerate(records) if rows[index] is None}
@@ -307,11 +309,19 @@ class DownloadChunkFn(beam.DoFn):
         now = time.monotonic()
         for chunk in self.window.open_chunks.values():
             if chunk.unsaved and now - chunk.saved_at >= SAVE_EVERY_S:
-                part = staging.part_url(chunk.url, len(chunk.parts))
-                staging.write_part(part, [(index, chunk.rows[index]) for index in chunk.unsaved], chunk.digest)
-                chunk.parts.append(part)
-                chunk.unsaved = []
+                self._save(chunk)
                 chunk.saved_at = now
+
+    @staticmethod
+    def _save(chunk: _OpenChunk) -> None:
+        table = staging.part_table((index, chunk.rows[index]) for index in chunk.unsaved)
+        part = staging.part_url(chunk.url, len(chunk.parts))
+        staging.write_part(part, table, chunk.digest)
+        chunk.parts.append(part)
+        chunk.tables.append(table)
+        for index in chunk.unsaved:
+            chunk.rows[index].pop("image", None)  # the table holds them now
+        chunk.unsaved = []
 
     def _parts_of(self, url: str) -> list[str]:
         """Part files an earlier, interrupted run left for this chunk (one listing per folder)."""
@@ -322,8 +332,9 @@ class DownloadChunkFn(beam.DoFn):
 
     # ---------------------------------------------------------------------------------------
 
-    def _commit(self, url: str, rows: list[dict[str, Any]], digest: str, parts: Optional[list[str]] = None) -> None:
-        staging.write_chunk(url, rows, digest)
+    def _commit(self, url: str, tables: list[pa.Table], count: int, digest: str,
+                parts: Optional[list[str]] = None) -> None:
+        staging.write_chunk(url, tables, count, digest)
         staging.remove_parts(parts or [])
         release_freed_memory()
         self.committed.inc()
@@ -338,7 +349,10 @@ class DownloadChunkFn(beam.DoFn):
         return {name: row.get(name) for name in fields}
 
     def _open(self, key, url, digest, rows, jobs: dict[int, dict[str, Any]], parts: Optional[list[str]] = None) -> None:
-        chunk = _OpenChunk(key, url, digest, rows, remaining=len(jobs), parts=list(parts or []))
+        # Rows done before this run (reader rejects, duplicates, an earlier run's parts or
+        # chunk) go into this run's first part file or the commit, with the fetched ones.
+        done = [index for index in range(len(rows)) if index not in jobs]
+        chunk = _OpenChunk(key, url, digest, rows, remaining=len(jobs), unsaved=done, parts=list(parts or []))
         self.window.open_chunks[key] = chunk
         for index, record in jobs.items():
             self.window.submit(chunk, index, record)
@@ -358,7 +372,8 @@ class DownloadChunkFn(beam.DoFn):
         self.fetched.inc()
         if chunk.remaining == 0:
             del self.window.open_chunks[chunk.key]
-            self._commit(chunk.url, chunk.rows, chunk.digest, chunk.parts)
+            tables = chunk.tables + [staging.part_table((index, chunk.rows[index]) for index in chunk.unsaved)]
+            self._commit(chunk.url, tables, len(chunk.rows), chunk.digest, chunk.parts)
             yield from self._outputs(chunk.key, chunk.rows)
 
     def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:

@@ -17,10 +17,12 @@ import json
 from typing import Any, Iterable, Iterator, Optional
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mmae.pipelines.builder.plan import ChunkKey, chunk_name
-from mmae.pipelines.shards import join, table_bytes, write_atomic
+from mmae.pipelines.shards import join, rows_table, write_atomic, write_table_atomic
 from mmae.schemas.shard import SHARD_SCHEMA
 
 STAGING = "staging"
@@ -69,24 +71,35 @@ def records_digest(records: Iterable[dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def write_chunk(url: str, rows: list[dict[str, Any]], digest: str) -> None:
-    projected = [{name: row.get(name) for name in STAGING_SCHEMA.names} for row in rows]
-    schema = STAGING_SCHEMA.with_metadata({IDS_KEY: digest.encode()})
-    write_atomic(url, table_bytes(projected, schema, ROW_GROUP))
-
-
 PART_SCHEMA = STAGING_SCHEMA.append(pa.field("index", pa.int32()))
+
+
+def part_table(rows: Iterable[tuple[int, dict[str, Any]]]) -> pa.Table:
+    """Finished rows of a chunk and their positions in it: what part files and the chunk file
+    are made of. Each row is converted to Arrow once; committing a chunk joins these tables."""
+    pairs = list(rows)
+    table = rows_table([row for _, row in pairs], STAGING_SCHEMA)
+    return table.append_column(PART_SCHEMA.field("index"), pa.array([index for index, _ in pairs], pa.int32()))
+
+
+def write_chunk(url: str, parts: list[pa.Table], count: int, digest: str) -> None:
+    """Commit a chunk: its rows (`part_table`s, in any order) in input order, under the digest
+    of its input rows. Every position 0..count-1 must be there exactly once."""
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    table = table.take(pc.sort_indices(table["index"]))
+    if not np.array_equal(table["index"].to_numpy(), np.arange(count)):
+        raise ValueError(f"{url}: rows to commit are not positions 0..{count - 1} once each")
+    table = table.drop_columns(["index"]).replace_schema_metadata({IDS_KEY: digest.encode()})
+    write_table_atomic(url, table, ROW_GROUP)
 
 
 def part_url(chunk_url: str, number: int) -> str:
     return f"{chunk_url.removesuffix('.parquet')}.part-{number:04d}.parquet"
 
 
-def write_part(url: str, rows: list[tuple[int, dict[str, Any]]], digest: str) -> None:
+def write_part(url: str, table: pa.Table, digest: str) -> None:
     """Finished rows of a chunk that is still waiting on others (saved so a kill loses little)."""
-    projected = [{**{name: row.get(name) for name in STAGING_SCHEMA.names}, "index": index} for index, row in rows]
-    schema = PART_SCHEMA.with_metadata({IDS_KEY: digest.encode()})
-    write_atomic(url, table_bytes(projected, schema, ROW_GROUP))
+    write_table_atomic(url, table.replace_schema_metadata({IDS_KEY: digest.encode()}), ROW_GROUP)
 
 
 def list_parts(folder: str) -> dict[str, list[str]]:
