@@ -254,3 +254,29 @@ def test_https_checks_the_certificate(http_server, https_server):
     with pytest.raises(FetchError) as caught:
         fetcher().fetch(f"{url}/img/green.jpg")  # the system's CAs do not know this one
     assert caught.value.reason == "connection_error" and "CERTIFICATE_VERIFY_FAILED" in caught.value.detail
+
+
+def test_a_hanging_dns_lookup_ends_at_the_deadline(monkeypatch):
+    import socket
+    import threading
+
+    release, asked = threading.Event(), []
+    real = socket.getaddrinfo
+
+    def lookup(host, *args, **kwargs):
+        if host == "hangs.example":
+            asked.append(host)
+            release.wait(10)
+            raise socket.gaierror("released")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    fetch = fetcher(timeout_s=0.5)
+    try:
+        for _ in range(3):
+            with pytest.raises(FetchError) as caught:
+                fetch.fetch("http://hangs.example/a.jpg")
+            assert caught.value.reason == "timeout" and "resolving" in caught.value.detail
+        assert not release.is_set() and asked == ["hangs.example"]  # one lookup, still hanging
+    finally:
+        release.set()

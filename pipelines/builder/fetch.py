@@ -11,7 +11,7 @@ per worker process, and torch on the data side), so `opt_out` re-states its X-Ro
   to the address it checked (no DNS-rebinding gap), redirect hops included (redirects are
   followed here, one checked hop at a time); a pooled connection the server closed while idle
   is replaced, and a request that finds it closed goes once more on a new one;
-- one deadline per request, connect to last byte, redirects included: a watchdog thread shuts
+- one deadline per request, DNS lookup to last byte, redirects included: a watchdog thread shuts
   the socket of a request still running at its deadline (a server trickling its status line
   or headers one byte at a time defeats per-read socket timeouts), and a byte cap while reading;
 - an optional cap on requests in flight per host (`max_per_host`);
@@ -91,6 +91,34 @@ class FetchResult:
     attempts: int = 1
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+class _Lookup:
+    """One getaddrinfo in a daemon thread (a hung lookup never keeps a process from exiting)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.done = threading.Event()
+        self.infos: list = []
+        self.error: Optional[OSError] = None
+        threading.Thread(target=self._run, args=(host, port), name="mmae-dns", daemon=True).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            self.error = error
+        except Exception as error:  # e.g. UnicodeError for a label too long to encode
+            self.error = socket.gaierror(str(error))
+        finally:
+            self.done.set()
+
+
 @dataclass
 class AddressGuard:
     """Decides whether an IP may be contacted."""
@@ -99,6 +127,7 @@ class AddressGuard:
     allowed_networks: list = field(default_factory=list)
     dns_cache_s: float = 0.0
     _resolved: dict = field(default_factory=dict, repr=False)
+    _pending: dict = field(default_factory=dict, repr=False)  # lookups under way, by (host, port)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -109,21 +138,34 @@ class AddressGuard:
             dns_cache_s=config.dns_cache_s,
         )
 
-    def resolve(self, host: str, port: int) -> list:
-        """getaddrinfo, remembered for dns_cache_s: a corpus hits the same CDN hosts millions of times."""
+    def resolve(self, host: str, port: int, timeout: Optional[float] = None) -> list:
+        """getaddrinfo, remembered for dns_cache_s: a corpus hits the same CDN hosts millions of
+        times. A lookup runs in a thread of its own, shared by every request for that host
+        meanwhile, and a request waits for it at most `timeout`: a hanging resolver holds no
+        download slot past its deadline (getaddrinfo itself cannot be given one)."""
+        if _is_address(host):  # nothing to look up
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         now = time.monotonic()
         key = (host, port)
         with self._lock:
             cached = self._resolved.get(key)
-        if cached is not None and now - cached[0] < self.dns_cache_s:
-            return cached[1]
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if self.dns_cache_s > 0:
-            with self._lock:
-                if len(self._resolved) > 100_000:
-                    self._resolved.clear()
-                self._resolved[key] = (now, infos)
-        return infos
+            if cached is not None and now - cached[0] < self.dns_cache_s:
+                return cached[1]
+            lookup = self._pending.get(key)
+            if lookup is None:
+                lookup = self._pending[key] = _Lookup(host, port)
+        if not lookup.done.wait(timeout):
+            raise FetchError("timeout", "resolving the host name timed out")
+        with self._lock:
+            if self._pending.get(key) is lookup:
+                del self._pending[key]
+                if lookup.error is None and self.dns_cache_s > 0:
+                    if len(self._resolved) > 100_000:
+                        self._resolved.clear()
+                    self._resolved[key] = (time.monotonic(), lookup.infos)
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.infos
 
     def is_allowed(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -138,7 +180,7 @@ class AddressGuard:
     def connect(self, host: str, port: int, timeout: Optional[float]) -> socket.socket:
         """Resolve, check every candidate address, connect to an allowed one."""
         try:
-            infos = self.resolve(host, port)
+            infos = self.resolve(host, port, timeout)
         except socket.gaierror as error:
             raise FetchError("connection_error", f"cannot resolve {host}: {error}") from None
         refused = [info[4][0] for info in infos if not self.is_allowed(info[4][0])]
