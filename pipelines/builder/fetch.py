@@ -414,8 +414,9 @@ class _Discard(Exception):
 
 
 # A keep-alive connection the server closed while it sat idle fails like this on its next
-# request; the request goes once more on a new connection (GET is idempotent).
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+# request (or answers with leftovers of a previous response: a bad status line); the request
+# goes once more on a new connection (GET is idempotent).
+_STALE = (http.client.BadStatusLine, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 class Fetcher:
