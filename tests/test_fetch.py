@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from mmae.pipelines.builder.fetch import ANSWER_TIMEOUT, AddressGuard, Fetcher, FetchError
+from mmae.pipelines.builder.connections import ANSWER_TIMEOUT, AddressGuard
+from mmae.pipelines.builder.fetch import Fetcher, FetchError
 from mmae.schemas.config import DownloadConfig
 
 from tests.conftest import BadInputHandler
