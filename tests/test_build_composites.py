@@ -197,3 +197,21 @@ def test_read_chunks_rejects_a_lone_surrogate_instead_of_failing(tmp_path):
         assert_that(read.chunks, equal_to([((0, 0, 0), 2), ((1, 0, 0), 1)]))
     rows = staging.read_input(str(tmp_path / "out" / "staging" / "inputs" / "p" / "00000-000000.jsonl.gz"))
     assert [(row["key"], row.get("reason")) for row in rows] == [("p.jsonl:1", "invalid_utf8"), ("p.jsonl:2", None)]
+
+
+def test_a_chunk_committed_from_part_tables_is_in_input_order(tmp_path):
+    # Rows finish in any order and are saved in parts; the commit lays them out by position,
+    # and refuses a position missing or twice (a lost or doubled row never reaches a shard).
+    import pytest
+
+    rows = [{**paired(index, f"http://x/{index}.jpg"), "reason": "http_404", "detail": ""} for index in range(5)]
+    parts = [staging.part_table([(3, rows[3]), (0, rows[0])]), staging.part_table([(4, rows[4])]),
+             staging.part_table([(1, rows[1]), (2, rows[2])])]
+    url = str(tmp_path / "chunk.parquet")
+    staging.write_chunk(url, parts, 5, "digest")
+    assert [row["key"] for row in staging.read_chunk(url, "digest")] == [row["key"] for row in rows]
+    assert staging.read_chunk(url, "another digest") is None
+    for broken in (parts[:2], parts + [staging.part_table([(2, rows[2])])]):
+        with pytest.raises(ValueError, match="positions"):
+            staging.write_chunk(str(tmp_path / "broken.parquet"), broken, 5, "digest")
+    assert not (tmp_path / "broken.parquet").exists()
