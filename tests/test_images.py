@@ -270,3 +270,13 @@ def test_greyscale_jpeg_becomes_rgb_on_the_plain_path():
     result = process_image(_jpeg(Image.new("L", (128, 128), 90)), ImageConfig(size=32))
     stored = Image.open(io.BytesIO(result.data))
     assert stored.mode == "RGB" and _close(stored.getpixel((16, 16)), (90, 90, 90))
+
+
+def test_an_exif_block_after_fill_bytes_is_still_seen():
+    # JPEG allows 0xFF fill bytes before a marker; the orientation behind them still counts.
+    upright = _photo(96, 64)
+    data = _jpeg(upright.transpose(Image.Transpose.ROTATE_90), orientation=6)
+    filled = data[:2] + b"\xff\xff\xff" + data[2:]
+    assert process_image(filled, ImageConfig(size=64, resize_mode="keep_ratio_largest")).width == 64
+    assert process_image(filled, ImageConfig(size=64, resize_mode="keep_ratio_largest")).data == \
+        process_image(data, ImageConfig(size=64, resize_mode="keep_ratio_largest")).data

@@ -222,8 +222,13 @@ def _may_have_exif(data: bytes) -> bool:
         if position + 10 > len(data) or data[position] != 0xFF:
             return True
         marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+            continue
         if marker == 0xDA:  # start of scan: the pixels follow
             return False
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length here: unusual
+            return True
         if marker == 0xE1 and data[position + 4:position + 10] == b"Exif\x00\x00":
             return True
         position += 2 + ((data[position + 2] << 8) | data[position + 3])
