@@ -326,27 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     own_args, beam_args = _split_beam_args(argv)
     args = _parser().parse_args(own_args)
     _configure_logging(args.verbose)
-    if args.command == "demo-data":
-        return _cmd_demo_data(args)
-    if args.command == "build":
-        return _cmd_build(args, beam_args)
-    if args.command == "demo":
-        return _cmd_demo(args, beam_args)
-    if args.command == "stats":
-        return _cmd_stats(args)
-    if args.command == "validate":
-        return _cmd_validate(args)
-    if args.command == "train":
-        return _cmd_train(args)
-    if args.command == "eval":
-        return _cmd_eval(args)
-    if args.command == "export":
-        return _cmd_export(args)
-    if args.command == "config":
-        return _cmd_config(args)
-    if args.command == "embed":
-        return _cmd_embed(args)
-    raise AssertionError(args.command)
+    if args.command in ("build", "demo"):  # the two that run a Beam pipeline
+        return {"build": _cmd_build, "demo": _cmd_demo}[args.command](args, beam_args)
+    handlers = {"demo-data": _cmd_demo_data, "stats": _cmd_stats, "validate": _cmd_validate, "train": _cmd_train,
+                "eval": _cmd_eval, "export": _cmd_export, "config": _cmd_config, "embed": _cmd_embed}
+    return handlers[args.command](args)
 
 
 def entry() -> None:

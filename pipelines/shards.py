@@ -84,14 +84,13 @@ def write_shard(
     """Write one shard (rows sorted by id for determinism); return its manifest entry."""
     schema = REJECT_SCHEMA if folder == "rejects" else SHARD_SCHEMA
     ordered = sorted(rows, key=lambda row: row["id"])
-    projected = [{name: row.get(name) for name in schema.names} for row in ordered]
-    data = table_bytes(projected, schema, rows_per_row_group)
+    data = table_bytes(ordered, schema, rows_per_row_group)
     relative = posixpath.join(folder, shard_name(index, count))
     write_atomic(join(root, relative), data)
     return {
         "path": relative,
         "kind": folder,
-        "rows": len(projected),
+        "rows": len(ordered),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
