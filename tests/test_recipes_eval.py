@@ -11,11 +11,17 @@ import torch
 from mmae.pipelines.shards import write_shard
 from mmae.schemas.config import MaskingConfig
 from mmae.trainer.batch import Inputs
-from mmae.trainer.masking import per_sample_ratios as masking_ratios
+from mmae.trainer.masking import sample_ratios
 from PIL import Image
 
 from tests.datasets import row
 from tests.test_train import ROOT, dataset, losses, train_command  # noqa: F401 - fixtures reused
+
+
+def masking_ratios(inputs: Inputs, masking) -> tuple[list[float], list[float]]:
+    ratios = [sample_ratios(sample_id, inputs.has_image(index), int(inputs.token_lengths[index]), masking)
+              for index, sample_id in enumerate(inputs.ids)]
+    return [image for image, _ in ratios], [text for _, text in ratios]
 
 
 def test_cross_masking_masks_one_modality_of_each_pair():

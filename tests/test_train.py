@@ -15,7 +15,7 @@ import torch
 from mmae.schemas.config import TrainConfig
 from mmae.trainer.checkpoint import Checkpointer, load_model
 from mmae.trainer.loader import MixedLoader
-from mmae.trainer.masking import plan_masks
+from mmae.trainer.masking import draw_masks
 from mmae.trainer.model import DefaultMasking, build_model
 from mmae.trainer.objectives import DefaultWeights
 from mmae.trainer.run_folder import RunFolder
@@ -75,19 +75,21 @@ def test_packed_and_padded_give_the_same_outputs_and_gradients(dataset):
 def test_masking_ratios_and_independence_from_batch_position(dataset):
     batch = a_batch(dataset)
     model = build_model("tiny", VOCAB, 16, 16)  # 16 px / 8 px patches = 4 patches
-    plans = plan_masks(inputs_of(batch), model.num_patches, DefaultMasking(), seed=3)
-    for index, (image_keep, image_masked, text_keep, text_masked) in enumerate(plans):
-        if int(batch.image_index[index]) >= 0:
-            assert len(image_keep) == 1 and len(image_masked) == 3
-            assert sorted(image_keep.tolist() + image_masked.tolist()) == [0, 1, 2, 3]
-        length = int(batch.token_lengths[index])
-        assert len(text_keep) + len(text_masked) == length
-        if length:
-            assert len(text_masked) == max(1, round(length * 0.75))
+    def masks_of(batch):
+        return draw_masks(batch.ids, batch.image_index.tolist(), batch.token_lengths.tolist(), model.num_patches,
+                          DefaultMasking(), seed=3)
+
+    masks = masks_of(batch)
+    assert masks.image_masked.shape == (int((batch.image_index >= 0).sum()), 4)
+    assert masks.image_masked.sum(dim=1).tolist() == [3] * len(masks.image_masked)  # 75% of 4 patches
+    rows = torch.split(masks.text_masked, batch.token_lengths.tolist())
+    for length, row in zip(batch.token_lengths.tolist(), rows):
+        assert int(row.sum()) == (max(1, round(length * 0.75)) if length else 0)
     reordered = batch.select(list(reversed(range(len(batch.ids)))))
-    again = plan_masks(inputs_of(reordered), model.num_patches, DefaultMasking(), seed=3)
-    for original, moved in zip(plans, reversed(again)):
-        assert all(torch.equal(a, b) for a, b in zip(original, moved))
+    again = masks_of(reordered)
+    assert torch.equal(again.image_masked, masks.image_masked.flip(0))  # image rows reverse with the samples
+    for original, moved in zip(rows, reversed(torch.split(again.text_masked, reordered.token_lengths.tolist()))):
+        assert torch.equal(original, moved)
 
 
 def test_losses_by_kind(dataset):
@@ -212,6 +214,7 @@ DDP_STEP = textwrap.dedent("""
     batch = next(source.batches(1))
     half = list(range(rank * 8 // world, (rank + 1) * 8 // world))
     result = trainer.train_step(model, [batch.select(half)])
+    figures = result.read(Distributed(rank, world, 0))  # a collective: every rank reads
     if rank == 0:
         grads = {{name: p.grad.detach() for name, p in trainer.model.named_parameters() if p.grad is not None}}
     else:
@@ -219,7 +222,7 @@ DDP_STEP = textwrap.dedent("""
     if parallel == "fsdp" and world > 1:  # sharded gradients: every rank takes part in gathering them
         grads = {{name: p.grad.full_tensor() for name, p in trainer.model.named_parameters() if p.grad is not None}}
     if rank == 0:  # the reported loss is the global batch's, whatever the number of processes
-        grads["reported loss"] = torch.tensor([result["loss"], result["image_loss"], result["text_loss"]])
+        grads["reported loss"] = torch.tensor([figures["loss"], figures["image_loss"], figures["text_loss"]])
         torch.save(grads, {result!r} + str(world))
     if world > 1:
         dist.destroy_process_group()

@@ -3,7 +3,8 @@
 - **packed**: all samples of a batch concatenated into one sequence `[1, T, ...]` with their
   lengths (`seqlens`); no padding anywhere. On CUDA this runs xformers'
   `memory_efficient_attention` with a `BlockDiagonalMask`. Elsewhere a reference computes
-  the same thing with torch SDPA, one sequence at a time (no cross-sample attention).
+  the same thing with one torch SDPA call: the sequences are spread on a padded grid for the
+  attention only (every other op of a block runs on the packed rows).
 - **padded**: `[B, L, ...]` with a key-padding mask, torch `scaled_dot_product_attention`.
 
 `resolve_backend("auto")` picks xformers when it can run (CUDA + a working install) and SDPA
@@ -18,25 +19,25 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from mmae.trainer.layout import Sequences
 
 log = logging.getLogger("mmae.attention")
 
 
 @dataclass
-class Layout:
-    """How the token rows of a batch are arranged."""
+class Arrangement:
+    """How the token rows of a batch are arranged for the blocks."""
 
     kind: str  # "packed" | "padded"
-    seqlens: list[int]
     backend: str  # "xformers" | "sdpa"
-    key_padding: Optional[torch.Tensor] = None  # [B, L] True for real tokens (padded only)
+    sequences: Sequences
     _bias: object = None  # cached xformers BlockDiagonalMask
 
     def xformers_bias(self):
         if self._bias is None:
             from xformers.ops import fmha
 
-            self._bias = fmha.BlockDiagonalMask.from_seqlens(self.seqlens)
+            self._bias = fmha.BlockDiagonalMask.from_seqlens(self.sequences.seqlens)
         return self._bias
 
 
@@ -68,46 +69,54 @@ def resolve_backend(requested: str) -> tuple[str, str]:
     return "sdpa", "padded"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
     """q, k, v: [N, L, H, Dh] -> [N, L, H, Dh]."""
-    if layout.kind == "padded":
-        mask = layout.key_padding[:, None, None, :]  # [B, 1, 1, L]: attend to real keys only
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return out.transpose(1, 2)
-    if layout.backend == "xformers":
+    sequences = arrangement.sequences
+    if arrangement.kind == "padded":
+        return _padded_sdpa(q, k, v, None if sequences.uniform else sequences.key_padding)
+    if arrangement.backend == "xformers":
         from xformers.ops import memory_efficient_attention
 
-        return memory_efficient_attention(q, k, v, attn_bias=layout.xformers_bias())
-    # Packed reference without xformers: attention within each sequence, by torch SDPA.
-    outputs = []
-    for qs, ks, vs in zip(q.split(layout.seqlens, dim=1), k.split(layout.seqlens, dim=1),
-                          v.split(layout.seqlens, dim=1)):
-        outputs.append(F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2),
-                                                      vs.transpose(1, 2)).transpose(1, 2))
-    return torch.cat(outputs, dim=1)
+        return memory_efficient_attention(q, k, v, attn_bias=arrangement.xformers_bias())
+    # Packed rows without xformers: one SDPA call over the sequences spread on a padded grid
+    # (attention only; the rest of the block runs on the packed rows), then gathered back.
+    width = sequences.width
+    count = len(sequences.seqlens)
+    if sequences.uniform:  # equal lengths (image-only batches): a reshape, no padding, no mask
+        grid = [x.view(count, width, *x.shape[2:]) for x in (q, k, v)]
+        return _padded_sdpa(*grid, None).reshape(q.shape)
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        grid = x.new_zeros(count * width, *x.shape[2:])
+        grid[sequences.padded_index] = x[0]
+        return grid.view(count, width, *x.shape[2:])
+
+    out = _padded_sdpa(spread(q), spread(k), spread(v), sequences.key_padding)
+    return out.reshape(count * width, *q.shape[2:])[sequences.padded_index].unsqueeze(0)
 
 
-def pack_index(seqlens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For padded [B, L]: (flat index of every real token in B*L order, key-padding mask)."""
-    lengths = torch.tensor(seqlens, device=device)
-    width = int(lengths.max()) if len(seqlens) else 0
-    mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-    return mask.flatten().nonzero().squeeze(1), mask
+def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+    mask = key_padding[:, None, None, :] if key_padding is not None else None  # [B, 1, 1, L]: real keys only
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
 
 
-def to_layout(x: torch.Tensor, seqlens: list[int], kind: str, backend: str) -> tuple[torch.Tensor, Layout]:
-    """Packed rows [T, D] -> the tensor the blocks run on, and its Layout."""
+def to_layout(x: torch.Tensor, sequences: Sequences, kind: str, backend: str) -> tuple[torch.Tensor, Arrangement]:
+    """Packed rows [T, D] -> the tensor the blocks run on, and its Arrangement."""
     if kind == "packed":
-        return x.unsqueeze(0), Layout("packed", seqlens, backend)
-    index, mask = pack_index(seqlens, x.device)
-    padded = x.new_zeros(len(seqlens) * mask.shape[1], x.shape[-1])
-    padded[index] = x
-    return padded.view(len(seqlens), mask.shape[1], -1), Layout("padded", seqlens, "sdpa", key_padding=mask)
+        return x.unsqueeze(0), Arrangement("packed", backend, sequences)
+    if sequences.uniform:  # nothing to pad
+        return x.view(len(sequences.seqlens), sequences.width, -1), Arrangement("padded", "sdpa", sequences)
+    padded = x.new_zeros(len(sequences.seqlens) * sequences.width, x.shape[-1])
+    padded[sequences.padded_index] = x
+    return padded.view(len(sequences.seqlens), sequences.width, -1), Arrangement("padded", "sdpa", sequences)
 
 
-def from_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+def from_layout(x: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
     """Back to packed rows [T, D]."""
-    if layout.kind == "packed":
+    if arrangement.kind == "packed":
         return x.squeeze(0)
-    index, _ = pack_index(layout.seqlens, x.device)
-    return x.reshape(-1, x.shape[-1])[index]
+    if arrangement.sequences.uniform:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])[arrangement.sequences.padded_index]

@@ -15,6 +15,7 @@ import torch
 
 KINDS = ("paired", "image", "text")
 KIND_CODES = {"paired": 0, "image": 1, "text": 2}
+_INPUT_TENSORS = ("images", "image_index", "tokens", "token_lengths")
 
 
 @dataclass
@@ -32,6 +33,13 @@ class Inputs:
 
     def has_image(self, sample: int) -> bool:
         return int(self.image_index[sample]) >= 0
+
+    def to(self, device, non_blocking: bool = True) -> "Inputs":
+        return Inputs(*(getattr(self, name).to(device, non_blocking=non_blocking) for name in _INPUT_TENSORS),
+                      self.ids)
+
+    def pin_memory(self) -> "Inputs":
+        return Inputs(*(getattr(self, name).pin_memory() for name in _INPUT_TENSORS), self.ids)
 
     @classmethod
     def of_images(cls, images: torch.Tensor, ids: Optional[list[str]] = None) -> "Inputs":
@@ -66,11 +74,18 @@ class Batch:
     token_lengths: torch.Tensor  # [B] 0 for image-only
     epochs: torch.Tensor  # [B] the stream epoch each sample came from
     dropped: int = 0  # samples of this batch lost to unreadable data (train.data_errors: skip)
+    # Filled by the loader's workers (trainer.step_inputs) when it prepares training steps:
+    step_of: Optional[int] = None  # the global optimizer step this batch belongs to
+    parts: Optional[list] = None  # its forward passes (trainer.step_inputs.Part)
+    kind_counts: Optional[dict[str, int]] = None  # samples of each kind
+    digest: Optional[int] = None  # trainer.metrics.sample_digest of its ids
 
     def inputs(self) -> Inputs:
         return Inputs(self.images, self.image_index, self.tokens, self.token_lengths, self.ids)
 
     def counts(self) -> dict[str, int]:
+        if self.kind_counts is not None:
+            return self.kind_counts
         return {kind: int((self.kinds == code).sum()) for kind, code in KIND_CODES.items()}
 
     def padded_tokens(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +133,12 @@ class Batch:
                      dropped=self.dropped)
 
     def pin_memory(self) -> "Batch":
-        for name in ("kinds", "images", "image_index", "tokens", "token_lengths", "epochs"):
-            setattr(self, name, getattr(self, name).pin_memory())
+        """What the DataLoader calls when it pins: the step's parts (what goes to the device)."""
+        if self.parts is not None:
+            self.parts = [part.pin_memory() for part in self.parts]
+        else:
+            for name in ("kinds", "images", "image_index", "tokens", "token_lengths", "epochs"):
+                setattr(self, name, getattr(self, name).pin_memory())
         return self
 
     def to(self, device, non_blocking: bool = True) -> "Batch":

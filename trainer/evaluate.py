@@ -168,7 +168,6 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
                 image_ratio: float = 0.75, text_ratio: float = 0.75) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
-    from mmae.trainer.masking import plan_masks
     from mmae.trainer.model import DefaultMasking
     from mmae.trainer.reconstruction import load_tokenizer, render
 
@@ -178,8 +177,8 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
     tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
     inputs = Inputs(images, torch.arange(len(rows)), torch.cat(tokens), torch.tensor([len(t) for t in tokens]),
                     [row["id"] for row in rows])
-    plans = plan_masks(inputs, model.num_patches, DefaultMasking(image_ratio=image_ratio, text_ratio=text_ratio), seed)
-    sheet = render(model, inputs, plans, limit=len(rows), tokenizer=load_tokenizer(dataset))
+    layout = model.layout(inputs, DefaultMasking(image_ratio=image_ratio, text_ratio=text_ratio), seed)
+    sheet = render(model, inputs, layout, limit=len(rows), tokenizer=load_tokenizer(dataset))
     with fsspec.open(out, "wb") as handle:
         sheet.save(handle, format="PNG")
     return {"out": out, "samples": len(rows)}

@@ -32,6 +32,8 @@ from typing import Any, Iterator, Optional
 import torch
 from mmae.schemas.config import TrainConfig
 from mmae.trainer.batch import KIND_CODES, Batch
+from mmae.trainer.metrics import sample_digest
+from mmae.trainer.step_inputs import StepSpec, prepare_parts
 from mmae.trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
 from mmae.trainer.transforms import eval_view, train_view, truncate_tokens
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -81,6 +83,7 @@ class LoaderPlan:
     max_tokens: int
     train: bool = True
     skip_errors: bool = False
+    step: Optional[StepSpec] = None  # training: prepare each batch's forward passes in the worker
     period: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,7 +144,10 @@ class MixedStreamDataset(IterableDataset):
                         dropped += 1
                     else:
                         samples.append((stream.kind, row, epoch))
-            yield self._collate(step, samples, dropped)
+            batch = self._collate(step, samples, dropped)
+            if plan.step is not None:
+                prepare_step(batch, plan.step)
+            yield batch
             step += workers
 
     def _collate(self, step: int, samples: list[tuple[str, dict[str, Any], int]], dropped: int = 0) -> Batch:
@@ -190,6 +196,17 @@ class MixedStreamDataset(IterableDataset):
         )
 
 
+def prepare_step(batch: Batch, spec: StepSpec) -> None:
+    """Everything per sample that the step needs, done here in the worker: the forward passes'
+    masks and layouts, the kind counts and the id digest (what the metrics report)."""
+    batch.step_of = spec.step_of(batch.step)
+    batch.parts = prepare_parts(batch, spec, batch.step_of)
+    batch.kind_counts = {kind: int((batch.kinds == code).sum()) for kind, code in KIND_CODES.items()}
+    batch.digest = sample_digest([batch.ids])
+    if spec.per_kind:  # the parts hold copies of the images: do not ship them twice
+        batch.images = batch.images[:0]
+
+
 def _identity(batch: Batch) -> Batch:
     return batch
 
@@ -207,16 +224,17 @@ class MixedLoader:
     """The rank's loader: a DataLoader over MixedStreamDataset plus exact-resume state."""
 
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, train: bool = True,
-                 slots: Optional[int] = None, split: str = "train") -> None:
+                 slots: Optional[int] = None, split: str = "train", step: Optional[StepSpec] = None) -> None:
         """`train`: random crops (else centre views); `split`: "train", or "validation" (the held-out
-        rows or `train.validation.data`, see trainer.streams.build_streams)."""
+        rows or `train.validation.data`, see trainer.streams.build_streams); `step`: prepare every
+        batch's forward passes for the trainer (trainer.step_inputs) in the workers."""
         self.config = config
         self.streams, self.fingerprint = build_streams(config, split)
         self.plan = LoaderPlan(
             streams=self.streams, seed=config.seed, rank=rank, world_size=world_size,
             slots=slots or max(1, config.num_workers), batch_size=config.batch_size,
             window=config.shuffle_window, image_size=config.image_size, crop_scale=tuple(config.crop_scale),
-            max_tokens=config.max_text_tokens, train=train, skip_errors=config.data_errors == "skip",
+            max_tokens=config.max_text_tokens, train=train, skip_errors=config.data_errors == "skip", step=step,
         )
         self.consumed = 0  # batches handed to the caller
 

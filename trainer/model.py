@@ -11,13 +11,15 @@ Samples are handled as *packed rows*: every tensor of tokens is `[T, D]` with pe
 lengths, so no FLOP is spent on padding unless the attention backend asks for it.
 
     model = build_model("tiny", vocab_size=340, image_size=64, max_text_tokens=64)
-    plans = plan_masks(batch.inputs(), model.num_patches, config.masking, seed)   # trainer.masking
-    losses = model(batch.inputs(), plans, weights)        # forward_loss: Losses (trainer.objectives)
-    predictions = model.predict(batch.inputs(), plans)    # Predictions at the masked positions
+    layout = model.layout(batch.inputs(), config.masking, seed)  # trainer.layout (the loader makes these)
+    losses = model(batch.inputs(), layout, weights)       # forward_loss: Losses (trainer.objectives)
+    predictions = model.predict(batch.inputs(), layout)   # Predictions at the masked positions
     features = model.encode_images(images)                # [N, D] CLS features, nothing masked
 
-The model only computes: masks come from `trainer.masking`, loss functions and every
-collective they need from `trainer.objectives`.
+The model only computes: which rows go where comes from a `Layout` (trainer.layout; masks from
+trainer.masking), built in the loader's workers, so the model's forward has no loop over samples
+and reads no device value back. Loss functions and every collective they need are in
+`trainer.objectives`.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from mmae.trainer.attention import Layout, attend, from_layout, to_layout
+from mmae.trainer.attention import Arrangement, attend, from_layout, to_layout
 from mmae.trainer.batch import Inputs
-from mmae.trainer.masking import MaskPlan, nothing_masked, plan_masks
+from mmae.trainer.layout import CLS, IMAGE, TEXT, Alignment, Layout, Sequences, unmasked_layout
+from mmae.trainer.masking import Ratios
+from mmae.trainer.step_inputs import layout_for
 from mmae.trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
 
-CLS, IMAGE, TEXT = 0, 1, 2  # modality-type ids
 LN_EPS = 1e-6  # MAE's (and timm's ViT) LayerNorm epsilon: exported encoders compute the same features
 
 
@@ -80,10 +83,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).unbind(2)  # [N, L, H, Dh]
-        return self.proj(attend(q, k, v, layout).reshape(n, length, dim))
+        return self.proj(attend(q, k, v, arrangement).reshape(n, length, dim))
 
 
 class Block(nn.Module):
@@ -97,8 +100,8 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), layout)
+    def forward(self, x: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), arrangement)
         return x + self.mlp(self.norm2(x))
 
 
@@ -112,7 +115,8 @@ class Predictions:
     token_logits: torch.Tensor  # [K, vocab] predicted masked tokens
     token_targets: torch.Tensor  # [K] their true ids
     token_at: torch.Tensor  # [K] index of each in the packed `Inputs.tokens`
-    token_paired: torch.Tensor  # [K] bool: a caption token of a sample with an image
+    token_paired: torch.Tensor  # [K] bool: a caption token of a sample with an image (paired first)
+    counts: dict[str, int]  # host: masked patches / paired / unpaired text tokens (the layout's)
     encoder_tokens: int
     decoder_tokens: int
     anchor: torch.Tensor  # a zero connected to the graph: a loss with no targets still back-propagates
@@ -197,124 +201,63 @@ class MultimodalMAE(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
-    def _run(self, blocks, norm, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        hidden, layout = to_layout(x, seqlens, self.layout_kind, self.backend)
+    def _run(self, blocks, norm, x: torch.Tensor, sequences: Sequences) -> torch.Tensor:
+        hidden, arrangement = to_layout(x, sequences, self.layout_kind, self.backend)
         for block in blocks:
-            hidden = block(hidden, layout)
-        return norm(from_layout(hidden, layout))
+            hidden = block(hidden, arrangement)
+        return norm(from_layout(hidden, arrangement))
 
-    def encode(self, inputs: Inputs, plans: list[MaskPlan]) -> tuple[torch.Tensor, list[int]]:
-        """Embed everything, keep what the plans show, run the encoder on packed rows
-        `[CLS | kept patches | kept tokens]` -> ([T_enc, D], per-sample lengths)."""
-        device = self.cls_token.device
+    def encode(self, inputs: Inputs, layout: Layout) -> torch.Tensor:
+        """Embed everything, keep what the layout shows, run the encoder on packed rows
+        `[CLS | kept patches | kept tokens]` -> [T_enc, D]."""
         patches = self.patchify(inputs.images)  # [N_img, P, p*p*3]
         image_tokens = self.patch_embed(patches) + self.image_pos + self.type_embed.weight[IMAGE]  # [N_img, P, D]
-        lengths = inputs.token_lengths.tolist()
-        positions = torch.cat([torch.arange(length) for length in lengths]) if lengths else torch.empty(0)
-        text_tokens = (self.token_embed(inputs.tokens) + self.text_pos[positions.to(device).long()]
+        text_tokens = (self.token_embed(inputs.tokens) + self.text_pos[layout.text_positions]
                        + self.type_embed.weight[TEXT])  # [T_tok, D]
         cls = (self.cls_token + self.type_embed.weight[CLS]).unsqueeze(0)  # [1, D]
         pool = torch.cat([cls, image_tokens.reshape(-1, image_tokens.shape[-1]), text_tokens])
-        image_base, text_base = 1, 1 + image_tokens.shape[0] * self.num_patches
-        index, seqlens = [], []
-        text_offset = 0
-        for sample, plan in enumerate(plans):
-            parts = [torch.zeros(1, dtype=torch.long)]
-            row = int(inputs.image_index[sample])
-            if row >= 0:
-                parts.append(image_base + row * self.num_patches + plan.image_keep)
-            parts.append(text_base + text_offset + plan.text_keep)
-            text_offset += lengths[sample]
-            sample_index = torch.cat(parts)
-            index.append(sample_index)
-            seqlens.append(len(sample_index))
-        flat = torch.cat(index).to(device)
-        return self._run(self.blocks, self.norm, pool[flat], seqlens), seqlens  # [T_enc, D]
+        return self._run(self.blocks, self.norm, pool[layout.encoder_index], layout.encoder)  # [T_enc, D]
 
-    def predict(self, inputs: Inputs, plans: list[MaskPlan]) -> Predictions:
-        """Encode what the plans show; decode rows of CLS, every patch and every token (encoded
+    def predict(self, inputs: Inputs, layout: Layout) -> Predictions:
+        """Encode what the layout shows; decode rows of CLS, every patch and every token (encoded
         where kept, a mask token where not); predict pixels and ids at the masked positions."""
-        encoded, seqlens = self.encode(inputs, plans)
-        device = encoded.device
+        encoded = self.encode(inputs, layout)
         projected = self.decoder_embed(encoded)  # [T_enc, Dd]
         pool = torch.cat([projected, self.image_mask_token[None], self.text_mask_token[None]])
-        image_mask_at, text_mask_at = len(projected), len(projected) + 1
-        gather, pos_rows, types, seqlens_dec = [], [], [], []
-        image_rows, image_at = [], []  # decoder row, (image row, patch) per masked patch
-        text_rows, text_at, text_paired = [], [], []  # decoder row, packed token index, paired? per masked token
-        start = decoder_row = text_offset = 0
-        lengths = inputs.token_lengths.tolist()
-        for sample, plan in enumerate(plans):
-            has_image = inputs.has_image(sample)
-            length = lengths[sample]
-            rows, kinds, positions = [start], [CLS], [0]
-            cursor = start + 1
-            if has_image:
-                source = torch.full((self.num_patches,), image_mask_at, dtype=torch.long)
-                source[plan.image_keep] = torch.arange(cursor, cursor + len(plan.image_keep))
-                cursor += len(plan.image_keep)
-                rows += source.tolist()
-                kinds += [IMAGE] * self.num_patches
-                positions += list(range(self.num_patches))
-                image = int(inputs.image_index[sample])
-                for patch in plan.image_masked.tolist():
-                    image_rows.append(decoder_row + 1 + patch)
-                    image_at.append((image, patch))
-            if length:
-                source = torch.full((length,), text_mask_at, dtype=torch.long)
-                source[plan.text_keep] = torch.arange(cursor, cursor + len(plan.text_keep))
-                base = decoder_row + 1 + (self.num_patches if has_image else 0)
-                rows += source.tolist()
-                kinds += [TEXT] * length
-                positions += list(range(length))
-                for token in plan.text_masked.tolist():
-                    text_rows.append(base + token)
-                    text_at.append(text_offset + token)
-                    text_paired.append(has_image)
-            text_offset += length
-            start += seqlens[sample]
-            gather += rows
-            types += kinds
-            pos_rows += positions
-            seqlens_dec.append(len(rows))
-            decoder_row += len(rows)
-        types_t = torch.tensor(types, device=device)
-        pos_t = torch.tensor(pos_rows, device=device)
-        position = torch.zeros(len(types), pool.shape[-1], device=device)
-        image_mask, text_mask = types_t == IMAGE, types_t == TEXT
-        position[image_mask] = self.decoder_image_pos[pos_t[image_mask]]
-        position[text_mask] = self.decoder_text_pos[pos_t[text_mask]]
-        x = pool[torch.tensor(gather, device=device)] + position + self.decoder_type_embed(types_t)
-        decoded = self._run(self.decoder_blocks, self.decoder_norm, x, seqlens_dec)  # [T_dec, Dd]
+        positions = torch.cat([projected.new_zeros(1, projected.shape[-1]), self.decoder_image_pos,
+                               self.decoder_text_pos])  # [1 + P + max_text, Dd]
+        x = (pool[layout.decoder_index] + positions[layout.decoder_positions]
+             + self.decoder_type_embed(layout.decoder_types))  # [T_dec, Dd]
+        decoded = self._run(self.decoder_blocks, self.decoder_norm, x, layout.decoder)  # [T_dec, Dd]
+        pixels = self.image_head(decoded[layout.pixel_rows])  # [M, p*p*3]
+        pixel_targets = self.patchify(inputs.images)[layout.pixel_at[:, 0], layout.pixel_at[:, 1]]
+        token_logits = self.text_head(decoded[layout.token_rows])  # [K, vocab]
+        return Predictions(pixels, pixel_targets, layout.pixel_at, token_logits, inputs.tokens[layout.token_at],
+                           layout.token_at, layout.token_paired, layout.counts(), layout.encoder_tokens,
+                           layout.decoder_tokens, anchor=decoded.sum() * 0.0)
 
-        pixel_at = torch.tensor(image_at, dtype=torch.long, device=device).reshape(-1, 2)
-        token_at = torch.tensor(text_at, dtype=torch.long, device=device)
-        patch_dim = 3 * self.patch_size**2
-        if image_rows:
-            pixels = self.image_head(decoded[torch.tensor(image_rows, device=device)])
-            pixel_targets = self.patchify(inputs.images)[pixel_at[:, 0], pixel_at[:, 1]]
-        else:
-            pixels = pixel_targets = decoded.new_zeros(0, patch_dim)
-        if text_rows:
-            token_logits = self.text_head(decoded[torch.tensor(text_rows, device=device)])
-        else:
-            token_logits = decoded.new_zeros(0, self.vocab_size)
-        return Predictions(pixels, pixel_targets, pixel_at, token_logits, inputs.tokens[token_at], token_at,
-                           torch.tensor(text_paired, dtype=torch.bool, device=device), sum(seqlens), len(decoded),
-                           anchor=decoded.sum() * 0.0)
+    def layout(self, inputs: Inputs, masking: Optional[Ratios] = None, seed: int = 0) -> Layout:
+        """The layout of `inputs` under `masking` (default M3AE's 75%/75%) drawn from `seed`, built
+        here on the host: for evaluation and tests (training gets layouts from the loader)."""
+        return layout_for(inputs, self.num_patches, masking or DefaultMasking(), seed).to(self.cls_token.device)
 
-    def forward_loss(self, inputs: Inputs, plans: Optional[list[MaskPlan]] = None, weights: Optional[Weights] = None,
-                     normalisers: Optional[dict[str, float]] = None, seed: int = 0) -> Losses:
+    def forward_loss(self, inputs: Inputs, layout: Optional[Layout] = None, weights: Optional[Weights] = None,
+                     normalisers: Optional[dict[str, float]] = None, seed: int = 0,
+                     alignment: Optional[Alignment] = None) -> Losses:
         """The training forward: predictions at the masked positions and the weighted loss.
 
-        `plans` default to M3AE's 75%/75% masks drawn from `seed`; `normalisers` are the global
+        `layout` defaults to M3AE's 75%/75% masks drawn from `seed`; `normalisers` are the global
         counts of masked patches / paired / unpaired text tokens of the step (all micro-batches,
-        all ranks), by default this batch's own, i.e. plain means."""
+        all ranks), by default this batch's own, i.e. plain means. `alignment` (the paired samples,
+        from the loader) is built here when ITC/ITM need it and none is given."""
         weights = weights or DefaultWeights()
-        plans = plans if plans is not None else plan_masks(inputs, self.num_patches, DefaultMasking(), seed)
-        losses = masked_losses(self.predict(inputs, plans), weights, self.norm_pix_loss, normalisers)
+        layout = layout if layout is not None else self.layout(inputs, seed=seed)
+        losses = masked_losses(self.predict(inputs, layout), weights, self.norm_pix_loss, normalisers)
         if self.alignment and (weights.itc or weights.itm):
-            losses.itc_loss, losses.itm_loss = alignment_losses(self, inputs, seed)
+            if alignment is None:
+                alignment = Alignment.of(inputs.image_index.cpu(), inputs.token_lengths.cpu(), self.num_patches)
+                alignment = alignment.to(self.cls_token.device) if alignment is not None else None
+            losses.itc_loss, losses.itm_loss = alignment_losses(self, inputs, alignment, seed)
             losses.loss = losses.loss + weights.itc * losses.itc_loss + weights.itm * losses.itm_loss
         return losses
 
@@ -322,11 +265,13 @@ class MultimodalMAE(nn.Module):
 
     # -- features -----------------------------------------------------------------------
 
-    def cls_features(self, inputs: Inputs) -> torch.Tensor:
-        """Unmasked forward of whatever each sample holds -> its CLS [B, D] (with gradients)."""
-        encoded, seqlens = self.encode(inputs, nothing_masked(inputs, self.num_patches))
-        starts = torch.tensor([0, *seqlens[:-1]], device=encoded.device).cumsum(0)
-        return encoded[starts]
+    def cls_features(self, inputs: Inputs, layout: Optional[Layout] = None) -> torch.Tensor:
+        """Unmasked forward of whatever each sample holds -> its CLS [B, D] (with gradients);
+        `layout`: the unmasked layout of `inputs` when the caller has it."""
+        if layout is None:
+            layout = unmasked_layout(inputs.image_index.cpu(), inputs.token_lengths.cpu(), self.num_patches)
+            layout = layout.to(self.cls_token.device)
+        return self.encode(inputs, layout)[layout.cls_rows]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
@@ -334,8 +279,8 @@ class MultimodalMAE(nn.Module):
         tokens = self.patch_embed(self.patchify(images)) + self.image_pos + self.type_embed.weight[IMAGE]
         cls = (self.cls_token + self.type_embed.weight[CLS]).expand(len(images), 1, -1)
         x = torch.cat([cls, tokens], dim=1)  # [N, 1+P, D]: equal lengths, no padding needed
-        seqlens = [x.shape[1]] * len(images)
-        encoded = self._run(self.blocks, self.norm, x.reshape(-1, x.shape[-1]), seqlens)
+        sequences = Sequences.of(torch.full((len(images),), x.shape[1])).to(x.device)
+        encoded = self._run(self.blocks, self.norm, x.reshape(-1, x.shape[-1]), sequences)
         encoded = encoded.view(len(images), -1, encoded.shape[-1])
         return encoded[:, 0] if pool == "cls" else encoded[:, 1:].mean(dim=1)
 
@@ -344,8 +289,9 @@ class MultimodalMAE(nn.Module):
         """Unmasked text-only forward of token rows -> [N, D]: the CLS token, or the mean of the tokens."""
         rows = [row[: self.max_text_tokens] for row in rows]
         inputs = Inputs.of_texts(rows)
-        encoded, seqlens = self.encode(inputs, nothing_masked(inputs, self.num_patches))
-        pieces = torch.split(encoded, seqlens)
+        layout = unmasked_layout(inputs.image_index, inputs.token_lengths, self.num_patches)
+        encoded = self.encode(inputs.to(self.cls_token.device), layout.to(self.cls_token.device))
+        pieces = torch.split(encoded, layout.encoder.seqlens)
         if pool == "cls":
             return torch.stack([piece[0] for piece in pieces])
         return torch.stack([piece[1:].mean(dim=0) if len(piece) > 1 else piece[0] for piece in pieces])

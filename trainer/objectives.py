@@ -20,6 +20,7 @@ from typing import Callable, Optional, Protocol
 import torch
 import torch.nn.functional as F
 from mmae.trainer.batch import Inputs
+from mmae.trainer.layout import Alignment, Layout, gather_segments, unmasked_layout
 
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")  # fields of Losses
 
@@ -40,6 +41,7 @@ class Prediction(Protocol):
     token_logits: torch.Tensor
     token_targets: torch.Tensor
     token_paired: torch.Tensor
+    counts: dict[str, int]
     encoder_tokens: int
     decoder_tokens: int
     anchor: torch.Tensor
@@ -50,11 +52,12 @@ class AlignmentHeads(Protocol):
 
     cls_token: torch.Tensor
     logit_scale: torch.Tensor
+    num_patches: int
     itc_image_proj: Callable[[torch.Tensor], torch.Tensor]
     itc_text_proj: Callable[[torch.Tensor], torch.Tensor]
     itm_head: Callable[[torch.Tensor], torch.Tensor]
 
-    def cls_features(self, inputs: Inputs) -> torch.Tensor: ...
+    def cls_features(self, inputs: Inputs, layout: Optional[Layout] = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -90,19 +93,20 @@ def pixel_loss_sum(predicted: torch.Tensor, target: torch.Tensor, norm_pix: bool
 
 def masked_losses(predictions: Prediction, weights: Weights, norm_pix: bool,
                   normalisers: Optional[dict[str, float]] = None) -> Losses:
-    """Pixel and token losses of one forward; `normalisers` default to this batch's own counts."""
+    """Pixel and token losses of one forward; `normalisers` default to this batch's own counts.
+
+    Every count is a host integer of the layout (paired caption tokens come first among the
+    targets), so nothing here reads a device value."""
     zero = predictions.anchor
+    counts = predictions.counts
     image_sum = zero
     if len(predictions.pixels):
         image_sum = pixel_loss_sum(predictions.pixels, predictions.pixel_targets, norm_pix)
     paired_sum = unpaired_sum = zero
-    paired = predictions.token_paired
     if len(predictions.token_logits):
         losses = F.cross_entropy(predictions.token_logits.float(), predictions.token_targets, reduction="none")
-        paired_sum, unpaired_sum = losses[paired].sum(), losses[~paired].sum()
-    paired_count = int(paired.sum())
-    counts = {"image": len(predictions.pixels), "paired_text": paired_count,
-              "unpaired_text": len(paired) - paired_count}
+        paired = counts["paired_text"]
+        paired_sum, unpaired_sum = losses[:paired].sum(), losses[paired:].sum()
     norm = normalisers or counts
     image_loss = image_sum / max(1, norm["image"])
     text_loss = paired_sum / max(1, norm["paired_text"])
@@ -112,27 +116,28 @@ def masked_losses(predictions: Prediction, weights: Weights, norm_pix: bool,
                   predictions.decoder_tokens)
 
 
-def alignment_losses(model: AlignmentHeads, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def alignment_losses(model: AlignmentHeads, inputs: Inputs, alignment: Optional[Alignment],
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ITC between image-only and text-only passes of the paired samples (gathered over ranks),
     and ITM on joint passes: each pair, plus one hard negative text per image and one hard
-    negative image per text, drawn from the in-batch ITC similarities."""
-    device = model.cls_token.device
-    lengths = inputs.token_lengths.tolist()
-    paired = [i for i in range(len(lengths)) if inputs.has_image(i) and lengths[i] > 0]
+    negative image per text, drawn from the in-batch ITC similarities.
+
+    The passes' layouts come prepared with the batch (`alignment`), except the ITM pass's, which
+    depends on the drawn negatives: drawing them on the host (the generator of earlier runs) costs
+    one device-to-host copy of the n x n similarities per step, the one read of a MaskVLM step."""
     zero = model.logit_scale.sum() * 0.0
-    if len(paired) < 2:
+    if alignment is None:
         return zero, zero
-    token_rows = torch.split(inputs.tokens, lengths)
-    images = inputs.images[inputs.image_index[paired]]
-    texts = [token_rows[i] for i in paired]
-    n = len(paired)
-
-    def joint(image_rows: list[int], text_rows: list[int]) -> Inputs:
-        return Inputs(images[image_rows], torch.arange(len(image_rows)), torch.cat([texts[j] for j in text_rows]),
-                      torch.tensor([len(texts[j]) for j in text_rows]), [str(k) for k in range(len(image_rows))])
-
-    image_z = F.normalize(model.itc_image_proj(model.cls_features(Inputs.of_images(images))), dim=-1)
-    text_z = F.normalize(model.itc_text_proj(model.cls_features(Inputs.of_texts(texts, like=images))), dim=-1)
+    device = model.cls_token.device
+    n = alignment.pairs
+    images = inputs.images[alignment.image_rows]
+    captions = inputs.tokens[alignment.token_index]
+    image_only = Inputs(images, torch.arange(n, device=device), captions[:0],
+                        torch.zeros(n, dtype=torch.long, device=device), [])
+    text_only = Inputs(images[:0], torch.full((n,), -1, device=device), captions,
+                       alignment.text_lengths.to(device, non_blocking=True), [])
+    image_z = F.normalize(model.itc_image_proj(model.cls_features(image_only, alignment.images_only)), dim=-1)
+    text_z = F.normalize(model.itc_text_proj(model.cls_features(text_only, alignment.texts_only)), dim=-1)
     all_image, all_text, offset = gather_rows(image_z), gather_rows(text_z), rank_offset(n, image_z.device)
     scale = model.logit_scale.exp().clamp(max=100)
     labels = torch.arange(n, device=device) + offset
@@ -145,10 +150,16 @@ def alignment_losses(model: AlignmentHeads, inputs: Inputs, seed: int) -> tuple[
         generator = torch.Generator(device="cpu").manual_seed(seed)
         negative_text = torch.multinomial(similarity.softmax(dim=1).cpu(), 1, generator=generator).flatten()
         negative_image = torch.multinomial(similarity.T.softmax(dim=1).cpu(), 1, generator=generator).flatten()
-    image_rows = list(range(n)) + list(range(n)) + negative_image.tolist()
-    text_rows = list(range(n)) + negative_text.tolist() + list(range(n))
-    logits = model.itm_head(model.cls_features(joint(image_rows, text_rows)))
-    targets = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(device)
+    pairs = torch.arange(n)
+    image_rows = torch.cat([pairs, pairs, negative_image])
+    text_rows = torch.cat([pairs, negative_text, pairs])
+    lengths = alignment.text_lengths[text_rows]
+    joint = Inputs(images[image_rows.to(device, non_blocking=True)], torch.arange(3 * n, device=device),
+                   captions[gather_segments(alignment.text_lengths, text_rows).to(device, non_blocking=True)],
+                   lengths.to(device, non_blocking=True), [])
+    layout = unmasked_layout(torch.arange(3 * n), lengths, model.num_patches).to(device)
+    logits = model.itm_head(model.cls_features(joint, layout))
+    targets = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(device, non_blocking=True)
     return itc, F.cross_entropy(logits.float(), targets)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,9 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Host-side collectives (counts, stop requests) over gloo beside NCCL: agreeing on host values
+    # then never waits for the GPU's queue. None: the default group (gloo on CPU) does both.
+    control: Optional[object] = None
 
     @property
     def main(self) -> bool:
@@ -38,7 +42,8 @@ def init_distributed() -> Distributed:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # before the process group, so NCCL binds the right GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+    control = dist.new_group(backend="gloo") if torch.cuda.is_available() else None
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, control)
 
 
 def close_distributed(env: Distributed) -> None:
@@ -75,21 +80,38 @@ def parallelize(model, env: Distributed, config: TrainConfig) -> torch.nn.Module
 
 
 def sum_over_ranks(values: list[float], env: Distributed) -> list[float]:
-    """Element-wise sums over ranks (float64: counts up to 2**53 stay exact)."""
+    """Element-wise sums over ranks of host values (float64: counts up to 2**53 stay exact)."""
     if env.world_size == 1:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)  # NCCL reduces device tensors only
-    dist.all_reduce(tensor)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=env.control)  # gloo: host tensors, no wait on the GPU
     return tensor.tolist()
 
 
 def agree_max(value: float, env: Distributed) -> float:
-    """The largest of every rank's value: a decision all ranks take the same way."""
+    """The largest of every rank's host value: a decision all ranks take the same way."""
     if env.world_size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=env.control)
     return float(tensor.item())
+
+
+def agree_any(flag: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """A device flag set on any rank, on every rank; it stays on the device (nothing is read)."""
+    if env.world_size == 1:
+        return flag
+    value = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value[0] > 0
+
+
+def sum_device(values: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """Element-wise sums over ranks of a device tensor (for the logged steps' figures)."""
+    if env.world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
 
 
 def barrier(env: Distributed) -> None:

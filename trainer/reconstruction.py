@@ -7,19 +7,19 @@ from typing import Optional
 
 import torch
 from mmae.trainer.batch import Inputs
-from mmae.trainer.masking import MaskPlan
+from mmae.trainer.layout import Layout
 from mmae.trainer.transforms import MEAN, STD
 
 CELL, TEXT_HEIGHT = 192, 64
 
 
 @torch.no_grad()
-def render(model, inputs: Inputs, plans: list[MaskPlan], limit: int = 6, tokenizer=None):
+def render(model, inputs: Inputs, layout: Layout, limit: int = 6, tokenizer=None):
     """A PIL image of the first `limit` samples of `inputs` that have an image."""
     from PIL import Image, ImageDraw
 
     chosen = [index for index in range(len(inputs)) if inputs.has_image(index)][:limit]
-    predictions = model.predict(inputs, plans)
+    predictions = model.predict(inputs, layout)
     patches = model.patchify(inputs.images.float()).cpu()  # [N, P, p*p*3]
     predicted, masked_view = patches.clone(), patches.clone()
     grey = ((torch.tensor([0.5, 0.5, 0.5]) - MEAN.flatten()) / STD.flatten()).repeat(model.patch_size**2)
@@ -53,7 +53,7 @@ def render(model, inputs: Inputs, plans: list[MaskPlan], limit: int = 6, tokeniz
             continue
         start = offsets[sample]
         ids = inputs.tokens[start:start + lengths[sample]].tolist()
-        hidden = set(plans[sample].text_masked.tolist())
+        hidden = {at - start for at in guesses if start <= at < start + lengths[sample]}
         masked_words = " ".join("[MASK]" if i in hidden else text_of([t]) for i, t in enumerate(ids))
         filled = [guesses.get(start + i, t) if i in hidden else t for i, t in enumerate(ids)]
         for number, text in enumerate((f"caption:   {text_of(ids)}", f"masked:    {masked_words}",

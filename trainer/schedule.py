@@ -49,10 +49,12 @@ def peak_lr(config: TrainConfig, world_size: int) -> float:
     return config.optimizer.lr or config.optimizer.base_lr * global_batch / 256
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, warn: bool = True):
-    """(AdamW, LambdaLR) for this config."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float, warn: bool = True, fused: bool = False):
+    """(AdamW, LambdaLR) for this config. `fused`: the single-kernel AdamW, which can skip a step on
+    the device (`found_inf`, as mixed precision uses it) without the host reading a flag."""
     settings = config.optimizer
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=lr, betas=tuple(settings.betas))
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=lr, betas=tuple(settings.betas),
+                                  fused=fused or None)
     if settings.warmup_steps >= config.steps and warn:
         log.warning("train.optimizer.warmup_steps (%d) covers the whole run (train.steps %d): the learning "
                     "rate never reaches its peak and never decays", settings.warmup_steps, config.steps)

@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import signal
-import time
 from typing import Any, Optional
 
 import torch
@@ -40,12 +38,13 @@ from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
 from mmae.trainer.checkpoint import Checkpointer
 from mmae.trainer.loader import MixedLoader, RankLoaders
-from mmae.trainer.masking import masked_counts, plan_masks, step_seed
-from mmae.trainer.metrics import DIGEST_MODULUS, Events, MetricsLog, Progress, sample_digest
+from mmae.trainer.masking import step_seed
+from mmae.trainer.metrics import Events, MetricsLog, NonFinite, Progress, StepResult, Window, sample_digest
 from mmae.trainer.model import build_model, count_parameters
 from mmae.trainer.objectives import LOSS_NAMES
 from mmae.trainer.parallel import (
     Distributed,
+    agree_any,
     agree_max,
     barrier,
     close_distributed,
@@ -68,6 +67,7 @@ from mmae.trainer.run_folder import RunFolder
 from mmae.trainer.schedule import apply_schedule, build_optimizer, peak_lr
 from mmae.trainer.settings import flatten
 from mmae.trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
+from mmae.trainer.step_inputs import Part, StepSpec, prepare_parts
 from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
@@ -104,9 +104,11 @@ class Trainer:
         self.data_world = env.world_size  # data ranks: the processes of the run's first start
         self.loader = self._make_loader(self.stage)
         self.lr = peak_lr(config, env.world_size)
-        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.lr, warn=env.main)
+        self.fused = not self.sharded  # fused AdamW skips a non-finite step on the device
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.lr, warn=env.main, fused=self.fused)
         self.step = 0
         self.skipped_steps = 0  # updates not applied because the loss or gradient was not finite
+        self.nonfinite = NonFinite(self.device)  # those not yet read from the device
         self.changed_on_resume: dict[str, list] = {}
         self.run = RunFolder(config.out)
         self.checkpoints = Checkpointer(self.run, config.keep_checkpoints)
@@ -121,12 +123,22 @@ class Trainer:
         per_process = self.data_world // self.env.world_size
         return [self.env.rank * per_process + offset for offset in range(per_process)]
 
+    def _step_spec(self, stage: Stage, batches_per_step: int) -> StepSpec:
+        """What the loader's workers need to prepare this stage's steps (masks, layouts)."""
+        config, objectives = self.config, objectives_of(self.config, stage)
+        return StepSpec(num_patches=self.model.num_patches, masking=config.masking, seed=config.seed,
+                        use_text=config.use_text, per_kind=config.step_mode == "per_kind",
+                        alignment=self.model.alignment and bool(objectives.itc or objectives.itm),
+                        first_step=stage.start, batches_per_step=batches_per_step)
+
     def _make_loader(self, stage: Stage) -> RankLoaders:
         """The loaders of this process's data ranks for a stage (its mix, its own data order)."""
         config = loader_config(self.config, stage)
         ranks = self._data_ranks()
-        return RankLoaders([MixedLoader(config, rank=rank, world_size=self.data_world) for rank in ranks],
-                           self.config.grad_accum // len(ranks))
+        micro = self.config.grad_accum // len(ranks)
+        spec = self._step_spec(stage, micro)
+        return RankLoaders([MixedLoader(config, rank=rank, world_size=self.data_world, step=spec) for rank in ranks],
+                           micro)
 
     def _enter_stage(self, stage: Stage) -> None:
         for name, parameter in self.model.named_parameters():
@@ -164,6 +176,8 @@ class Trainer:
             raise TrainError(f"this checkpoint was written with train.parallel: {'fsdp' if written == 'fsdp' else 'ddp'}"
                              f" over several processes; resume it the same way (its model weights load anywhere)")
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.sharded)
+        for group in self.optimizer.param_groups:  # a saved group's options replace ours: keep the step's kind
+            group["fused"], group["foreach"] = (True, None) if self.fused else (None, group.get("foreach"))
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("stage", 0) != self.stage.index:
             self.stage = self.stages[state["stage"]]
@@ -206,67 +220,79 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> dict[str, Any]:
-        """One optimizer step over the micro-batches of this process; figures for the global step."""
+    def step_parts(self, batches: list[Batch]) -> list[Part]:
+        """The forward passes of a step's micro-batches, on the device. The loader's workers prepared
+        them; a batch made elsewhere (tests, benchmarks) is prepared here, on the host."""
+        parts = []
+        for batch in batches:
+            if batch.parts is None:
+                batch.parts = prepare_parts(batch, self._step_spec(self.stage, 1), self.step)
+                batch.step_of = self.step
+            elif batch.step_of != self.step:
+                raise TrainError(f"the loader prepared a batch for step {batch.step_of} at step {self.step}")
+            parts += [part.to(self.device) for part in batch.parts]
+        return parts
+
+    def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> StepResult:
+        """One optimizer step over the micro-batches of this process.
+
+        Nothing here reads a device value: sizes and loss normalisers are host integers the loader
+        computed, losses accumulate on the device, and a non-finite loss or gradient skips the
+        update on the device (AdamW's `found_inf`). `StepResult.read()` brings the figures of the
+        global step to the host, for the steps that are logged."""
         config, env = self.config, self.env
         objectives = objectives_of(config, self.stage)
-        per_batch = [batch.counts() for batch in batches]
-        seen = [sum(counts[kind] for counts in per_batch) for kind in KINDS]
-        skipped = sum(batch.dropped for batch in batches)
-        digest = sample_digest([batch.ids for batch in batches])
-        if not config.use_text:
-            batches = [batch.without_text() for batch in batches]
-        if config.step_mode == "per_kind":
-            # MoMo: one forward/backward per kind, gradients summed before the single step. With
-            # losses normalised by the whole step's counts this is the packed step's update.
-            batches = [part for batch in batches for part in batch.by_kind()]
-        inputs = [batch.to(self.device).inputs() for batch in batches]
+        parts = self.step_parts(batches)
         seed = step_seed(config.seed, self.step)
-        plans = [plan_masks(item, self.model.num_patches, config.masking, seed) for item in inputs]
         # Normalise by the masked elements of the whole global step (all micro-batches, all
         # ranks), so the update equals one big batch's mean whatever the split.
-        counts = [sum(masked_counts(item, plan)[key] for item, plan in zip(inputs, plans)) for key in MASKED]
+        counts = [sum(part.layout.counts()[key] for part in parts) for key in MASKED]
         normalisers = {key: value / env.world_size for key, value in zip(MASKED, sum_over_ranks(counts, env))}
 
         self.optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
-        encoder_tokens = 0
-        for micro, (item, plan) in enumerate(zip(inputs, plans)):
-            sync = micro == len(inputs) - 1 or env.world_size == 1
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
+        for micro, part in enumerate(parts):
+            sync = micro == len(parts) - 1 or env.world_size == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             if self.sharded:  # FSDP: reduce-scatter gradients only after the last micro-batch
                 model.set_requires_gradient_sync(sync)
             with context, self.autocast:
-                losses = model(item, plans=plan, weights=objectives, normalisers=normalisers, seed=seed)
+                losses = model(part.inputs, part.layout, weights=objectives, normalisers=normalisers, seed=seed,
+                               alignment=part.alignment)
             losses.loss.backward()
-            for name in LOSS_NAMES[:4]:
-                sums[name] += float(getattr(losses, name).detach())
-            for name in LOSS_NAMES[4:]:
-                value = getattr(losses, name)
-                if value is not None:
-                    sums[name] += float(value.detach()) / len(inputs)
-            encoder_tokens += losses.encoder_tokens
+            sums += torch.stack([_loss_value(losses, name, len(parts)) for name in LOSS_NAMES])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    config.optimizer.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        # A NaN/inf loss or gradient must never reach the weights: every rank decides the same.
-        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
-        nonfinite = agree_max(float(not finite), env) > 0
-        if nonfinite:
+        # A NaN/inf loss or gradient must never reach the weights: every rank decides the same
+        # (the gradients are all-reduced, so every rank's norm is the same; the loss is reduced too).
+        nonfinite = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm))
+        if env.world_size > 1:
+            nonfinite = agree_any(nonfinite, env)
+        self._optimizer_step(nonfinite)
+        self.scheduler.step()
+        self.step += 1
+        return StepResult(sums=sums, grad_norm=grad_norm.detach(), nonfinite=nonfinite,
+                          seen=[sum(batch.counts()[kind] for batch in batches) for kind in KINDS],
+                          skipped=sum(batch.dropped for batch in batches),
+                          encoder_tokens=sum(part.layout.encoder_tokens for part in parts),
+                          digest=sum(batch.digest if batch.digest is not None else sample_digest([batch.ids])
+                                     for batch in batches))
+
+    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
+        """AdamW's step, or none where `nonfinite` (a device flag) is set, without reading the flag.
+        Fused AdamW skips on the device (the `found_inf` of mixed precision); the FSDP path
+        (DTensor parameters) reads the flag: one synchronisation per step, documented."""
+        if self.fused:
+            self.optimizer.found_inf = nonfinite.to(torch.float32)
+            self.optimizer.grad_scale = None
+            self.optimizer.step()
+            return
+        if bool(nonfinite):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        # The global step: losses averaged over ranks (each rank's loss is its share of the
-        # global mean, scaled by the world size), counts summed.
-        values = sum_over_ranks([*(sums[name] for name in LOSS_NAMES), *seen, skipped, encoder_tokens, digest], env)
-        sums = {name: value / env.world_size for name, value in zip(LOSS_NAMES, values)}
-        seen_counts = dict(zip(KINDS, map(int, values[len(LOSS_NAMES):len(LOSS_NAMES) + 3])))
-        skipped, encoder_tokens, digest = int(values[-3]), int(values[-2]), int(values[-1]) % DIGEST_MODULUS
-        return {**sums, "grad_norm": float(grad_norm), "encoder_tokens": encoder_tokens, "seen": seen_counts,
-                "skipped": skipped, "nonfinite": nonfinite, "sample_digest": digest}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -316,7 +342,7 @@ class Trainer:
     def _loop(self, model, events: Optional[Events], progress: Optional[Progress], stops: StopRequests) -> dict:
         config, env = self.config, self.env
         batches = None
-        window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
+        window = Window()
         last: dict[str, Any] = {}
         path: Optional[str] = None
         fault = _fault_hook()
@@ -326,34 +352,37 @@ class Trainer:
                 self._enter_stage(stage)
                 batches = self.loader.steps(stage.end - self.step)
             result = self.train_step(model, next(batches))
-            if result["nonfinite"]:
-                self._on_nonfinite(result)
-            window_samples += sum(result["seen"].values())
-            window_tokens += result["encoder_tokens"]
-            window_skipped += result["skipped"]
+            self.nonfinite.note(result, self.step)
+            window.add(result)
             stopping = int(agree_max(stops.first, env))
             final = self.step == config.steps
+            logging_step = self.step % config.log_every == 0 or final or stopping
+            checkpoint_step = self.step % config.checkpoint_every == 0 or final or stopping
+            if logging_step or checkpoint_step:
+                self._check_nonfinite()  # the one read of the device's flags, on these steps only
             if config.validation.enabled and (self.step % config.validation.every == 0 or final):
                 self._report_validation(events, progress)
-            if self.step % config.log_every == 0 or final or stopping:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
+            if logging_step:
+                figures = result.read(env)
+                totals = window.totals(env)
                 last = {"step": self.step, "split": "train",
-                        **{name: result[name] for name in LOSS_NAMES},
-                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
-                        "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                        **{name: figures[name] for name in LOSS_NAMES},
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": figures["grad_norm"],
+                        "samples_per_s": totals["samples"] / totals["seconds"],
+                        "tokens_per_s": totals["encoder_tokens"] / totals["seconds"],
                         "backend": f"{self.backend}/{self.layout}",
-                        **{f"seen_{kind}": result["seen"][kind] for kind in KINDS},
-                        "stage": self.stage.index, "skipped_samples": window_skipped,
-                        "skipped_steps": self.skipped_steps, "sample_digest": result["sample_digest"]}
+                        **{f"seen_{kind}": figures["seen"][kind] for kind in KINDS},
+                        "stage": self.stage.index, "skipped_samples": totals["skipped"],
+                        "skipped_steps": self.skipped_steps, "sample_digest": figures["sample_digest"]}
                 if env.main:
                     self.metrics.append(last)
                     if events is not None:
                         events.scalars("train", last, self.step)
                     progress.update(self.step, last)
-                window_start, window_samples, window_tokens, window_skipped = time.perf_counter(), 0, 0, 0
+                window = Window()
             elif progress is not None:
                 progress.update(self.step, None)
-            if self.step % config.checkpoint_every == 0 or final or stopping:
+            if checkpoint_step:
                 path = self._checkpoint()
                 if events is not None:
                     events.flush()
@@ -376,17 +405,22 @@ class Trainer:
             if picture is not None:
                 events.image("validation/reconstruction", picture, self.step)
 
-    def _on_nonfinite(self, result: dict[str, Any]) -> None:
-        """The update of this step was not applied; stop, or skip it while the budget lasts."""
-        self.skipped_steps += 1
-        what = f"loss {result['loss']}, gradient norm {result['grad_norm']}"
+    def _check_nonfinite(self) -> None:
+        """Read the device's record of non-finite steps (their updates were never applied); stop,
+        or count them as skipped while the budget lasts. Called on logged and checkpoint steps, so
+        `train.on_nonfinite: stop` stops at the first of those after the bad step (log_every: 1
+        stops at the bad step itself) and no checkpoint is ever written after an unread one."""
+        new, first, what = self.nonfinite.read()
+        if not new:
+            return
+        self.skipped_steps += new
         if self.config.on_nonfinite == "stop" or self.skipped_steps > self.config.max_skipped_steps:
             newest = self.checkpoints.existing()
             kept = f"; the newest checkpoint, {self.checkpoints.url(newest[0])}, holds finite weights" if newest else ""
             limit = "" if self.config.on_nonfinite == "stop" else f" ({self.skipped_steps} non-finite steps)"
-            raise TrainError(f"step {self.step}: {what}{limit}: the run stopped without applying it{kept}. Lower "
+            raise TrainError(f"step {first}: {what}{limit}: the run stopped without applying it{kept}. Lower "
                              "train.optimizer.base_lr or raise warmup_steps; train.on_nonfinite: skip skips such steps")
-        log.warning("step %d: %s: update skipped (%d of at most %d)", self.step, what, self.skipped_steps,
+        log.warning("step %d: %s: update skipped (%d of at most %d)", first, what, self.skipped_steps,
                     self.config.max_skipped_steps)
 
     def _checkpoint(self) -> Optional[str]:
@@ -400,6 +434,15 @@ class Trainer:
             log.info("checkpoint %s", path)
         barrier(self.env)
         return path
+
+
+def _loss_value(losses, name: str, parts: int) -> torch.Tensor:
+    """A loss of one forward as a float64 device scalar (ITC/ITM: averaged over the parts)."""
+    value = getattr(losses, name)
+    if value is None:
+        return torch.zeros((), dtype=torch.float64, device=losses.loss.device)
+    value = value.detach().to(torch.float64)
+    return value / parts if name in ("itc_loss", "itm_loss") else value
 
 
 def _fault_hook():

@@ -14,7 +14,7 @@ import torch
 from mmae.schemas.config import TrainConfig
 from mmae.trainer.batch import Batch, Inputs
 from mmae.trainer.loader import MixedLoader
-from mmae.trainer.masking import MaskPlan, plan_masks
+from mmae.trainer.layout import Layout
 from mmae.trainer.objectives import LOSS_NAMES
 from mmae.trainer.parallel import Distributed, sum_over_ranks
 from mmae.trainer.stages import mix_of
@@ -23,7 +23,7 @@ from mmae.trainer.stages import mix_of
 class Validator:
     def __init__(self, config: TrainConfig, env: Distributed) -> None:
         self.config, self.env = config, env
-        self.sample: Optional[tuple[Inputs, list[MaskPlan]]] = None  # the last validation's first batch
+        self.sample: Optional[tuple[Inputs, Layout]] = None  # the last validation's first batch
         self._loaders: tuple[tuple, list[MixedLoader]] = ((), [])
 
     def prepare(self, data_ranks: list[int], data_world: int) -> None:
@@ -50,14 +50,14 @@ class Validator:
             if not config.use_text:
                 batch = batch.without_text()
             inputs = batch.to(self.env.device).inputs()
-            plans = plan_masks(inputs, model.num_patches, config.masking, config.seed)
+            layout = model.layout(inputs, config.masking, config.seed)
             with autocast:
-                losses = model(inputs, plans=plans, weights=config.loss_weights, seed=config.seed)
+                losses = model(inputs, layout, weights=config.loss_weights, seed=config.seed)
             for name in LOSS_NAMES:
                 value = getattr(losses, name)
                 sums[name] += float(value) if value is not None else 0.0
             batches, samples = batches + 1, samples + len(batch.ids)
-            first = first or (inputs, plans)
+            first = first or (inputs, layout)
         totals = sum_over_ranks([*(sums[name] for name in LOSS_NAMES), batches, samples], self.env)
         count = max(1.0, totals[len(LOSS_NAMES)])
         self.sample = first
@@ -70,5 +70,5 @@ class Validator:
             return None
         from mmae.trainer.reconstruction import render
 
-        inputs, plans = self.sample
-        return render(model, inputs, plans, limit=4)
+        inputs, layout = self.sample
+        return render(model, inputs, layout, limit=4)
