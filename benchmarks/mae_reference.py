@@ -7,7 +7,8 @@
 Both sides run in the same interpreter build (the reference imports timm, whose torchvision pins
 its own torch, so both run in `.venv-timm`; mmae's trainer is pure Python over torch and is
 imported from this checkout), each in a fresh process, alternating, median of `--repeats`:
-forward + backward + AdamW step on CPU at 224 px, 16 px patches, 75% of patches masked,
+forward + backward + AdamW step on CPU (mmae's AdamW fused, as `mmae train` runs it, unless
+`--optimizer foreach`, the reference's) at 224 px, 16 px patches, 75% of patches masked,
 per-patch normalised pixel loss (`norm_pix_loss`), the same encoder/decoder widths and depths.
 mmae's masks and layout are made by its loader's workers; the reference draws its masks in
 the forward (`argsort` of noise). The row "mmae, layout in the step" builds the layout in
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layout", default="padded", choices=["padded", "packed"])
+    parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
+                        help="mmae's AdamW: fused (what `mmae train` uses) or foreach (the reference's)")
     args = parser.parse_args()
     if not (Path(args.mae) / "models_mae.py").is_file():
         sys.exit(f"{args.mae}: no models_mae.py there (clone facebookresearch/mae)")
@@ -114,7 +117,7 @@ def main() -> None:
             runs["reference"].append(run(REFERENCE.format(size=size, steps=args.steps, mae=args.mae)))
             for key, in_step in (("mmae", False), ("in_step", True)):
                 runs[key].append(run(MMAE.format(size=size, steps=args.steps, root=str(ROOT), layout=args.layout,
-                                                 in_step=in_step, fused=True)))
+                                                 in_step=in_step, fused=args.optimizer == "fused")))
         reference, ours, in_step = (statistics.median(runs[key]) for key in ("reference", "mmae", "in_step"))
         print(f"{name:<34} {reference:>16.1f} {ours:>11.1f} {ours / reference:>5.2f}x "
               f"{in_step:>18.1f} ({in_step / reference:.2f}x)")

@@ -6,7 +6,8 @@
 The batch comes from real demo shards (`make demo` first): paired + image-only + text-only in
 `train.mix` proportions, masked at 0.75/0.75, so sequence lengths vary as in training. Each
 layout runs in a fresh process (forward + backward + AdamW step), warm-up excluded:
-  CPU:  packed (per-sequence SDPA, no padding anywhere) vs padded (SDPA + key-padding mask)
+  CPU:  packed (rows packed; attention is one SDPA call over the sequences spread on a padded
+        grid) vs padded (every op on [B, L] rows, SDPA + key-padding mask)
   CUDA: also xformers memory_efficient_attention on packed rows (BlockDiagonalMask), bf16
         autocast, and model FLOPs utilisation against the GPU's dense bf16 peak.
 """
@@ -32,17 +33,21 @@ STEP = textwrap.dedent("""
     from mmae.trainer.model import build_model, PRESETS
     device = torch.device({device!r})
     config = TrainConfig(data={data!r}, batch_size={batch}, num_workers=0, image_size={size}, max_text_tokens=64)
-    batches = [b.to(device) for b in MixedLoader(config).batches(4)]
+    from mmae.trainer.step_inputs import StepSpec
+    from mmae.trainer.model import PRESETS as _P
+    spec = StepSpec(num_patches=({size} // _P[{preset!r}].patch_size) ** 2, masking=config.masking, seed=0)
+    # What the loader's workers hand the step: each batch's inputs and layout, moved to the device.
+    parts = [part.to(device) for b in MixedLoader(config, step=spec).batches(4) for part in b.parts]
     vocab = json.load(open({data!r} + "/manifest.json"))["tokenizer"]["vocab_size"]
     torch.manual_seed(0)
     model = build_model({preset!r}, vocab, {size}, 64).to(device)
     model.set_attention({backend!r}, {layout!r})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mmae train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     def step(index):
-        b = batches[index % len(batches)]
+        part = parts[index % len(parts)]
         with autocast:
-            out = model(b.inputs(), seed=index)
+            out = model(part.inputs, part.layout)
         out.loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
         return out
     for index in range(3):

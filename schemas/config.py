@@ -260,7 +260,8 @@ class TrainConfig(_Section):
     loss_weights: LossWeightsConfig = Field(default_factory=LossWeightsConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     attention: Literal["auto", "xformers", "sdpa"] = Field(
-        "auto", description="auto: xformers on packed rows when it can run, else SDPA on padded batches")
+        "auto", description="auto: packed rows, attention by xformers when it can run (CUDA), else one torch "
+                            "SDPA call; sdpa: SDPA on padded batches (every op padded; the reference)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     resume_from: Optional[str] = Field(
         None, description="resume from this checkpoint (a file, a `last` pointer or a run folder) instead of the run "

@@ -53,7 +53,8 @@ def test_every_batch_has_the_exact_mix(dataset):
         # Grouped by kind; images only where the kind has one; packed tokens add up.
         assert batch.kinds.tolist() == sorted(batch.kinds.tolist())
         assert (batch.image_index >= 0).tolist() == [kind != 2 for kind in batch.kinds.tolist()]
-        assert batch.images.shape == (counts["paired"] + counts["image"], 3, 16, 16)
+        assert batch.images.shape == (counts["paired"] + counts["image"], 16, 16, 3)  # uint8 pixels
+        assert batch.inputs().images.shape == (counts["paired"] + counts["image"], 3, 16, 16)
         assert int(batch.token_lengths.sum()) == batch.tokens.numel()
         assert all(length == 0 for length, kind in zip(batch.token_lengths.tolist(), batch.kinds.tolist()) if kind == 1)
         assert all(sample_id[0] == "pit"[kind] for sample_id, kind in zip(batch.ids, batch.kinds.tolist()))
@@ -260,7 +261,7 @@ DDP_SCRIPT = textwrap.dedent("""
     steps = 0
     ids = []
     for batch in loader.batches(25):
-        total = torch.tensor([float(batch.images.mean())])
+        total = torch.tensor([float(batch.images.float().mean())])
         dist.all_reduce(total)  # every step synchronises, as DDP's gradient all-reduce would
         steps += 1
         ids += batch.ids

@@ -218,6 +218,46 @@ def test_a_model_forward_with_a_host_layout_equals_the_loaders(dataset):
     model = build_model("tiny", step_cases.VOCAB, 16, 16)
     from mmae.trainer.masking import step_seed
 
-    from_loader = model(batch.parts[0].inputs, batch.parts[0].layout)
+    part = batch.parts[0].to("cpu")  # what the step does: moves, and normalises the uint8 pixels
+    from_loader = model(part.inputs, part.layout)
     in_place = model(batch.inputs(), model.layout(batch.inputs(), config.masking, step_seed(5, 0)))
     assert torch.equal(from_loader.loss, in_place.loss)
+
+
+# --- the loader at training resolution ----------------------------------------------------------
+
+
+def test_a_crop_much_larger_than_the_output_decodes_at_a_reduced_dct_scale(monkeypatch):
+    import io
+    import random
+
+    from mmae.trainer.transforms import eval_pixels, normalise, train_pixels, train_view
+    from PIL import Image, JpegImagePlugin
+
+    gradient = torch.linspace(0, 255, 512).to(torch.uint8)
+    array = torch.stack([gradient[None, :].expand(512, 512), gradient[:, None].expand(512, 512),
+                         torch.full((512, 512), 90, dtype=torch.uint8)], dim=-1).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=92)
+    data = buffer.getvalue()
+    drafts = []
+    original = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or original(self, mode, size))
+    small = train_pixels(data, 64, random.Random(3), scale=(0.9, 1.0))  # a crop of ~500 px to 64 px
+    assert drafts and small.shape == (64, 64, 3) and small.dtype == torch.uint8
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", original)
+    full = Image.open(io.BytesIO(data)).convert("RGB")  # the same crop without the reduced decode
+    from mmae.trainer.transforms import random_resized_crop_box
+
+    rng = random.Random(3)
+    box = random_resized_crop_box(512, 512, rng, scale=(0.9, 1.0))
+    reference = full.resize((64, 64), Image.Resampling.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        reference = reference.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    reference = torch.from_numpy(__import__("numpy").asarray(reference))
+    assert (small.float() - reference.float()).abs().mean() < 3  # the same picture (out of 255)
+    # a crop that does not cover twice the output decodes in full; normalising is the float view
+    drafts.clear()
+    assert torch.equal(normalise(train_pixels(data, 300, random.Random(1))), train_view(data, 300, random.Random(1)))
+    assert eval_pixels(data, 64).shape == (64, 64, 3)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from mmae.trainer.transforms import normalise
 
 KINDS = ("paired", "image", "text")
 KIND_CODES = {"paired": 0, "image": 1, "text": 2}
@@ -22,7 +23,7 @@ _INPUT_TENSORS = ("images", "image_index", "tokens", "token_lengths")
 class Inputs:
     """What the model needs of a batch."""
 
-    images: torch.Tensor  # [N_img, 3, S, S]
+    images: torch.Tensor  # [N_img, 3, S, S] normalised float, or uint8 pixels [N_img, S, S, 3] that `to()` normalises
     image_index: torch.Tensor  # [B] row in images or -1
     tokens: torch.Tensor  # [T_tok] packed
     token_lengths: torch.Tensor  # [B]
@@ -35,8 +36,12 @@ class Inputs:
         return int(self.image_index[sample]) >= 0
 
     def to(self, device, non_blocking: bool = True) -> "Inputs":
-        return Inputs(*(getattr(self, name).to(device, non_blocking=non_blocking) for name in _INPUT_TENSORS),
-                      self.ids)
+        """On `device`, with uint8 pixels normalised there (the whole batch in one op)."""
+        moved = Inputs(*(getattr(self, name).to(device, non_blocking=non_blocking) for name in _INPUT_TENSORS),
+                       self.ids)
+        if moved.images.dtype == torch.uint8:
+            moved.images = normalise(moved.images)
+        return moved
 
     def pin_memory(self) -> "Inputs":
         return Inputs(*(getattr(self, name).pin_memory() for name in _INPUT_TENSORS), self.ids)
@@ -68,7 +73,7 @@ class Batch:
     kinds: torch.Tensor  # [B] 0 paired, 1 image, 2 text
     sources: list[str]
     labels: list[Optional[str]]
-    images: torch.Tensor  # [N_img, 3, H, W] for the samples that have one
+    images: torch.Tensor  # [N_img, H, W, 3] uint8 pixels of the samples that have one
     image_index: torch.Tensor  # [B] row in `images`, -1 for text-only
     tokens: torch.Tensor  # [sum(token_lengths)] packed, no padding
     token_lengths: torch.Tensor  # [B] 0 for image-only
@@ -81,6 +86,12 @@ class Batch:
     digest: Optional[int] = None  # trainer.metrics.sample_digest of its ids
 
     def inputs(self) -> Inputs:
+        """The model's inputs, images normalised (where the batch is: on the device after `to()`)."""
+        images = normalise(self.images) if self.images.dtype == torch.uint8 else self.images
+        return Inputs(images, self.image_index, self.tokens, self.token_lengths, self.ids)
+
+    def pixel_inputs(self) -> Inputs:
+        """The model's inputs with the images still uint8 (`Inputs.to` normalises them)."""
         return Inputs(self.images, self.image_index, self.tokens, self.token_lengths, self.ids)
 
     def counts(self) -> dict[str, int]:

@@ -16,6 +16,9 @@ the batches the uninterrupted run would have seen:
   run); global batch `i` of a rank is built from slot `i % slots`.
 - Streams cycle through epochs independently (text may be on epoch 3 while paired is on 1),
   so every rank can always produce the same number of batches: no DDP hang on uneven shards.
+- For training (`step=`), each worker also prepares its batches' forward passes
+  (trainer.step_inputs: masks, layouts, kind counts, id digest), so the training process does
+  no per-sample work; images leave the workers as uint8 and are normalised on the device.
 - DataLoader worker `w` builds the batches `start + w + n * num_workers`; the worker count
   may change on resume, the slot count may not. A run keeps the data ranks of its first start:
   `RankLoaders` lets one process stand for several of them (elastic resume).
@@ -35,7 +38,7 @@ from mmae.trainer.batch import KIND_CODES, Batch
 from mmae.trainer.metrics import sample_digest
 from mmae.trainer.step_inputs import StepSpec, prepare_parts
 from mmae.trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
-from mmae.trainer.transforms import eval_view, train_view, truncate_tokens
+from mmae.trainer.transforms import eval_pixels, train_pixels, truncate_tokens
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger("mmae.data")
@@ -159,9 +162,9 @@ class MixedStreamDataset(IterableDataset):
                 try:
                     if plan.train:
                         rng = random.Random(seed_of(plan.seed, "augment", row["id"], epoch))
-                        view = train_view(row["image"], plan.image_size, rng, plan.crop_scale)
+                        view = train_pixels(row["image"], plan.image_size, rng, plan.crop_scale)
                     else:
-                        view = eval_view(row["image"], plan.image_size)
+                        view = eval_pixels(row["image"], plan.image_size)
                 except Exception as error:  # noqa: BLE001 - name the row, whatever the decoder raised
                     message = f"row {row['id']} ({kind}): image does not decode ({error})"
                     if not plan.skip_errors:
@@ -187,7 +190,7 @@ class MixedStreamDataset(IterableDataset):
             kinds=torch.tensor([KIND_CODES[kind] for kind, _, _ in samples], dtype=torch.long),
             sources=[row["source"] for _, row, _ in samples],
             labels=[row.get("label") for _, row, _ in samples],
-            images=torch.stack(images) if images else torch.empty(0, 3, size, size),
+            images=torch.stack(images) if images else torch.empty(0, size, size, 3, dtype=torch.uint8),
             image_index=torch.tensor(image_index, dtype=torch.long),
             tokens=torch.tensor(tokens, dtype=torch.long),
             token_lengths=torch.tensor(lengths, dtype=torch.long),

@@ -224,10 +224,10 @@ class MultimodalMAE(nn.Module):
         encoded = self.encode(inputs, layout)
         projected = self.decoder_embed(encoded)  # [T_enc, Dd]
         pool = torch.cat([projected, self.image_mask_token[None], self.text_mask_token[None]])
-        positions = torch.cat([projected.new_zeros(1, projected.shape[-1]), self.decoder_image_pos,
-                               self.decoder_text_pos])  # [1 + P + max_text, Dd]
-        x = (pool[layout.decoder_index] + positions[layout.decoder_positions]
-             + self.decoder_type_embed(layout.decoder_types))  # [T_dec, Dd]
+        types = self.decoder_type_embed.weight  # folded into the position table: one gather, not two
+        positions = torch.cat([types[CLS:CLS + 1], self.decoder_image_pos + types[IMAGE],
+                               self.decoder_text_pos + types[TEXT]])  # [1 + P + max_text, Dd]
+        x = pool[layout.decoder_index] + positions[layout.decoder_positions]  # [T_dec, Dd]
         decoded = self._run(self.decoder_blocks, self.decoder_norm, x, layout.decoder)  # [T_dec, Dd]
         pixels = self.image_head(decoded[layout.pixel_rows])  # [M, p*p*3]
         pixel_targets = self.patchify(inputs.images)[layout.pixel_at[:, 0], layout.pixel_at[:, 1]]

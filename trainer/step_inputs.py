@@ -39,7 +39,8 @@ class StepSpec:
 
 @dataclass
 class Part:
-    """One forward pass of a step: the model's inputs and where everything goes."""
+    """One forward pass of a step: the model's inputs (uint8 images until `to()` moves and
+    normalises them) and where everything goes."""
 
     inputs: Inputs
     layout: Layout
@@ -73,7 +74,7 @@ def prepare_parts(batch, spec: StepSpec, step: int) -> list[Part]:
         batch = batch.without_text()
     pieces = batch.by_kind() if spec.per_kind else [batch]
     seed = step_seed(spec.seed, step)
-    return [part_of(piece.inputs(), spec, seed) for piece in pieces]
+    return [part_of(piece.pixel_inputs(), spec, seed) for piece in pieces]
 
 
 def with_first_step(spec: Optional[StepSpec], first_step: int) -> Optional[StepSpec]:

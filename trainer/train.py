@@ -9,6 +9,8 @@ checkpoint`. Where things live: batches (`batch`), streams and the loader (`stre
 `loader`), masks (`masking`), the model (`model`), losses and their collectives (`objectives`),
 processes and wrapping (`parallel`), optimizer and schedule (`schedule`), stages (`stages`),
 checkpoints (`checkpoint`), metrics and events (`metrics`), the run folder (`run_folder`),
+each forward pass's masks and packed layout, made in the loader's workers (`masking`, `layout`,
+`step_inputs`),
 stop signals (`preemption`), settings that may change on resume (`settings`).
 
 Restarting the same command resumes from the last good checkpoint; on CPU the resumed run
