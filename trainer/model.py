@@ -207,10 +207,11 @@ class MultimodalMAE(nn.Module):
             hidden = block(hidden, arrangement)
         return norm(from_layout(hidden, arrangement))
 
-    def encode(self, inputs: Inputs, layout: Layout) -> torch.Tensor:
+    def encode(self, inputs: Inputs, layout: Layout, patches: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Embed everything, keep what the layout shows, run the encoder on packed rows
-        `[CLS | kept patches | kept tokens]` -> [T_enc, D]."""
-        patches = self.patchify(inputs.images)  # [N_img, P, p*p*3]
+        `[CLS | kept patches | kept tokens]` -> [T_enc, D]. `patches`: the images patchified, when
+        the caller has them."""
+        patches = self.patchify(inputs.images) if patches is None else patches  # [N_img, P, p*p*3]
         image_tokens = self.patch_embed(patches) + self.image_pos + self.type_embed.weight[IMAGE]  # [N_img, P, D]
         text_tokens = (self.token_embed(inputs.tokens) + self.text_pos[layout.text_positions]
                        + self.type_embed.weight[TEXT])  # [T_tok, D]
@@ -221,7 +222,8 @@ class MultimodalMAE(nn.Module):
     def predict(self, inputs: Inputs, layout: Layout) -> Predictions:
         """Encode what the layout shows; decode rows of CLS, every patch and every token (encoded
         where kept, a mask token where not); predict pixels and ids at the masked positions."""
-        encoded = self.encode(inputs, layout)
+        patches = self.patchify(inputs.images)  # [N_img, P, p*p*3]: the encoder's input and the targets
+        encoded = self.encode(inputs, layout, patches)
         projected = self.decoder_embed(encoded)  # [T_enc, Dd]
         pool = torch.cat([projected, self.image_mask_token[None], self.text_mask_token[None]])
         types = self.decoder_type_embed.weight  # folded into the position table: one gather, not two
@@ -230,7 +232,7 @@ class MultimodalMAE(nn.Module):
         x = pool[layout.decoder_index] + positions[layout.decoder_positions]  # [T_dec, Dd]
         decoded = self._run(self.decoder_blocks, self.decoder_norm, x, layout.decoder)  # [T_dec, Dd]
         pixels = self.image_head(decoded[layout.pixel_rows])  # [M, p*p*3]
-        pixel_targets = self.patchify(inputs.images)[layout.pixel_at[:, 0], layout.pixel_at[:, 1]]
+        pixel_targets = patches[layout.pixel_at[:, 0], layout.pixel_at[:, 1]]
         token_logits = self.text_head(decoded[layout.token_rows])  # [K, vocab]
         return Predictions(pixels, pixel_targets, layout.pixel_at, token_logits, inputs.tokens[layout.token_at],
                            layout.token_at, layout.token_paired, layout.counts(), layout.encoder_tokens,

@@ -10,7 +10,6 @@ sample ids, exactly as if the training process drew them: where the work happens
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -75,7 +74,3 @@ def prepare_parts(batch, spec: StepSpec, step: int) -> list[Part]:
     pieces = batch.by_kind() if spec.per_kind else [batch]
     seed = step_seed(spec.seed, step)
     return [part_of(piece.pixel_inputs(), spec, seed) for piece in pieces]
-
-
-def with_first_step(spec: Optional[StepSpec], first_step: int) -> Optional[StepSpec]:
-    return dataclasses.replace(spec, first_step=first_step) if spec is not None else None
