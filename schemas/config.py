@@ -53,6 +53,10 @@ class SourceConfig(_Section):
     allow_object_stores: bool = Field(
         False, description="let the url column name object-store URLs (s3://, gs://, az://, hdfs://...), read "
         "with this machine's credentials")
+    quoting: Optional[Literal["standard", "none"]] = Field(
+        None, description="CSV/TSV quotes: standard = a field may be quoted (\"a, b\"), closed on the same line; "
+        "none = a quote is a character like any other (TSV from the web). null = standard for .csv, none for .tsv. "
+        "Every line is one row: a quote left open is that line's bad_row, never a merge with the next lines")
 
     @field_validator("name")
     @classmethod
@@ -146,6 +150,10 @@ class DataConfig(_Section):
     chunk_rows: int = Field(
         500, ge=1, description="input rows per work unit: one worker downloads a chunk and commits it to "
         "OUT/staging; an interrupted build resumes from the committed chunks")
+    max_row_bytes: Optional[int] = Field(
+        None, ge=1024, description="a JSONL/CSV/TSV line longer than this is rejected (row_too_long) without "
+        "being held in memory; null = max(1 MiB, 32 x text.max_chars), plus the base64 of download.max_bytes "
+        "for a source with image_column")
     keep_staging: bool = Field(
         True, description="keep OUT/staging (a second copy of the images) after a finished build, so "
         "`mmae build --retry-transient` can retry timeouts/5xx/429 later; false deletes it on success")

@@ -50,7 +50,9 @@ REJECT_SCHEMA = pa.schema(
 REJECT_REASONS = {
     "missing_column": "the row lacks the url/caption/text column the source names",
     "invalid_utf8": "the row's text is not valid UTF-8",
-    "bad_row": "the row cannot be parsed (malformed JSON, wrong column count)",
+    "bad_row": "the row cannot be parsed (malformed JSON, wrong column count, an unclosed quote, a damaged "
+    "row group)",
+    "row_too_long": "the input line is longer than data.max_row_bytes (skipped without being held)",
     "empty_caption": "caption/text is empty after cleaning",
     "too_few_words": "fewer words than text.min_words",
     "duplicate": "same url within a source, same image (+caption), or same text",

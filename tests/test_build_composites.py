@@ -77,7 +77,7 @@ def test_read_chunks_writes_each_chunks_records_in_input_order(tmp_path):
     ]
 
 
-def test_read_chunks_puts_malformed_csv_rows_after_the_others(tmp_path):
+def test_read_chunks_keeps_malformed_csv_rows_in_their_place(tmp_path):
     (tmp_path / "p.csv").write_text("url,caption\na.jpg,one caption\nb.jpg,two,extra\nc.jpg,three caption\n")
     config = data_config(tmp_path, sources=[{"name": "p", "kind": "paired", "path": str(tmp_path / "p.csv")}])
     plan = make_plan(config)
@@ -85,8 +85,9 @@ def test_read_chunks_puts_malformed_csv_rows_after_the_others(tmp_path):
     with beam_pipeline() as pipeline:
         read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
         assert_that(read.chunks, equal_to([((0, 0, 0), 2), ((0, 0, 1), 1)]))
-    last = staging.read_input(str(tmp_path / "out" / "staging" / "inputs" / "p" / "00000-000001.jsonl.gz"))
-    assert [(row["key"], row["reason"]) for row in last] == [("p.csv:bad-row-1", "bad_row")]
+    first = staging.read_input(str(tmp_path / "out" / "staging" / "inputs" / "p" / "00000-000000.jsonl.gz"))
+    assert [(row["key"], row.get("reason")) for row in first] == [("p.csv:1", None), ("p.csv:2", "bad_row")]
+    assert "line 3: expected 2 columns, got 3" in first[1]["detail"]
 
 
 def test_find_duplicates_names_later_copies_whatever_the_arrival_order():

@@ -158,7 +158,7 @@ def test_image_folder_with_sidecar_captions_and_class_folders(tmp_path):
                                        "sidecar_captions": True, "label_from_folder": True}])
     kept = {row["caption"]: row["label"] for row in rows(output, "paired")}
     assert kept == {"cats number 0": "cats", "cats number 1": "cats", "dogs number 0": "dogs", "dogs number 1": "dogs"}
-    assert rejects(output) == {"dogs/uncaptioned.jpg": "missing_column", "dogs/piped.jpg": "bad_caption"}
+    assert rejects(output) == {"dogs/uncaptioned.jpg": "missing_column", "dogs/piped.jpg": "not_a_file"}
     # Labels without captions: kind image.
     (tmp_path / "again").mkdir()
     _, labelled = build(tmp_path / "again", [{"name": "folder", "kind": "image", "path": str(root),

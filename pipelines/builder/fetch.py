@@ -305,9 +305,9 @@ class Fetcher:
             data, size = read_regular_file(path, self.config.max_bytes)
         except FileNotFoundError:
             raise FetchError("not_found", "no such file") from None
-        except NotARegularFile:
+        except (NotARegularFile, IsADirectoryError):
             raise FetchError("not_a_file", "not a regular file (FIFO, device or folder)") from None
-        except (PermissionError, IsADirectoryError) as error:
+        except PermissionError as error:
             raise FetchError("not_found", type(error).__name__) from None
         except (OSError, ValueError) as error:
             raise FetchError("bad_url", f"{type(error).__name__}: {error}") from None

@@ -16,12 +16,23 @@ class NotARegularFile(OSError):
 
 def read_regular_file(path: str, limit: int) -> tuple[bytes, int]:
     """(at most `limit` + 1 bytes, the file's size). Raises FileNotFoundError, PermissionError,
-    NotARegularFile or another OSError."""
+    NotARegularFile or another OSError. The descriptor is closed on every path."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(descriptor, "rb") as handle:
+    try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(f"{path}: not a regular file (FIFO, device or folder)")
+        handle = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with handle:
         if info.st_size > limit:
             return b"", info.st_size
         return handle.read(limit + 1), info.st_size
+
+
+def inside(path: str, folder: str) -> bool:
+    """Is `path`, with every link resolved, inside `folder` (links resolved too)?"""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip("/") + "/")

@@ -19,7 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mmae.pipelines.builder import webdataset
-from mmae.pipelines.builder.sources import SourceError, SourceFile, expand_source, open_csv, required_columns
+from mmae.pipelines.builder.lines import rows_per_chunk
+from mmae.pipelines.builder.sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
 
 Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
@@ -47,7 +48,7 @@ class PlannedFile:
     source_index: int
     number: int  # position among its source's files
     file: SourceFile
-    rows: int  # input rows (lines for JSONL); image files count 1
+    rows: int  # input rows (non-blank lines of a text table); image files count 1
 
 
 @dataclass
@@ -83,58 +84,44 @@ class BuildPlan:
         return list(units.values())
 
 
-def count_rows(source_file: SourceFile, columns: list[str]) -> int:
-    """Input rows of one file, read once by the driver (cheap next to downloading them)."""
+def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int, cap: int) -> list[int]:
+    """Input rows per chunk of one file, read once by the driver (cheap next to downloading
+    them): the same rows the reader will yield (blank lines are not rows)."""
     if source_file.format == "image":
-        return 1
+        return [1]
     if source_file.format == "tar":
-        return webdataset.count_samples(source_file.path)
-    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        if source_file.format == "parquet":
-            with pq.ParquetFile(handle) as parquet:
-                return parquet.metadata.num_rows
-        if source_file.format == "jsonl":
-            lines, last = 0, b"\n"
-            while True:
-                block = handle.read(1 << 22)
-                if not block:
-                    return lines + (0 if last == b"\n" else 1)
-                lines += block.count(b"\n")
-                last = block[-1:]
-        invalid = 0
-
-        def count_invalid(row) -> str:
-            nonlocal invalid
-            invalid += 1  # a malformed row is still a row: it becomes a reject
-            return "skip"
-
-        reader = open_csv(handle, source_file, columns[:1], count_invalid)
-        return sum(batch.num_rows for batch in reader) + invalid
+        rows = webdataset.count_samples(source_file.path)
+    elif source_file.format == "parquet":
+        with fsspec.open(source_file.path, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            rows = parquet.metadata.num_rows
+    else:
+        with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+            return rows_per_chunk(handle, cap, chunk_rows, header=source_file.format != "jsonl",
+                                  numbered_by_line=source_file.format == "jsonl")
+    return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))]
 
 
 def make_plan(config: DataConfig, log=None) -> BuildPlan:
     """Expand every source (SourceError names the problem) and count its rows into chunks."""
-    files: list[PlannedFile] = []
+    plan = BuildPlan(files=[], chunk_rows=config.chunk_rows)
     for source_index, source in enumerate(config.sources):
         source_files = expand_source(source)
         columns = required_columns(source)
         for number, source_file in enumerate(source_files):
             try:
-                rows = count_rows(source_file, columns)
+                counts = chunk_counts(source_file, columns, config.chunk_rows, row_cap(config, source))
             except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException, tarfile.TarError) as error:
                 raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
-            files.append(PlannedFile(source_index, number, source_file, rows))
+            plan.files.append(PlannedFile(source_index, number, source_file, sum(counts)))
+            if source_file.format == "image":
+                key = chunk_of(record_order(source_index, number, source_file, ""), config.chunk_rows)
+                plan.chunk_input_rows[key] = plan.chunk_input_rows.get(key, 0) + 1
+                continue
+            for chunk, rows in enumerate(counts):
+                if rows:
+                    plan.chunk_input_rows[(source_index, number, chunk)] = rows
         if log is not None:
             log.info("source %s (%s): %d file(s)", source.name, source.kind, len(source_files))
-    plan = BuildPlan(files=files, chunk_rows=config.chunk_rows)
-    for planned in files:
-        if planned.file.format == "image":
-            key = chunk_of(record_order(planned.source_index, planned.number, planned.file, ""), config.chunk_rows)
-            plan.chunk_input_rows[key] = plan.chunk_input_rows.get(key, 0) + 1
-            continue
-        for chunk in range(math.ceil(planned.rows / config.chunk_rows)):
-            rows = min(config.chunk_rows, planned.rows - chunk * config.chunk_rows)
-            plan.chunk_input_rows[(planned.source_index, planned.number, chunk)] = rows
     return plan
 
 

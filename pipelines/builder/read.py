@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 from mmae.pipelines.builder import staging
 from mmae.pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
 from mmae.pipelines.builder.plan import ChunkKey, ReadUnit, chunk_of, record_order
-from mmae.pipelines.builder.sources import read_source_file, reject
+from mmae.pipelines.builder.sources import read_source_file, reject, row_cap
 from mmae.pipelines.builder.text import clean_text, word_count
 from mmae.schemas.config import DataConfig
 
@@ -69,10 +69,10 @@ class ReadChunksFn(beam.DoFn):
         records: list[dict[str, Any]] = []
         for file_number, source_file in files:
             last_row = 0
-            for record in read_source_file(source, source_file):
+            for record in read_source_file(source, source_file, row_cap(self.config, source)):
                 self.rows_read.inc()
                 order = record_order(source_index, file_number, source_file, record["key"])
-                if order[2] <= last_row:  # rows without a number of their own (CSV rows that did not parse) follow the rest
+                if order[2] <= last_row:  # rows without a number in their key (tar samples) follow the one before
                     order = (order[0], order[1], last_row + 1)
                 last_row = order[2]
                 field = _unencodable(record)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -21,11 +22,11 @@ from urllib.parse import urljoin, urlsplit
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from mmae.pipelines.builder import webdataset
-from mmae.pipelines.builder.localfiles import read_regular_file
-from mmae.schemas.config import SourceConfig
+from mmae.pipelines.builder.lines import default_cap, lines
+from mmae.pipelines.builder.localfiles import NotARegularFile, inside, read_regular_file
+from mmae.schemas.config import DataConfig, SourceConfig
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 TAR_SUFFIX = ".tar"  # a WebDataset shard (see webdataset.py)
@@ -163,7 +164,7 @@ def _check_columns(source: SourceConfig, source_file: SourceFile) -> None:
     try:
         with fsspec.open(source_file.path, "rb", compression="infer") as handle:
             if source_file.format == "parquet":
-                with pq.ParquetFile(handle) as parquet:
+                with open_parquet(handle) as parquet:
                     names = parquet.schema_arrow.names
                     if source.image_column in names:
                         data_type = parquet.schema_arrow.field(source.image_column).type
@@ -285,36 +286,44 @@ def reject(record: dict[str, Any], reason: str, detail: str = "") -> dict[str, A
 
 
 def _record_from_row(
-    source: SourceConfig, source_file: SourceFile, key: str, row: dict[str, Any]
+    source: SourceConfig, source_file: SourceFile, key: str, row: dict[str, Any], where: str = ""
 ) -> dict[str, Any]:
+    """A parsed row as a record, or a reject: no value a stranger can put in a row raises."""
     record = _base_record(source, key)
     try:
-        if source.kind in ("paired", "image") and source.image_column:
-            problem = _inline_image(record, row.get(source.image_column), source, source_file)
-            if problem is not None:
-                return problem
-        elif source.kind in ("paired", "image"):
-            url = _text(row.get(source.url_column), source.url_column, "bad_url")
-            if url is None or not url.strip():
-                return reject(record, "missing_column", f"no {source.url_column!r} value")
-            record["url"] = url.strip()
-            record["url"] = resolve_url(record["url"], source, source_file)
-        if source.kind == "paired":
-            caption = _text(row.get(source.caption_column), source.caption_column, "bad_caption")
-            if caption is None:
-                return reject(record, "missing_column", f"no {source.caption_column!r} value")
-            record["caption"] = caption
-        if source.kind == "text":
-            text = _text(row.get(source.text_column), source.text_column, "bad_caption")
-            if text is None:
-                return reject(record, "missing_column", f"no {source.text_column!r} value")
-            record["caption"] = text
-        if source.label_column:
-            record["label"] = _label(row.get(source.label_column), source.label_column)
+        return _fill_record(record, source, source_file, row)
     except UnicodeDecodeError as error:
-        return reject(record, "invalid_utf8", str(error))
+        return reject(record, "invalid_utf8", f"{where + ': ' if where else ''}{error}")
     except RowProblem as problem:
         return reject(record, problem.reason, problem.detail)
+    except Exception as error:  # noqa: BLE001 - any other failure is this row's, not the build's
+        return reject(record, "bad_row", f"{where + ': ' if where else ''}{_error_text(error)}")
+
+
+def _fill_record(record: dict[str, Any], source: SourceConfig, source_file: SourceFile,
+                 row: dict[str, Any]) -> dict[str, Any]:
+    if source.kind in ("paired", "image") and source.image_column:
+        problem = _inline_image(record, row.get(source.image_column), source, source_file)
+        if problem is not None:
+            return problem
+    elif source.kind in ("paired", "image"):
+        url = _text(row.get(source.url_column), source.url_column, "bad_url")
+        if url is None or not url.strip():
+            return reject(record, "missing_column", f"no {source.url_column!r} value")
+        record["url"] = url.strip()
+        record["url"] = resolve_url(record["url"], source, source_file)
+    if source.kind == "paired":
+        caption = _text(row.get(source.caption_column), source.caption_column, "bad_caption")
+        if caption is None:
+            return reject(record, "missing_column", f"no {source.caption_column!r} value")
+        record["caption"] = caption
+    if source.kind == "text":
+        text = _text(row.get(source.text_column), source.text_column, "bad_caption")
+        if text is None:
+            return reject(record, "missing_column", f"no {source.text_column!r} value")
+        record["caption"] = text
+    if source.label_column:
+        record["label"] = _label(row.get(source.label_column), source.label_column)
     return record
 
 
@@ -352,12 +361,26 @@ def _read_image_file(source: SourceConfig, source_file: SourceFile) -> Iterator[
     if source.label_from_folder:
         folder = posixpath.dirname(source_file.relative)
         record["label"] = posixpath.basename(folder) if folder else None
+    local = "://" not in source_file.path
+    root = source_file.path[: len(source_file.path) - len(source_file.relative)] or "."
+    if local and not source.allow_local_files and not inside(source_file.path, root):
+        yield reject(record, "url_not_allowed", "the image is a link to a file outside the source's folder "
+                     "(allow_local_files: true on the source follows it)")
+        return
     if source.kind == "paired":
         sidecar = source_file.path.rsplit(".", 1)[0] + ".txt"
+        if local and not source.allow_local_files and os.path.lexists(sidecar) and not inside(sidecar, root):
+            yield reject(record, "url_not_allowed", f"the caption file {posixpath.basename(sidecar)} is a link to a "
+                         "file outside the source's folder (allow_local_files: true on the source follows it)")
+            return
         try:
             raw = _read_sidecar(sidecar)
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             yield reject(record, "missing_column", f"no caption file {posixpath.basename(sidecar)} beside the image")
+            return
+        except (NotARegularFile, IsADirectoryError):
+            yield reject(record, "not_a_file", f"{posixpath.basename(sidecar)} is not a regular file (a folder, "
+                         "FIFO or device)")
             return
         except OSError as error:
             yield reject(record, "bad_caption", f"{posixpath.basename(sidecar)}: {error}")
@@ -395,7 +418,7 @@ def _read_tar(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[st
             continue
         image = sample.image
         if image is None:
-            found = ", ".join(sorted(set(sample.texts) | set(sample.images))) or "nothing"
+            found = ", ".join(sorted(set(sample.texts) | set(sample.images)) + sample.not_read) or "nothing"
             yield reject(record, "missing_column", f"no {'/'.join(webdataset.IMAGE_EXTENSIONS)} member (has {found})")
             continue
         record["locator"] = {"tar": source_file.path, "offset": image[1], "size": image[2]}
@@ -430,9 +453,18 @@ def _sample_label(sample: "webdataset.Sample", column: str) -> Optional[str]:
     return None
 
 
-def read_source_file(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
-    """Stream one file's rows as records (or rejects). Keys are `relative:row` (1-based rows),
-    `relative#sample` for WebDataset tars, the file's path for image folders."""
+def row_cap(data: DataConfig, source: SourceConfig) -> int:
+    """The longest table line (bytes) a source's reader holds; longer ones are `row_too_long`."""
+    if data.max_row_bytes:
+        return data.max_row_bytes
+    return default_cap(data.text.max_chars, data.download.max_bytes if source.image_column else 0)
+
+
+def read_source_file(source: SourceConfig, source_file: SourceFile, cap: int = 1 << 20) -> Iterator[dict[str, Any]]:
+    """Stream one file's rows as records (or rejects). Keys are `relative:row` (1-based rows:
+    the line for JSONL, the row among non-blank lines for CSV/TSV), `relative#sample` for
+    WebDataset tars, the file's path for image folders. No row, however hostile, raises: it
+    becomes a reject naming its line."""
     if source_file.format == "image":
         yield from _read_image_file(source, source_file)
         return
@@ -440,50 +472,87 @@ def read_source_file(source: SourceConfig, source_file: SourceFile) -> Iterator[
         yield from _read_tar(source, source_file)
         return
     if source_file.format == "jsonl":
-        yield from _read_jsonl(source, source_file)
+        yield from _read_jsonl(source, source_file, cap)
     elif source_file.format == "parquet":
         yield from _read_parquet(source, source_file)
     else:
-        yield from _read_csv(source, source_file)
+        yield from _read_csv(source, source_file, cap)
 
 
-def _read_jsonl(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
+def _error_text(error: BaseException) -> str:
+    """An exception as a deterministic one-line detail (no object addresses)."""
+    text = str(error) or type(error).__name__
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+    return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
+
+
+def _too_long(source: SourceConfig, key: str, line_number: int, cap: int) -> dict[str, Any]:
+    return reject(_base_record(source, key), "row_too_long",
+                  f"line {line_number} is longer than {cap:,} bytes (data.max_row_bytes); it was not read")
+
+
+def _read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        for line_number, raw_line in enumerate(handle, start=1):
+        for line_number, raw_line in lines(handle, cap):
+            key = f"{source_file.relative}:{line_number}"
+            if raw_line is None:
+                yield _too_long(source, key, line_number, cap)
+                continue
             if not raw_line.strip():
                 continue  # blank lines are not rows
-            key = f"{source_file.relative}:{line_number}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield reject(_base_record(source, key), "invalid_utf8", f"line {line_number}: {error}")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield reject(_base_record(source, key), "bad_row", f"line {line_number}: {error}")
-                continue
-            if not isinstance(row, dict):
-                yield reject(_base_record(source, key), "bad_row", f"line {line_number}: not a JSON object")
-                continue
-            yield _record_from_row(source, source_file, key, row)
+            yield _jsonl_record(source, source_file, key, line_number, raw_line)
+
+
+def _jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_number: int,
+                  raw_line: bytes) -> dict[str, Any]:
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return reject(_base_record(source, key), "invalid_utf8", f"line {line_number}: {error}")
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError, MemoryError, OverflowError) as error:
+        # JSONDecodeError, and what the parser raises on legal-looking input: nesting deeper
+        # than the interpreter's stack, numbers too long to convert.
+        return reject(_base_record(source, key), "bad_row", f"line {line_number}: {_error_text(error)}")
+    if not isinstance(row, dict):
+        return reject(_base_record(source, key), "bad_row", f"line {line_number}: not a JSON object")
+    return _record_from_row(source, source_file, key, row, f"line {line_number}")
+
+
+def open_parquet(handle) -> pq.ParquetFile:
+    """A Parquet file read a page at a time (buffered), so memory follows the batch size, not
+    the size of the file's row groups."""
+    return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
 
 
 def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
     columns = required_columns(source)
     image_column = source.image_column
-    with fsspec.open(source_file.path, "rb") as handle, pq.ParquetFile(handle) as parquet:
+    with fsspec.open(source_file.path, "rb") as handle, open_parquet(handle) as parquet:
         row_number = 0
-        # With the images in the file, batches are small and the image column never becomes
-        # Python objects: the reader only needs to know which rows have bytes.
-        for batch in parquet.iter_batches(batch_size=256 if image_column else 4096, columns=columns):
-            present = _image_present(batch.column(image_column)) if image_column else None
-            rows = batch.drop_columns([image_column]).to_pylist() if image_column else batch.to_pylist()
-            for index, row in enumerate(rows):
-                row_number += 1
-                if present is not None:
-                    row[image_column] = b"\x01" if present[index] else None
-                yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
+        for group in range(parquet.metadata.num_row_groups):
+            group_rows = parquet.metadata.row_group(group).num_rows
+            first = row_number
+            try:
+                # With the images in the file, batches are small and the image column never
+                # becomes Python objects: the reader only needs to know which rows have bytes.
+                for batch in parquet.iter_batches(batch_size=256 if image_column else 4096, row_groups=[group],
+                                                  columns=columns):
+                    present = _image_present(batch.column(image_column)) if image_column else None
+                    rows = batch.drop_columns([image_column]).to_pylist() if image_column else batch.to_pylist()
+                    for index, row in enumerate(rows):
+                        row_number += 1
+                        if present is not None:
+                            row[image_column] = b"\x01" if present[index] else None
+                        yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row,
+                                               f"row {row_number}")
+            except (OSError, ValueError, EOFError, pa.ArrowException) as error:
+                # A damaged row group: its unread rows are rejects naming it; the next one is read.
+                for row_number in range(row_number + 1, first + group_rows + 1):
+                    yield reject(_base_record(source, f"{source_file.relative}:{row_number}"), "bad_row",
+                                 f"row group {group}: {_error_text(error)}")
+                row_number = first + group_rows
 
 
 def image_column_type_ok(data_type: pa.DataType) -> bool:
@@ -507,50 +576,70 @@ def _image_present(column: pa.Array) -> list[bool]:
 def read_header(handle, source_file: SourceFile) -> list[str]:
     """Column names as people write them: a byte-order mark, spaces after the delimiter and
     quotes are not part of a name (`url, caption` names `caption`)."""
-    line = handle.readline().decode("utf-8-sig", errors="replace")
-    delimiter = "\t" if source_file.format == "tsv" else ","
-    names = [name.strip() for name in next(csv.reader([line], delimiter=delimiter, skipinitialspace=True), [])]
+    line = handle.readline(1 << 20).decode("utf-8-sig", errors="replace")
+    names = [name.strip() for name in next(csv.reader([line.rstrip("\r\n")], delimiter=_delimiter(source_file),
+                                                      skipinitialspace=True), [])]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(f"{source_file.path}: the header repeats column(s) {', '.join(repeated)}")
     return names
 
 
-def open_csv(handle, source_file: SourceFile, columns: list[str], on_invalid_row) -> pacsv.CSVStreamingReader:
-    """A streaming CSV/TSV reader of `columns`, the same for the planner's count and the reader,
-    so both see the same rows. Columns are binary: invalid UTF-8 becomes a per-row reject
-    instead of failing the file; `on_invalid_row` is told of each malformed row. The header is
-    read here (`read_header`), so names with a BOM or spaces still match."""
-    names = read_header(handle, source_file)
-    return pacsv.open_csv(
-        handle,
-        parse_options=pacsv.ParseOptions(
-            delimiter="\t" if source_file.format == "tsv" else ",",
-            invalid_row_handler=on_invalid_row,
-            newlines_in_values=True,
-        ),
-        convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={name: pa.binary() for name in columns}),
-        read_options=pacsv.ReadOptions(block_size=1 << 22, column_names=names),
-    )
+def _delimiter(source_file: SourceFile) -> str:
+    return "\t" if source_file.format == "tsv" else ","
 
 
-def _read_csv(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[str, Any]]:
+def csv_quoted(source: SourceConfig, source_file: SourceFile) -> bool:
+    """Are quotes syntax in this file? (`quoting`; by default yes in CSV, no in TSV)."""
+    if source.quoting is not None:
+        return source.quoting == "standard"
+    return source_file.format == "csv"
+
+
+def _read_csv(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    """One row per non-blank line after the header: a quote never spans lines, so an unclosed
+    one costs its own line (a bad_row), never the lines after it."""
     columns = required_columns(source)
-    bad_rows: list[tuple[int, str]] = []
-
-    def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        bad_rows.append((row.number or 0, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
-        return "skip"
-
+    delimiter = _delimiter(source_file)
+    quoting = csv.QUOTE_MINIMAL if csv_quoted(source, source_file) else csv.QUOTE_NONE
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        reader = open_csv(handle, source_file, columns, on_invalid_row)
+        names = read_header(handle, source_file)
+        where = {name: names.index(name) for name in columns}
         row_number = 0
-        for batch in reader:
-            for row in batch.to_pylist():
-                row_number += 1
-                yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row)
-    # Malformed rows come last, each with a key of its own (the parser does not always know its line).
-    for count, (number, detail) in enumerate(bad_rows, start=1):
-        key = f"{source_file.relative}:bad-row-{count}"
-        where = f"line {number}: " if number and number > 0 else ""
-        yield reject(_base_record(source, key), "bad_row", f"{where}{detail}")
+        for line_number, raw_line in lines(handle, cap):
+            line_number += 1  # the header was line 1
+            if raw_line is not None and not raw_line.strip():
+                continue  # blank lines are not rows
+            row_number += 1
+            key = f"{source_file.relative}:{row_number}"
+            if raw_line is None:
+                yield _too_long(source, key, line_number, cap)
+                continue
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            try:
+                fields = next(csv.reader([text if text is not None else raw_line.decode("utf-8", "surrogateescape")],
+                                         delimiter=delimiter, quoting=quoting, strict=True))
+            except csv.Error as error:
+                yield reject(_base_record(source, key), "bad_row", f"line {line_number}: {error} (a quote that is "
+                             "not closed on its line? TSV files from the web are read with quoting: none)")
+                continue
+            if len(fields) != len(names):
+                yield reject(_base_record(source, key), "bad_row",
+                             f"line {line_number}: expected {len(names)} columns, got {len(fields)}")
+                continue
+            row = {name: fields[index] for name, index in where.items()}
+            if text is None and any(_has_surrogate(value) for value in row.values()):
+                yield reject(_base_record(source, key), "invalid_utf8", f"line {line_number}: not valid UTF-8")
+                continue
+            yield _record_from_row(source, source_file, key, row, f"line {line_number}")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -26,6 +26,7 @@ class Sample:
     texts: dict[str, bytes] = field(default_factory=dict)  # extension -> content
     images: dict[str, tuple[int, int]] = field(default_factory=dict)  # extension -> (offset, size)
     problems: list[str] = field(default_factory=list)
+    not_read: list[str] = field(default_factory=list)  # members that are links or devices, named
 
     @property
     def image(self) -> Optional[tuple[str, int, int]]:
@@ -43,20 +44,30 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def samples(path: str) -> Iterator[Sample]:
-    """The samples of one tar, in order. A damaged tar raises `tarfile.TarError` (or OSError)."""
+    """The samples of one tar, in order. A damaged tar raises `tarfile.TarError` (or OSError).
+    Links and devices are never read, but they are part of their sample (which, if they were all
+    it had, becomes a reject naming them). A key that comes back after other samples is a
+    sample of its own, keyed `key@2`, `key@3`...: two samples never share a row id."""
     with fsspec.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         current: Optional[Sample] = None
+        current_key = None  # its key as the members spell it (without @N)
+        seen: dict[str, int] = {}
         for member in tar:
-            if not member.isfile():
-                continue  # folders, links and devices are never read
+            tar.members.clear()  # the index of members read so far would grow with the tar
+            if member.isdir():
+                continue
             key, extension = _split(member.name)
             if not extension:
                 continue  # no extension: not part of any sample
-            if current is None or key != current.key:
+            if current is None or key != current_key:
                 if current is not None:
                     yield current
-                current = Sample(key)
-            if extension in TEXT_EXTENSIONS:
+                current_key = key
+                seen[key] = seen.get(key, 0) + 1
+                current = Sample(key if seen[key] == 1 else f"{key}@{seen[key]}")
+            if not member.isfile():
+                current.not_read.append(f"{member.name} ({'link' if member.issym() or member.islnk() else 'not a file'})")
+            elif extension in TEXT_EXTENSIONS:
                 if member.size > MAX_TEXT_MEMBER:
                     current.problems.append(f"{member.name}: {member.size} bytes, more than {MAX_TEXT_MEMBER}")
                 else:
@@ -64,7 +75,6 @@ def samples(path: str) -> Iterator[Sample]:
                     current.texts[extension] = extracted.read() if extracted is not None else b""
             elif extension in IMAGE_EXTENSIONS:
                 current.images.setdefault(extension, (member.offset_data, member.size))
-            tar.members.clear()  # the index of members read so far would grow with the tar
         if current is not None:
             yield current
 
