@@ -3,7 +3,8 @@
 An output folder is only ever written by one build, and --overwrite replaces only what an mmae
 build wrote: the folder must be recognisably one (`staging/build.json`, or a manifest or report
 in mmae's shape), it may neither hold nor sit inside any input, and the finished build it holds
-is set aside in `OUT/.previous-build/` until the new build has succeeded (restored if it fails).
+is set aside in `OUT/.previous-build/` until the new build has succeeded (restored if it fails),
+crash-safe at every step (`replace`). Files in OUT that no mmae build wrote are never removed.
 
 `OUT/staging/build.json` records the *staging fingerprint*: a hash of every setting that decides
 what a chunk file contains (sources, cleaning, download policy, image processing, chunk_rows).
@@ -23,6 +24,7 @@ from enum import Enum
 from typing import Any, Iterable
 
 import fsspec
+from mmae.pipelines.builder import replace
 from mmae.pipelines.builder.staging import STAGING
 from mmae.pipelines.shards import join, write_json
 from mmae.schemas.config import DataConfig
@@ -32,7 +34,6 @@ log = logging.getLogger("mmae.build")
 # What an mmae build writes into its output folder (and so what --overwrite may replace).
 OUTPUT_ENTRIES = ("paired", "image", "text", "rejects", "manifest.json", "build_report.json", "tokenizer.model", STAGING)
 STATE_FILE = "build.json"
-PREVIOUS = ".previous-build"
 STAGING_DOWNLOAD_KEYS = (
     "max_bytes", "max_redirects", "allow_private_addresses", "allowed_networks", "user_agent_token",
     "disallowed_header_directives",
@@ -57,6 +58,7 @@ def staging_settings(config: DataConfig) -> dict[str, Any]:
         "text": {key: dumped["text"][key] for key in ("min_words", "max_chars")},
         "download": {key: dumped["download"][key] for key in STAGING_DOWNLOAD_KEYS},
         "chunk_rows": dumped["chunk_rows"],
+        "max_row_bytes": dumped["max_row_bytes"],
     }
 
 
@@ -84,13 +86,6 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         elif old.get(key) != new.get(key):
             changed.append(name)
     return changed
-
-
-def remove_entries(fs, root: str) -> None:
-    for entry in OUTPUT_ENTRIES:
-        path = join(root, entry)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
 
 
 def _json(fs, path: str) -> Any:
@@ -140,51 +135,31 @@ def check_apart_from_inputs(config: DataConfig, inputs: Iterable[str], input_fol
                              "output folder outside every source")
 
 
-def _set_aside(fs, root: str) -> None:
-    """Move a finished build to OUT/.previous-build (restored if the new build fails)."""
-    previous = join(root, PREVIOUS)
-    finished = fs.exists(join(root, "manifest.json"))
-    if fs.exists(previous):
-        if not finished:
-            remove_entries(fs, root)  # an unfinished replacement: the previous build stays set aside
-            return
-        fs.rm(previous, recursive=True)  # left by a replacement that succeeded
-    if not finished:
-        remove_entries(fs, root)
-        return
-    fs.makedirs(previous, exist_ok=True)
-    for entry in OUTPUT_ENTRIES:
-        path = join(root, entry)
-        if fs.exists(path):
-            fs.mv(path, join(previous, entry), recursive=True)
-
-
 def restore_previous(config: DataConfig) -> bool:
     """The new build failed: put the build it was replacing back (True if there was one)."""
     fs, root = fsspec.core.url_to_fs(config.output)
-    previous = join(root, PREVIOUS)
-    if not fs.exists(previous):
-        return False
-    remove_entries(fs, root)
-    for entry in OUTPUT_ENTRIES:
-        path = join(previous, entry)
-        if fs.exists(path):
-            fs.mv(path, join(root, entry), recursive=True)
-    fs.rm(previous, recursive=True)
-    return True
+    return replace.restore(fs, root)
 
 
 def discard_previous(config: DataConfig) -> None:
     """The new build succeeded: the one it replaced goes."""
     fs, root = fsspec.core.url_to_fs(config.output)
-    previous = join(root, PREVIOUS)
-    if fs.exists(previous):
-        fs.rm(previous, recursive=True)
+    replace.discard(fs, root)
+
+
+def _check_folder(fs, root: str, output: str) -> None:
+    if fs.exists(root) and not fs.isdir(root):
+        raise BuildError(f"the output {output} is a file, not a folder: choose a folder (it is created if missing)")
 
 
 def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient: bool = False) -> Mode:
     """Decide fresh / resume / retry, refusing anything that would mix two different builds."""
     fs, root = fsspec.core.url_to_fs(config.output)
+    _check_folder(fs, root, config.output)
+    try:
+        replace.recover(fs, root)  # whatever an interrupted replacement left is finished or undone first
+    except RuntimeError as error:
+        raise BuildError(str(error)) from None
     state = _read_state(fs, root)
     finished = fs.exists(join(root, "manifest.json"))
     settings = staging_settings(config)
@@ -200,13 +175,21 @@ def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient:
             changed = _changed_keys(state.get("settings", {}), settings)
             raise BuildError(f"{config.output}: built with other settings ({', '.join(changed) or 'unknown'}); "
                              "retry with the config it was built with")
+        # The shards are rewritten: the finished build is set aside until the retry succeeds,
+        # so OUT never holds an old manifest beside new shards.
+        replace.set_aside(fs, root, "retry")
         return Mode.RETRY
     present = [entry for entry in OUTPUT_ENTRIES if fs.exists(join(root, entry))]
     if present and not is_mmae_build(fs, root):
         raise BuildError(f"{config.output} holds {', '.join(present)} that no mmae build wrote (not an mmae build); "
                          "nothing was changed: choose another output folder")
     if overwrite:
-        _set_aside(fs, root)
+        if finished:
+            replace.set_aside(fs, root, "overwrite")
+        kept = replace.remove_unfinished(fs, root)
+        if kept:
+            log.warning("--overwrite keeps %d file(s) in %s that no mmae build wrote: %s", len(kept), config.output,
+                        ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""))
     elif finished:
         raise BuildError(f"{config.output} already holds a finished build; pass --overwrite to replace it, or "
                          "--retry-transient to retry its timeouts, connection errors, 5xx and 429")

@@ -25,8 +25,10 @@ Every input row ends either in a shard or in `rejects/` with a reason; the build
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import time
 from typing import Any, Optional
 
@@ -47,6 +49,7 @@ from mmae.pipelines.builder.output import (
 from mmae.pipelines.builder.plan import BuildPlan, make_plan
 from mmae.pipelines.builder.progress import ProgressMonitor
 from mmae.pipelines.builder.read import ReadChunks
+from mmae.pipelines.builder.replace import is_build_file
 from mmae.pipelines.builder.sources import SourceError, input_folders
 from mmae.pipelines.builder.staging import STAGING
 from mmae.pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
@@ -92,7 +95,7 @@ def _remove_stale_files(data: DataConfig, report_manifest: dict[str, Any]) -> No
             continue
         for name in fs.ls(path, detail=False):
             base = name.rstrip("/").rsplit("/", 1)[-1]
-            if (base.startswith("part-") or base.startswith(".tmp-")) and f"{folder}/{base}" not in listed:
+            if is_build_file(f"{folder}/{base}") and f"{folder}/{base}" not in listed:
                 fs.rm(name)
 
 
@@ -125,12 +128,31 @@ def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = Fa
     mode = prepare_output(data, overwrite=overwrite, retry_transient=retry_transient)
     try:
         report = _run_pipeline(data, plan, given_model, mode, beam_args)
-    except BaseException:
+    except BaseException as error:
         if restore_previous(data):
             log.warning("the build failed; the build it was replacing is back in %s", data.output)
+        full = _disk_full(error)
+        if full is not None:
+            raise BuildError(f"no space left on the device writing {full or data.output}: free some space, then run "
+                             "the same command (a build resumes from the chunks it committed)") from None
         raise
     discard_previous(data)
     return report
+
+
+def _disk_full(error: BaseException) -> Optional[str]:
+    """The path a full disk (or quota) refused, "" if unknown; None if `error` is something else.
+    Runners re-raise a worker's error in their own, so the whole chain is looked at."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(error.filename or "")
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            found = re.search(r"No space left on device: '([^']+)'", str(error))
+            return found.group(1) if found else ""
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _run_pipeline(data: DataConfig, plan: BuildPlan, given_model: Optional[bytes], mode: Mode,
