@@ -6,6 +6,8 @@ but these may never change meaning.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
@@ -78,3 +80,13 @@ REJECT_REASONS = {
 }
 # plus http_<status> for HTTP errors, e.g. http_404, http_500.
 
+
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]+\b")
+MAX_DETAIL = 500
+
+
+def reject_detail(text: str) -> str:
+    """A reject's detail as stored: one line, at most MAX_DETAIL characters, and the same in two
+    identical builds (object addresses, which differ from run to run, are left out)."""
+    text = _ADDRESS.sub(lambda found: f"<{found.group(1)}>" if found.group(1) else "", text)
+    return " ".join(text.split())[:MAX_DETAIL]

@@ -225,3 +225,19 @@ def test_a_folder_named_in_a_url_list_is_not_a_file(tmp_path):
     report, output = build(tmp_path, [{"name": "p", "kind": "paired", "path": str(images / "p.jsonl")}])
     assert rejects(output) == {"p.jsonl:2": "not_a_file"}
     assert len(rows(output, "paired")) == 1
+
+
+def test_reject_details_are_the_same_in_two_identical_builds(tmp_path):
+    images = tmp_path / "src"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    (images / "junk.jpg").write_bytes(b"this is not an image at all")
+    (images / "p.jsonl").write_text(json.dumps({"url": "a.jpg", "caption": "fine"}) + "\n"
+                                    + json.dumps({"url": "junk.jpg", "caption": "junk"}) + "\n")
+    details = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        build(tmp_path / name, [{"name": "p", "kind": "paired", "path": str(images / "p.jsonl")}])
+        details.append([row["detail"] for row in rows(tmp_path / name / "out", "rejects")])
+    assert len(details[0]) == 1 and "cannot identify image file" in details[0][0]
+    assert details[0] == details[1] and "0x" not in details[0][0]

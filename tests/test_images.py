@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import resource
 
+import numpy as np
+
 import pytest
-from mmae.pipelines.builder.images import ImageReject, process_image
+from mmae.pipelines.builder.images import ImageReject, decoded_bytes, process_image
 from mmae.schemas.config import ImageConfig
 from PIL import Image
 
@@ -280,3 +282,72 @@ def test_an_exif_block_after_fill_bytes_is_still_seen():
     assert process_image(filled, ImageConfig(size=64, resize_mode="keep_ratio_largest")).width == 64
     assert process_image(filled, ImageConfig(size=64, resize_mode="keep_ratio_largest")).data == \
         process_image(data, ImageConfig(size=64, resize_mode="keep_ratio_largest")).data
+
+
+# --- every mode and kind of transparency, against a reference ----------------------------------
+
+_GREY = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # 16x16: 16 grey levels per row
+_CLEAR = _GREY == 48  # the pixels a transparency marks (a whole column)
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _mode_cases():
+    """(name, encoded image, expected RGB pixels): each expected array computed from _GREY
+    directly, transparent pixels white, never through Pillow's conversions."""
+    grey = _GREY
+    clear = np.where(_CLEAR, 255, grey)
+    rgb = np.stack([grey, 255 - grey, grey // 2], axis=-1)
+    rgb_clear = np.where(_CLEAR[..., None], 255, rgb)
+    as_rgb = lambda single: np.repeat(single[..., None], 3, axis=-1)  # noqa: E731
+    sixteen = Image.frombytes("I;16", (16, 16), (grey.astype("<u2") * 257).tobytes())
+    thirty_two = Image.frombytes("I", (16, 16), (grey.astype("<i4") << 23).tobytes())
+    floats = Image.frombytes("F", (16, 16), (grey.astype("<f4") / 255).tobytes())
+    alpha = Image.frombytes("L", (16, 16), np.where(_CLEAR, 0, 255).astype(np.uint8).tobytes())
+    grey_image = Image.frombytes("L", (16, 16), grey.tobytes())
+    rgb_image = Image.frombytes("RGB", (16, 16), rgb.astype(np.uint8).tobytes())
+    p_image = Image.frombytes("P", (16, 16), (grey // 16).astype(np.uint8).tobytes())
+    p_image.putpalette([c for level in range(16) for c in (level * 16,) * 3])
+    yield "L png", _encoded(grey_image, "PNG"), as_rgb(grey)
+    yield "L tRNS png", _encoded(grey_image, "PNG", transparency=48), as_rgb(clear)
+    yield "LA png", _encoded(Image.merge("LA", (grey_image, alpha)), "PNG"), as_rgb(clear)
+    yield "I;16 png", _encoded(sixteen, "PNG"), as_rgb(grey)
+    yield "I;16 tRNS png", _encoded(sixteen, "PNG", transparency=48 * 257), as_rgb(clear)
+    yield "I 32-bit tiff", _encoded(thirty_two, "TIFF"), as_rgb(grey)
+    yield "F tiff", _encoded(floats, "TIFF"), as_rgb(grey)
+    yield "RGB png", _encoded(rgb_image, "PNG"), rgb
+    yield "RGB tRNS png", _encoded(rgb_image, "PNG", transparency=(48, 207, 24)), rgb_clear
+    yield "RGBA png", _encoded(Image.merge("RGBA", (*rgb_image.split(), alpha)), "PNG"), rgb_clear
+    yield "RGBA webp", _encoded(Image.merge("RGBA", (*rgb_image.split(), alpha)), "WEBP", lossless=True), rgb_clear
+    yield "P png", _encoded(p_image, "PNG"), as_rgb(grey)
+    yield "P tRNS png", _encoded(p_image, "PNG", transparency=3), as_rgb(clear)
+    yield "P gif", _encoded(p_image, "GIF", transparency=3), as_rgb(clear)
+    yield "1 png", _encoded(grey_image.point(lambda value: 255 if value >= 128 else 0).convert("1"), "PNG"), \
+        as_rgb(np.where(grey >= 128, 255, 0))
+    yield "CMYK tiff", _encoded(rgb_image.convert("CMYK"), "TIFF"), np.asarray(rgb_image.convert("CMYK").convert("RGB"))
+
+
+@pytest.mark.parametrize("name,data,expected", list(_mode_cases()), ids=[case[0] for case in _mode_cases()])
+def test_every_mode_and_transparency_comes_out_faithful(name, data, expected):
+    config = ImageConfig(size=16, min_size=1, resize_mode="no", format="png")
+    out = np.asarray(Image.open(io.BytesIO(process_image(data, config).data)).convert("RGB"), dtype=np.int16)
+    difference = np.abs(out - np.asarray(expected, dtype=np.int16)).max()
+    assert difference <= 1, f"{name}: off by up to {difference}"
+
+
+def test_the_decode_budget_covers_deep_samples():
+    """The working copies of a float image while it is scaled to 8 bits fit in what is reserved."""
+    import tracemalloc
+
+    floats = Image.frombytes("F", (512, 512), (np.random.default_rng(0).random((512, 512), dtype=np.float32)).tobytes())
+    tracemalloc.start()
+    from mmae.pipelines.builder.images import _flatten
+    _flatten(floats)
+    numpy_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    pillow_image = 512 * 512 * 4
+    assert numpy_peak + pillow_image + 512 * 512 * 12 <= decoded_bytes(512, 512, "F")

@@ -40,6 +40,7 @@ from mmae.pipelines.builder.memory import release_freed_memory
 from mmae.pipelines.builder.plan import ChunkKey
 from mmae.pipelines.builder.tokenizer import SampleTexts
 from mmae.schemas.config import DataConfig
+from mmae.schemas.shard import reject_detail
 
 log = logging.getLogger("mmae.build")
 
@@ -67,7 +68,7 @@ def _looks_like_text(content_type: str) -> bool:
 
 def _failed(record: dict[str, Any], error: BaseException) -> dict[str, Any]:
     log.warning("row %s (%s): unexpected %s: %s", record.get("key"), record.get("url"), type(error).__name__, error)
-    return {**record, "reason": "processing_error", "detail": f"{type(error).__name__}: {error}"[:500]}
+    return {**record, "reason": "processing_error", "detail": reject_detail(f"{type(error).__name__}: {error}")}
 
 
 class RowProcessor:
@@ -87,7 +88,7 @@ class RowProcessor:
                 return self.inline.fetch(record["locator"])
             return self.fetcher.fetch(record["url"])
         except FetchError as error:
-            return {**record, "reason": error.reason, "detail": error.detail[:500]}
+            return {**record, "reason": error.reason, "detail": reject_detail(error.detail)}
         except Exception as error:  # a row must never take the build down with it
             return _failed(record, error)
 
@@ -97,7 +98,7 @@ class RowProcessor:
         except ImageReject as error:
             if error.reason == "decode_error" and _looks_like_text(result.content_type):
                 return {**record, "reason": "not_image", "detail": f"Content-Type {result.content_type}"}
-            return {**record, "reason": error.reason, "detail": error.detail[:500]}
+            return {**record, "reason": error.reason, "detail": reject_detail(error.detail)}
         except Exception as error:
             return _failed(record, error)
         return {

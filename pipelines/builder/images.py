@@ -95,23 +95,40 @@ class DecodeBudget:
                 self._room.notify_all()
 
 
-def decoded_bytes(width: int, height: int) -> int:
+DEEP_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S")  # more than 8 bits per sample
+
+
+def decoded_bytes(width: int, height: int, mode: str = "RGB") -> int:
     """What decoding and converting an image of this size may hold at once: Pillow keeps 4
-    bytes per pixel for any multi-band mode, and flattening transparency makes two more copies."""
-    return width * height * 4 * 3
+    bytes per pixel for any multi-band mode, and flattening transparency makes two more copies.
+    Deeper samples (16/32-bit integers, floats) are 4 bytes in Pillow, plus, while they are
+    scaled to 8 bits, Pillow's export to numpy, the working copy, the 8-bit result and a
+    transparency mask (~10 bytes), before the same RGB work."""
+    return width * height * (4 * 3 + (14 if mode in DEEP_MODES else 0))
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
-    """Greyscale deeper than 8 bits, scaled (Pillow's own conversion clips 16-bit values to 255)."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.asarray(image.convert("I") if image.mode != "I" else image, dtype=np.int64)
-        if image.mode == "I" and pixels.size and pixels.max() > 0xFFFF:
-            pixels = pixels >> 16  # 32-bit samples
-        return Image.fromarray((np.clip(pixels, 0, 0xFFFF) >> 8).astype(np.uint8), "L")
+    """Greyscale deeper than 8 bits, scaled (Pillow's own conversion clips 16-bit values to 255).
+    One working copy, changed in place: the memory `decoded_bytes` accounts for."""
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image)  # uint16 (or int16)
+        return Image.fromarray((pixels.astype(np.uint16, copy=False) >> 8).astype(np.uint8), "L")
+    if image.mode == "I":
+        pixels = np.array(image, dtype=np.int32)
+        np.clip(pixels, 0, None, out=pixels)
+        shift = 15 if pixels.size and pixels.max() > 0xFFFF else 0  # 31-bit samples (signed), or 16-bit ones
+        if shift:
+            np.right_shift(pixels, shift, out=pixels)
+        np.clip(pixels, 0, 0xFFFF, out=pixels)
+        np.right_shift(pixels, 8, out=pixels)
+        return Image.fromarray(pixels.astype(np.uint8), "L")
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0  # 0..1 floats, or 0..255
-        return Image.fromarray(np.clip(np.nan_to_num(pixels) * scale, 0, 255).astype(np.uint8), "L")
+        pixels = np.array(image, dtype=np.float32)
+        np.nan_to_num(pixels, copy=False)
+        if pixels.size and pixels.max() <= 1.0:  # 0..1 floats, or 0..255
+            np.multiply(pixels, 255.0, out=pixels)
+        np.clip(pixels, 0, 255, out=pixels)
+        return Image.fromarray(pixels.astype(np.uint8), "L")
     return image
 
 
@@ -120,14 +137,26 @@ def _has_transparency(image: Image.Image) -> bool:
 
 
 def _flatten(image: Image.Image) -> Image.Image:
-    """RGB output; transparency of any kind composited on white (as img2dataset does)."""
+    """RGB output; transparency of any kind composited on white (as img2dataset does). Deep
+    greyscale is scaled to 8 bits first, its transparent colour (tRNS) matched on the original
+    samples: converting it to RGBA directly would clip every sample to white."""
+    if image.mode in DEEP_MODES:
+        transparent = image.info.get("transparency")
+        mask = None
+        if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+            mask = np.asarray(image) == transparent
+        image = _to_8_bit(image)
+        if mask is not None:
+            alpha = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L")
+            image = Image.merge("LA", (image, alpha))
+        else:
+            return image.convert("RGB")
     if _has_transparency(image):
         if image.mode in ("RGBa", "La"):  # premultiplied alpha
             image = image.convert("RGBA") if image.mode == "RGBa" else image.convert("LA")
         rgba = image.convert("RGBA")  # applies a palette's or a single colour's tRNS too
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    image = _to_8_bit(image)
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
@@ -287,7 +316,8 @@ def _process_with_pillow(data: bytes, config: ImageConfig) -> tuple[bytes, int, 
         _check_size(original_width, original_height, config)
         scaled = _dct_scaled_size(original_width, original_height, config) if image.format == "JPEG" else None
         orientation = image.getexif().get(_ORIENTATION, 1)
-        with DecodeBudget.for_config(config).reserve(decoded_bytes(*(scaled or (original_width, original_height)))):
+        size = scaled or (original_width, original_height)
+        with DecodeBudget.for_config(config).reserve(decoded_bytes(*size, image.mode)):
             if image.format == "JPEG":
                 image = _decode_jpeg(data, image, scaled)
             else:

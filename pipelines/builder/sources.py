@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -27,6 +26,7 @@ from mmae.pipelines.builder import webdataset
 from mmae.pipelines.builder.lines import default_cap, lines
 from mmae.pipelines.builder.localfiles import NotARegularFile, inside, read_regular_file
 from mmae.schemas.config import DataConfig, SourceConfig
+from mmae.schemas.shard import reject_detail
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 TAR_SUFFIX = ".tar"  # a WebDataset shard (see webdataset.py)
@@ -281,7 +281,7 @@ def reject(record: dict[str, Any], reason: str, detail: str = "") -> dict[str, A
         "key": record["key"],
         "url": url if isinstance(url, str) else None,
         "reason": reason,
-        "detail": detail[:500],
+        "detail": reject_detail(detail),
     }
 
 
@@ -481,8 +481,7 @@ def read_source_file(source: SourceConfig, source_file: SourceFile, cap: int = 1
 
 def _error_text(error: BaseException) -> str:
     """An exception as a deterministic one-line detail (no object addresses)."""
-    text = str(error) or type(error).__name__
-    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+    text = reject_detail(str(error)) or type(error).__name__
     return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
 
 
