@@ -28,13 +28,17 @@ def reason_of(fetch: Fetcher, url: str) -> str:
 @pytest.mark.parametrize(
     "address",
     ["10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "127.0.0.2", "169.254.169.254", "0.0.0.0",
-     "::1", "fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1", "100.64.0.1"],
+     "::1", "fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1", "100.64.0.1",
+     # IPv6 forms that carry a private IPv4 address, and deprecated site-local addresses
+     "2002:c0a8:101::1", "2002:7f00:1::", "64:ff9b::10.0.0.1", "64:ff9b:1::a00:1", "::10.0.0.1",
+     "2001:0:4136:e378:8000:63bf:3fff:fdd2", "fec0::1", "fec0:1::2"],
 )
 def test_guard_refuses_non_public_addresses(address):
     assert not AddressGuard().is_allowed(address)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "64:ff9b::8.8.8.8",
+                                     "2002:808:808::1"])
 def test_guard_allows_public_addresses(address):
     assert AddressGuard().is_allowed(address)
 

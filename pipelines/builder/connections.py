@@ -121,13 +121,18 @@ class AddressGuard:
         return lookup.infos
 
     def is_allowed(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        """Public addresses only (unless allowed): an IPv6 address that carries an IPv4 one
+        (mapped, compatible, 6to4, NAT64, Teredo) is judged by every address it carries."""
         if self.allow_private:
             return True
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
         if any(ip in network for network in self.allowed_networks):
             return True
+        carried = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else []
+        if carried:
+            return all(self.is_allowed(str(inner)) for inner in carried)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+            return False  # fec0::/10, deprecated but still routed on some networks
         return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
 
     def connect(self, host: str, port: int, timeout: Optional[float]) -> socket.socket:
@@ -297,3 +302,22 @@ class ConnectionPool:
                 closing.append(connection)
         for extra in closing:
             extra.close()
+
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: ::ffff:a.b.c.d, ::a.b.c.d, 6to4 (2002::/16),
+    NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48) and Teredo (server and client)."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if any(ip in network for network in _NAT64) or (ip in _COMPATIBLE and int(ip) > 1):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
