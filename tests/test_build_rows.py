@@ -241,3 +241,26 @@ def test_reject_details_are_the_same_in_two_identical_builds(tmp_path):
         details.append([row["detail"] for row in rows(tmp_path / name / "out", "rejects")])
     assert len(details[0]) == 1 and "cannot identify image file" in details[0][0]
     assert details[0] == details[1] and "0x" not in details[0][0]
+
+
+def test_a_tar_json_member_nested_too_deep_is_that_samples_reject(tmp_path):
+    path = tmp_path / "s.tar"
+    _tar(path, [("a.jpg", b"jpeg"), ("a.txt", b"one"), ("a.json", b"[" * 100_000 + b"]" * 100_000),
+                ("b.jpg", b"jpeg"), ("b.txt", b"two"), ("b.json", b'{"label": "ok"}')])
+    records = read_all(SourceConfig(name="s", kind="paired", path=str(path), label_column="label"))
+    assert [(record["key"], record.get("reason"), record.get("label")) for record in records] == [
+        ("s.tar#a", "bad_row", None), ("s.tar#b", None, "ok")]
+
+
+def test_inline_parquet_images_are_read_in_windows_in_any_order(tmp_path):
+    from mmae.pipelines.builder import inline
+
+    path = tmp_path / "images.parquet"
+    payloads = [f"image {index}".encode() * 10 for index in range(200)]
+    pq.write_table(pa.table({"jpg": payloads}), path, row_group_size=90)
+    reader = inline.InlineImages(max_bytes=1 << 20)
+    order = list(range(200)) + list(range(199, -1, -7)) + [5, 150, 6, 95, 0]
+    for row in order:
+        locator = {"parquet": str(path), "row": row, "column": "jpg"}
+        assert reader.fetch(locator).data == payloads[row]
+    assert len(reader._windows) <= inline.WINDOWS_KEPT

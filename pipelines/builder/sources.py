@@ -436,6 +436,9 @@ def _read_tar(source: SourceConfig, source_file: SourceFile) -> Iterator[dict[st
         except RowProblem as problem:
             yield reject(record, problem.reason, problem.detail)
             continue
+        except Exception as error:  # noqa: BLE001 - e.g. a json member nested too deep: this sample's
+            yield reject(record, "bad_row", _error_text(error))
+            continue
         yield record
 
 
@@ -444,7 +447,7 @@ def _sample_label(sample: "webdataset.Sample", column: str) -> Optional[str]:
     if "json" in sample.texts:
         try:
             extra = json.loads(sample.texts["json"])
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise RowProblem("bad_row", f"json member: {error}") from None
         if isinstance(extra, dict) and column in extra:
             return _label(extra[column], column)
