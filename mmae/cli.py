@@ -337,7 +337,11 @@ def entry() -> None:
     """Console-script entry point. Once the command has finished and its output is flushed,
     leave without interpreter teardown: Arrow's native thread pools can abort the process while
     being torn down at exit (apache/arrow#34314), turning a finished command into exit 134."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while a command starts up (imports) or outside its own handling
+        print("mmae: interrupted", file=sys.stderr)
+        code = 130
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"mmae train: {stop}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:
+        print("mmae train: interrupted at once (a second Ctrl-C); run the same command to resume from the "
+              "newest checkpoint", file=sys.stderr)
+        return 130
     except (ConfigError, TrainError, DataError, ManifestError) as error:
         print(f"mmae train: error: {error}", file=sys.stderr)
         return 2

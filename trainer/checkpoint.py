@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from mmae.trainer.run_folder import RunFolder
 
 log = logging.getLogger("mmae.checkpoint")
@@ -35,6 +36,25 @@ class CheckpointNotFound(FileNotFoundError):
     """`--checkpoint` names nothing that holds a checkpoint; the message says what it found."""
 
 
+class NonFiniteWeights(CheckpointNotFound):
+    """The checkpoint loads, but some of its weights are NaN or infinite: no result may come of it."""
+
+
+def first_non_finite(tensors: dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: dict[str, Any], where: str) -> None:
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise NonFiniteWeights(f"{where}: the weight {name} holds NaN or inf values; refusing to use these weights "
+                               "(an earlier checkpoint of the run, if any, may hold finite ones)")
+
+
 def _whole(handle) -> bool:
     """A cheap check that a checkpoint is whole: torch.save writes a zip, whose central
     directory (at the end of the file) a truncated or overwritten file lacks."""
@@ -46,10 +66,21 @@ def _whole(handle) -> bool:
 
 
 def readable(url: str) -> bool:
+    """Does the file load as a checkpoint? A whole zip that `torch.load(weights_only=True)`
+    unpickles into a state with model weights. A local file is memory-mapped, so the tensors'
+    bytes are not read: cheap enough to ask of every kept checkpoint at every save."""
+    url = str(url)
     try:
-        with fsspec.open(str(url), "rb") as handle:
-            return _whole(handle)
-    except OSError:
+        with fsspec.open(url, "rb") as handle:
+            if not _whole(handle):
+                return False
+        fs, path = fsspec.core.url_to_fs(url)
+        if isinstance(fs, LocalFileSystem):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = load_checkpoint(url)
+        return isinstance(state, dict) and isinstance(state.get("model"), dict) and "model_spec" in state
+    except Exception:  # noqa: BLE001 - whatever a damaged or foreign file raises: not loadable
         return False
 
 
@@ -99,17 +130,19 @@ class Checkpointer:
         """The newest readable checkpoint (the `last` pointer first), or None."""
         candidates = self.existing()
         if self.run.exists(FOLDER, "last"):
-            named = self.run.read_text(FOLDER, "last").strip()
+            named = _pointer(self.run.path(FOLDER, "last"), self.run.fs)  # None unless it names a checkpoint
             if named in candidates:
                 candidates.remove(named)
                 candidates.insert(0, named)
         problems = []
         for name in candidates:
             try:
-                return self.url(name), load_checkpoint(self.url(name))
+                state = load_checkpoint(self.url(name))
+                check_finite(state["model"], self.url(name))
+                return self.url(name), state
             except Exception as error:  # noqa: BLE001 - any unreadable file: report, fall back
                 problems.append(f"{name}: {type(error).__name__}: {str(error)[:120]}")
-                log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                log.warning("checkpoint %s is unreadable or unusable (%s: %s); trying the previous one",
                             self.url(name), type(error).__name__, str(error)[:200])
         if candidates:
             raise NoReadableCheckpoint(
@@ -135,15 +168,17 @@ def resolve_checkpoint(given: str) -> str:
         if fs.isdir(folder.path(FOLDER)):
             folder = RunFolder(folder.display(FOLDER))
         names = [name for name in folder.listdir() if NAME.match(name)]
-        if folder.exists("last") and (named := folder.read_text("last").strip()) in names:
+        named = _pointer(folder.path("last"), folder.fs) if folder.exists("last") else None
+        if named in names and readable(folder.display(named)):
             return folder.display(named)
         for name in sorted(names, reverse=True):
             if readable(folder.display(name)):
                 return folder.display(name)
         raise CheckpointNotFound(f"{given}: no readable step-*.pt checkpoint in {folder}")
     if posixpath.basename(path) == "last" and fs.isfile(path):
-        with fs.open(path, "rb") as handle:
-            named = handle.read().decode("utf-8").strip()
+        named = _pointer(path, fs)
+        if named is None:
+            raise CheckpointNotFound(f"{given}: not a `last` pointer (it should hold one step-*.pt name)")
         target = posixpath.join(posixpath.dirname(given), named) if "/" in given else named
         if not fs.isfile(posixpath.join(posixpath.dirname(path), named)):
             raise CheckpointNotFound(f"{given} names {named}, which does not exist")
@@ -153,6 +188,17 @@ def resolve_checkpoint(given: str) -> str:
     return given
 
 
+def _pointer(path: str, fs) -> Optional[str]:
+    """The checkpoint name a `last` file holds, if it holds one (a name in the same folder)."""
+    with fs.open(path, "rb") as handle:
+        raw = handle.read(256)
+    try:
+        named = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return named if NAME.match(named) else None
+
+
 def exported_folder(given: str) -> bool:
     """A folder written by `mmae export --format safetensors` (weights, spec, tokenizer)."""
     import os
@@ -160,15 +206,76 @@ def exported_folder(given: str) -> bool:
     return os.path.isdir(str(given)) and os.path.isfile(os.path.join(str(given), "mmae.json"))
 
 
-def load_model(path: str):
-    """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load). `path`
-    may be a checkpoint file, a `last` pointer, a run folder (`resolve_checkpoint`) or a folder
-    exported with `--format safetensors`."""
+SPEC_KEYS = {"preset": str, "vocab_size": int, "image_size": int, "max_text_tokens": int}
+EXPORTED_CONFIG = "mmae.json"
+EXPORTED_WEIGHTS = "model.safetensors"
+
+
+def build_checked(spec: Any, shapes: dict[str, tuple[int, ...]], where: str):
+    """The model a spec describes, built only once the spec is whole and its tensors' shapes
+    agree with `shapes` (what the file holds): a spec claiming a vocabulary of 10^8 is refused
+    before anything is allocated (the comparison is made on the meta device)."""
     from mmae.trainer.model import build_model
 
-    if exported_folder(path):
-        from mmae.trainer.export import load_exported
+    if not isinstance(spec, dict) or any(not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool)
+                                         for key, kind in SPEC_KEYS.items()):
+        raise CheckpointNotFound(f"{where}: the model spec is missing or incomplete (needs "
+                                 f"{', '.join(SPEC_KEYS)}); got {str(spec)[:200]}")
+    arguments = (spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
+                 bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)))
+    try:
+        with torch.device("meta"):
+            expected = {name: tuple(value.shape) for name, value in build_model(*arguments).state_dict().items()}
+    except (ValueError, RuntimeError) as error:
+        raise CheckpointNotFound(f"{where}: the model spec cannot be built ({error})") from None
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    wrong = [name for name in expected if name in shapes and tuple(shapes[name]) != expected[name]]
+    if missing or extra or wrong:
+        detail = (f"{wrong[0]} is {tuple(shapes[wrong[0]])} in the file, {expected[wrong[0]]} for the spec" if wrong
+                  else f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}")
+        raise CheckpointNotFound(f"{where}: the weights do not match the model spec ({detail})")
+    return build_model(*arguments)
 
+
+def load_exported(folder: str):
+    """A model from a `mmae export --format safetensors` folder (weights, spec, config)."""
+    import json
+    import os
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(folder, EXPORTED_CONFIG)
+    weights_path = os.path.join(folder, EXPORTED_WEIGHTS)
+    try:
+        with open(config_path, "rb") as handle:
+            meta = json.loads(handle.read(1 << 20))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError) as error:
+        raise CheckpointNotFound(f"{config_path}: not readable as the export's JSON ({type(error).__name__}: "
+                                 f"{str(error)[:200]})") from None
+    try:
+        with safe_open(weights_path, framework="pt") as weights:
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        model = build_checked(meta.get("model_spec"), shapes, weights_path)
+        tensors = load_file(weights_path)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointNotFound(f"{weights_path}: cannot be read ({type(error).__name__}: {error})") from None
+    check_finite(tensors, weights_path)
+    model.load_state_dict(tensors)
+    model.eval()
+    return model, {"model": model.state_dict(), "model_spec": meta["model_spec"], "step": meta.get("step"),
+                   "config": meta.get("train") if isinstance(meta.get("train"), dict) else {}}
+
+
+def load_model(path: str):
+    """A model from a checkpoint, for evaluation (weights_only=True; no code runs on load), its
+    weights checked: a spec that disagrees with them, or NaN/inf among them, is refused naming the
+    file. `path` may be a checkpoint file, a `last` pointer, a run folder (`resolve_checkpoint`)
+    or a folder exported with `--format safetensors`."""
+    if exported_folder(path):
         return load_exported(str(path))
     path = resolve_checkpoint(path)
     try:
@@ -176,9 +283,11 @@ def load_model(path: str):
     except Exception as error:  # noqa: BLE001 - a damaged or foreign file: say which
         raise CheckpointNotFound(f"{path}: cannot be loaded as a checkpoint ({type(error).__name__}: "
                                  f"{str(error)[:200]})") from None
-    spec = state["model_spec"]
-    model = build_model(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
-                        spec.get("norm_pix_loss", True), spec.get("alignment", False))
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_spec" not in state:
+        raise CheckpointNotFound(f"{path}: not an mmae checkpoint (no model weights and spec in it)")
+    shapes = {name: tuple(value.shape) for name, value in state["model"].items() if isinstance(value, torch.Tensor)}
+    model = build_checked(state["model_spec"], shapes, path)
+    check_finite(state["model"], path)
     model.load_state_dict(state["model"])
     model.eval()
     return model, state

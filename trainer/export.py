@@ -23,15 +23,15 @@ import os
 from typing import Any, Optional
 
 import torch
-from mmae.trainer.checkpoint import load_model, resolve_checkpoint
+from mmae.trainer.checkpoint import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, resolve_checkpoint
 from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
 from mmae.trainer.transforms import MEAN, STD
 
 log = logging.getLogger("mmae.export")
 
 FORMATS = ("timm", "safetensors")
-SAFETENSORS_FILE = "model.safetensors"
-MMAE_CONFIG = "mmae.json"
+SAFETENSORS_FILE = EXPORTED_WEIGHTS
+MMAE_CONFIG = EXPORTED_CONFIG
 
 
 class ExportError(RuntimeError):
@@ -138,19 +138,3 @@ def _copy_tokenizer(dataset: str, target: str) -> bool:
         log.warning("no tokenizer copied from %s (%s); text embedding will need the dataset's tokenizer.model",
                     dataset, error)
         return False
-
-
-def load_exported(folder: str) -> tuple[MultimodalMAE, dict[str, Any]]:
-    """A model from a `--format safetensors` folder (weights, spec, config)."""
-    from mmae.trainer.model import build_model
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, MMAE_CONFIG)) as handle:
-        meta = json.load(handle)
-    spec = meta["model_spec"]
-    model = build_model(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
-                        spec.get("norm_pix_loss", True), spec.get("alignment", False))
-    model.load_state_dict(load_file(os.path.join(folder, SAFETENSORS_FILE)))
-    model.eval()
-    return model, {"model": model.state_dict(), "model_spec": spec, "step": meta.get("step"),
-                   "config": meta.get("train", {})}

@@ -114,6 +114,7 @@ class Trainer:
         self.changed_on_resume: dict[str, list] = {}
         self.run = RunFolder(config.out)
         self.checkpoints = Checkpointer(self.run, config.keep_checkpoints)
+        self._batches = None  # the loop's batch iterator, closed when the loop ends
         self.metrics = MetricsLog(self.run)
         self.validator = Validator(config, env)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -334,6 +335,11 @@ class Trainer:
                                        {key: value for key, value in last.items() if key.endswith("loss")})
             return last
         finally:
+            if self._batches is not None:
+                # Shuts the DataLoader workers down now, whatever ended the loop (a second
+                # Ctrl-C included): they ignore stop signals, so nothing else would.
+                self._batches.close()
+                self._batches = None
             if env.main:
                 self.metrics.flush()
             if progress is not None:
@@ -352,7 +358,9 @@ class Trainer:
             stage = stage_at(self.stages, self.step)
             if batches is None or stage != self.stage:
                 self._enter_stage(stage)
-                batches = self.loader.steps(stage.end - self.step)
+                if batches is not None:
+                    batches.close()
+                batches = self._batches = self.loader.steps(stage.end - self.step)
             result = self.train_step(model, next(batches))
             self.nonfinite.note(result, self.step)
             window.add(result)
