@@ -3,7 +3,9 @@
 - `pipelines.builder` — `mmae build`: the Beam pipeline, one module per stage, wired in `pipeline.py`;
 - `pipelines.inspect` — `mmae stats` / `mmae validate`: what is in a built dataset;
 - `pipelines.demo`    — `mmae demo` / `mmae demo-data`: the synthetic corpus and loopback servers;
-- `pipelines.shards`  — writing Parquet files atomically, shared by the build and the tools.
+- `pipelines.shards`  — writing Parquet files atomically, shared by the build and the tools;
+- `pipelines.localfiles` — reading a local file a stranger named: regular files only (the build's
+  URL lists and image folders, `mmae embed`'s folders and text files).
 """
 
 import os

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from mmae.pipelines.localfiles import read_regular_file
+from mmae.trainer.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
 
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
@@ -29,6 +31,7 @@ SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                     pa.field("text_embedding", pa.list_(pa.float32()))])
 log = logging.getLogger("mmae.embed")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MAX_IMAGE_BYTES = 64 << 20  # a larger file in an image folder is counted as undecodable, not read
 
 
 class EmbedError(RuntimeError):
@@ -69,38 +72,93 @@ def image_folder_rows(folder: str, batch_size: int) -> tuple[int, Iterator[list[
         for start in range(0, len(paths), batch_size):
             rows = []
             for path in paths[start:start + batch_size]:
-                with open(path, "rb") as handle:
-                    rows.append({"id": os.path.relpath(path, folder), "image": handle.read(), "tokens": None})
+                # Regular files only (a FIFO named a.jpg is never waited on), at most MAX_IMAGE_BYTES.
+                try:
+                    data, size = read_regular_file(path, MAX_IMAGE_BYTES)
+                    problem = f"larger than {MAX_IMAGE_BYTES} bytes" if size > MAX_IMAGE_BYTES else (
+                        "zero bytes" if not data else None)
+                except OSError as error:
+                    data, problem = b"", f"{type(error).__name__}: {error.strerror or error}"
+                rows.append({"id": os.path.relpath(path, folder), "image": None if problem else data,
+                             "tokens": None, "problem": problem})
             yield rows
 
     return len(paths), batches()
 
 
 def text_file_rows(path: str, tokenizer, batch_size: int, max_tokens: int) -> tuple[int, Iterator[list[dict]]]:
+    """One row per line ("\n" only: U+2028 inside a caption does not start a new id). Only the
+    start of a line that `max_tokens` tokens can use is kept (32 bytes a token is more than any
+    tokenizer's pieces), so memory follows the settings, not the longest line."""
+    keep = max(4096, 32 * max_tokens)
+    if not _regular(path):
+        raise EmbedError(f"{path}: not a regular file (a folder, FIFO or device)")
+
+    def lines() -> Iterator[tuple[int, str]]:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(_bounded_lines(handle, keep), start=1):
+                try:
+                    yield number, line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    if error.start >= len(line) - 3 and len(line) == keep:  # a character cut at `keep`
+                        yield number, line[:error.start].decode("utf-8")
+                        continue
+                    raise EmbedError(f"{path}: line {number} is not UTF-8 ({error.reason} at byte {error.start} "
+                                     "of the line)") from None
+
     with open(path, "rb") as handle:
-        data = handle.read()
-    try:
-        text = data.decode("utf-8")
-        # "\n" only: U+2028 and friends inside a caption do not start a new line (a new id).
-        lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise EmbedError(f"{path}: line {line} is not UTF-8 ({error.reason} at byte {error.start})") from None
+        count = sum(1 for _ in _bounded_lines(handle, 1))
 
     def batches() -> Iterator[list[dict[str, Any]]]:
-        for start in range(0, len(lines), batch_size):
-            chunk = lines[start:start + batch_size]
-            yield [{"id": f"line-{start + offset + 1}", "image": None,
-                    "tokens": tokenizer.encode(text)[:max_tokens] if text.strip() else None}
-                   for offset, text in enumerate(chunk)]
+        chunk: list[tuple[int, str]] = []
+        for item in lines():
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield _text_rows(chunk, tokenizer, max_tokens)
+                chunk = []
+        if chunk:
+            yield _text_rows(chunk, tokenizer, max_tokens)
 
-    return len(lines), batches()
+    return count, batches()
+
+
+def _text_rows(chunk: list[tuple[int, str]], tokenizer, max_tokens: int) -> list[dict[str, Any]]:
+    return [{"id": f"line-{number}", "image": None,
+             "tokens": tokenizer.encode(text)[:max_tokens] if text.strip() else None} for number, text in chunk]
+
+
+def _regular(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _bounded_lines(handle, keep: int) -> Iterator[bytes]:
+    """Each line's first `keep` bytes (without its newline); the rest is skipped in pieces. A
+    last line without a newline counts; an empty file has no lines."""
+    while True:
+        line = handle.readline(keep + 1)
+        if not line:
+            return
+        if line.endswith(b"\n"):
+            yield line[:-1].removesuffix(b"\r")[:keep]
+            continue
+        head = line[:keep]
+        while line and not line.endswith(b"\n"):  # the rest of a long line
+            line = handle.readline(1 << 20)
+        yield head.removesuffix(b"\r")
 
 
 @torch.no_grad()
 def embed_rows(model, rows: list[dict[str, Any]], pool: str, undecodable: list[str]) -> pa.Table:
     """One output table: each row's image and text embeddings (null where the row lacks the part,
     or where its image does not decode: that row's id and reason are appended to `undecodable`)."""
+    for row in rows:
+        if row.get("problem"):
+            undecodable.append(f"{row['id']}: {row['problem']}")
     image_rows = [index for index, row in enumerate(rows) if row.get("image")]
     text_rows = [index for index, row in enumerate(rows) if row.get("tokens")]
     image_out: list[Optional[list[float]]] = [None] * len(rows)
@@ -133,6 +191,12 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
 
     if sum(value is not None for value in (data, images, texts)) != 1:
         raise EmbedError("give exactly one of --data DATASET, --images FOLDER, --texts FILE")
+    try:
+        check_output(out, "--out", inputs=[checkpoint, texts or ""], folders=[data or "", images or ""])
+    except OutputError as error:
+        raise EmbedError(str(error)) from None
+    if os.path.isdir(out):
+        raise EmbedError(f"--out {out} is a folder; it names the Parquet file to write")
     model, state = load_model(checkpoint)
     if data is not None:
         total, batches = dataset_rows(data, batch_size)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 from mmae.trainer.checkpoint import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, resolve_checkpoint
+from mmae.trainer.outputs import OutputError, check_output
 from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
 from mmae.trainer.transforms import MEAN, STD
 
@@ -100,6 +101,11 @@ def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = Fa
         raise ExportError(f"unknown --format {format!r} (choose from {', '.join(FORMATS)})")
     path = resolve_checkpoint(checkpoint)
     model, state = load_model(path)
+    dataset = tokenizer_from or (state.get("config") or {}).get("data")
+    try:
+        check_output(out, "--out", inputs=[str(path)], folders=[dataset or ""])
+    except OutputError as error:
+        raise ExportError(str(error)) from None
     _prepare(out, overwrite)
     written = []
     if format == "timm":

@@ -39,6 +39,7 @@ from mmae.schemas.manifest import read_manifest
 from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
 from mmae.trainer.checkpoint import Checkpointer
+from mmae.trainer.outputs import OutputError, check_output
 from mmae.trainer.loader import MixedLoader, RankLoaders
 from mmae.trainer.masking import step_seed
 from mmae.trainer.metrics import Events, MetricsLog, NonFinite, Progress, StepResult, Window, sample_digest
@@ -85,6 +86,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: Distributed) -> None:
         self.config, self.env = config, env
         self.device = env.device
+        try:
+            check_output(config.out, "train.out", inputs=[config.init_from or "", config.resume_from or ""],
+                         folders=[config.data, config.validation.data or ""])
+        except OutputError as error:
+            raise TrainError(str(error)) from None
+        if os.path.exists(config.out) and not os.path.isdir(config.out):
+            raise TrainError(f"train.out {config.out} is a file; it names the run folder to write")
         tokenizer = read_manifest(config.data).tokenizer
         self.vocab_size = tokenizer.vocab_size if tokenizer else 0
         if not self.vocab_size and config.use_text and (config.mix.paired or config.mix.text):

@@ -33,7 +33,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import fsspec
 from mmae.pipelines.builder.connections import ANSWER_TIMEOUT, DEADLINES, AddressGuard, ConnectionPool, FetchError
-from mmae.pipelines.builder.localfiles import NotARegularFile, read_regular_file
+from mmae.pipelines.localfiles import NotARegularFile, read_regular_file
 from mmae.schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mmae.pipelines.builder import webdataset
 from mmae.pipelines.builder.lines import default_cap, lines
-from mmae.pipelines.builder.localfiles import NotARegularFile, inside, read_regular_file
+from mmae.pipelines.localfiles import NotARegularFile, inside, read_regular_file
 from mmae.schemas.config import DataConfig, SourceConfig
 from mmae.schemas.shard import reject_detail
 

@@ -1,8 +1,8 @@
 """Reading a local file named by input from strangers: regular files only.
 
 `open()` on a FIFO waits for a writer forever and a device can be endless, so a file is opened
-non-blocking and checked with `fstat` before a byte is read. Used for URL-list paths (download)
-and image folders' caption files (reader)."""
+non-blocking and checked with `fstat` before a byte is read. Used for URL-list paths (download),
+image folders' caption files (reader) and `mmae embed`'s inputs."""
 
 from __future__ import annotations
 

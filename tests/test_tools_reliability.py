@@ -1,0 +1,216 @@
+"""Training and the tools on hostile files and at bad moments: nothing hangs, nothing a user owns
+is written into, and no number comes from weights that are not finite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from mmae.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointNotFound,
+    NonFiniteWeights,
+    load_model,
+    resolve_checkpoint,
+)
+from mmae.trainer.outputs import OutputError, check_output
+from mmae.trainer.run_folder import RunFolder
+from safetensors.torch import save_file
+
+from tests.conftest import jpeg_bytes
+from tests.test_export import ROOT, a_checkpoint, mmae
+from tests.test_train import dataset, losses, train_command  # noqa: F401 - the module's dataset fixture
+
+
+def _poisoned(path: Path, target: Path) -> Path:
+    state = torch.load(path, weights_only=True)
+    name = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, target)
+    return target
+
+
+def test_non_finite_weights_are_refused_by_eval_export_and_embed(tmp_path):
+    checkpoint = _poisoned(a_checkpoint(tmp_path), tmp_path / "step-0000008.pt")
+    with pytest.raises(NonFiniteWeights, match="step-0000008.pt: the weight .* NaN or inf"):
+        load_model(str(checkpoint))
+    result = mmae("export", "--checkpoint", str(checkpoint), "--format", "timm", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "NaN or inf" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(jpeg_bytes())
+    result = mmae("embed", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "img"),
+                  "--out", str(tmp_path / "e.parquet"))
+    assert result.returncode == 2 and "NaN or inf" in result.stderr and not (tmp_path / "e.parquet").exists()
+
+
+def test_resume_skips_a_non_finite_checkpoint_for_the_newest_finite_one(dataset, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), check=True, capture_output=True,
+                   timeout=300)
+    newest = run / "checkpoints" / "step-0000008.pt"
+    _poisoned(newest, newest)
+    path, state = Checkpointer(RunFolder(str(run))).load_latest()
+    assert Path(path).name == "step-0000004.pt" and state["step"] == 4
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=8"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "at step 4" in result.stderr and "NaN or inf" in result.stderr
+
+
+def test_rotation_keeps_loadable_checkpoints_whatever_lies_beside_them(dataset, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    keep = ("--set", "train.keep_checkpoints=2")
+    subprocess.run(train_command(dataset, run, "--set", "train.steps=8", *keep), check=True, capture_output=True,
+                   timeout=300)
+    folder = run / "checkpoints"
+    for step in (5, 6, 7, 9, 10, 11):  # whole zips that are not checkpoints, between and after the good ones
+        with zipfile.ZipFile(folder / f"step-{step:07d}.pt", "w") as archive:
+            archive.writestr("archive/data.pkl", b"not a pickle")
+    (folder / "last").write_bytes(os.urandom(10 << 20))  # a `last` of random bytes
+    result = subprocess.run(train_command(dataset, run, "--set", "train.steps=16", *keep), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "at step 8" in result.stderr
+    good = sorted(path.name for path in folder.glob("step-*.pt") if path.stat().st_size > 1000)
+    assert good == ["step-0000012.pt", "step-0000016.pt"]
+    assert (folder / "last").read_text().strip() == "step-0000016.pt"
+    assert Path(resolve_checkpoint(str(run))).name == "step-0000016.pt"
+    assert load_model(str(run))[1]["step"] == 16
+
+
+def test_a_second_ctrl_c_during_a_save_exits_at_once(dataset, tmp_path):  # noqa: F811
+    script = tmp_path / "two_interrupts.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from mmae.trainer import checkpoint\n"
+        "original = checkpoint.Checkpointer.save\n"
+        "def save(self, step, state):\n"
+        "    if step == 4:  # two Ctrl-C 20 ms apart, as a terminal sends them to the group, during the save\n"
+        "        os.killpg(os.getpgrp(), signal.SIGINT); time.sleep(0.02); os.killpg(os.getpgrp(), signal.SIGINT)\n"
+        "    return original(self, step, state)\n"
+        "checkpoint.Checkpointer.save = save\n"
+        "from mmae.cli import entry\n"
+        "sys.argv = ['mmae'] + sys.argv[1:]\n"
+        "entry()\n")
+    run = tmp_path / "run"
+    command = train_command(dataset, run)
+    command = [sys.executable, str(script), "train"] + command[command.index("--config"):]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the process hung after a second Ctrl-C")
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted at once" in stderr and "Traceback" not in stderr
+    assert not [path for path in (run / "checkpoints").glob(".tmp-*")] if (run / "checkpoints").exists() else True
+    result = subprocess.run(train_command(dataset, run), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _exported(tmp_path: Path) -> Path:
+    out = tmp_path / "exported"
+    result = mmae("export", "--checkpoint", str(a_checkpoint(tmp_path)), "--format", "safetensors", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("damage", ["not json", "no spec", "wrong shapes", "huge vocab", "nan"])
+def test_a_damaged_export_folder_is_one_clear_error(tmp_path, damage):
+    out = _exported(tmp_path)
+    meta = json.loads((out / "mmae.json").read_text())
+    if damage == "not json":
+        (out / "mmae.json").write_text("{not json")
+    elif damage == "no spec":
+        (out / "mmae.json").write_text(json.dumps({"step": 7}))
+    elif damage == "wrong shapes":
+        meta["model_spec"]["preset"] = "small"  # other widths than the tensors
+        (out / "mmae.json").write_text(json.dumps(meta))
+    elif damage == "huge vocab":
+        meta["model_spec"]["vocab_size"] = 10 ** 8  # would be gigabytes if it were allocated
+        (out / "mmae.json").write_text(json.dumps(meta))
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(out / "model.safetensors")
+        name = sorted(tensors)[0]
+        tensors[name] = torch.full_like(tensors[name], float("inf"))
+        save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointNotFound) as caught:
+        load_model(str(out))
+    assert str(out) in str(caught.value)
+    result = mmae("export", "--checkpoint", str(out / "model.safetensors"), "--format", "timm",
+                  "--out", str(tmp_path / "again"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_outputs_may_not_land_in_a_dataset_or_on_an_input(tmp_path, dataset):  # noqa: F811
+    with pytest.raises(OutputError, match="inside the dataset"):
+        check_output(str(dataset), "train.out")
+    with pytest.raises(OutputError, match="inside the dataset"):
+        check_output(str(dataset / "runs" / "one"), "train.out")
+    link = tmp_path / "innocent"
+    link.symlink_to(dataset)
+    with pytest.raises(OutputError, match="inside the dataset"):
+        check_output(str(link / "export"), "--out")  # through a link
+    checkpoint = a_checkpoint(tmp_path)
+    with pytest.raises(OutputError, match="is or holds the input"):
+        check_output(str(tmp_path), "--out", inputs=[str(checkpoint)])
+    check_output(str(tmp_path / "elsewhere"), "--out", inputs=[str(checkpoint)], folders=[str(dataset)])
+
+    result = subprocess.run(train_command(dataset, dataset, "--set", "train.steps=2"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "inside the dataset" in result.stderr and "Traceback" not in result.stderr
+    assert not (dataset / "checkpoints").exists() and not (dataset / "metrics.jsonl").exists()
+    tokenizer = (dataset / "tokenizer.model")
+    before = tokenizer.read_bytes() if tokenizer.exists() else None
+    trained = a_checkpoint(tmp_path / "ck", data=str(dataset)) if (tmp_path / "ck").mkdir() is None else None
+    result = mmae("export", "--checkpoint", str(trained), "--format", "safetensors", "--out", str(link))
+    assert result.returncode == 2 and "inside the dataset" in result.stderr
+    assert (tokenizer.read_bytes() if tokenizer.exists() else None) == before
+
+
+def test_embed_never_waits_on_a_fifo_and_counts_empty_images(tmp_path):
+    checkpoint = a_checkpoint(tmp_path)
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    (images / "empty.jpg").write_bytes(b"")
+    os.mkfifo(images / "pipe.jpg")
+    emb = tmp_path / "e.parquet"
+    result = subprocess.run([sys.executable, "-m", "mmae.cli", "embed", "--checkpoint", str(checkpoint), "--images",
+                             str(images), "--out", str(emb)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 3 and summary["undecodable_images"] == 2
+
+
+def test_embed_reads_only_what_a_long_text_line_can_use(tmp_path):
+    from mmae.trainer.embed import text_file_rows
+
+    class Tokenizer:
+        def encode(self, text):
+            return [len(word) for word in text.split()]
+
+    path = tmp_path / "texts.txt"
+    with open(path, "w") as handle:
+        handle.write("first line\n" + "word " * 10_000_000 + "\nlast line")
+    import tracemalloc
+
+    tracemalloc.start()
+    count, batches = text_file_rows(str(path), Tokenizer(), batch_size=2, max_tokens=16)
+    rows = [row for batch in batches for row in batch]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 3 and [row["id"] for row in rows] == ["line-1", "line-2", "line-3"]
+    assert len(rows[1]["tokens"]) == 16
+    assert peak < 8 << 20, f"{peak / 1e6:.0f} MB for one 50 MB line"
