@@ -14,13 +14,23 @@ import json
 import posixpath
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST = "manifest.json"
 
 
 class ManifestError(ValueError):
     """The dataset cannot be opened: no manifest, not JSON, or not an mmae manifest."""
+
+
+def inside_path(value: str) -> str:
+    """A path a manifest names: relative, inside the dataset folder (no `..`, no absolute path,
+    no URL): a manifest from a stranger must not make a reader open /etc/passwd."""
+    if (not value or value.startswith(("/", "\\")) or "://" in value or ":" in value.split("/")[0]
+            or "\\" in value or any(part in ("..", "") for part in value.split("/"))
+            or any(ord(ch) < 32 for ch in value)):
+        raise ValueError(f"{value[:200]!r} is not a path inside the dataset folder")
+    return value
 
 
 class ShardEntry(BaseModel):
@@ -32,14 +42,18 @@ class ShardEntry(BaseModel):
     bytes: int
     sha256: str
 
+    _inside = field_validator("path")(classmethod(lambda cls, value: inside_path(value)))
+
 
 class TokenizerEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     path: str
     sha256: str
-    vocab_size: int
+    vocab_size: int = Field(ge=1, le=10_000_000)
     special_ids: dict[str, Optional[int]]
+
+    _inside = field_validator("path")(classmethod(lambda cls, value: inside_path(value)))
 
 
 class Manifest(BaseModel):
@@ -87,15 +101,27 @@ def load_manifest_json(root: str) -> dict[str, Any]:
                             "run `mmae build` first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{url}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ManifestError(f"{url}: not an mmae manifest (JSON nested deeper than any manifest)") from None
+    except OSError as error:
+        raise ManifestError(f"{url}: cannot be read ({type(error).__name__}: {error})") from None
     if not isinstance(manifest, dict) or "shards" not in manifest:
         raise ManifestError(f"{url}: not an mmae manifest (no 'shards')")
     return manifest
 
 
 def read_manifest(root: str) -> Manifest:
+    """The typed manifest; refused (ManifestError) unless it is schema version this mmae reads
+    and every path it names lies inside the dataset folder."""
+    from mmae.schemas.shard import SCHEMA_VERSION
+
     try:
-        return Manifest.model_validate(load_manifest_json(root))
+        manifest = Manifest.model_validate(load_manifest_json(root))
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
                              for problem in error.errors()[:3])
         raise ManifestError(f"{manifest_url(root)}: not a valid mmae manifest ({problems})") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ManifestError(f"{manifest_url(root)}: schema_version {manifest.schema_version!r}; this mmae reads "
+                            f"version {SCHEMA_VERSION!r} (rebuild the dataset, or use the mmae that built it)")
+    return manifest

@@ -214,3 +214,80 @@ def test_embed_reads_only_what_a_long_text_line_can_use(tmp_path):
     assert count == 3 and [row["id"] for row in rows] == ["line-1", "line-2", "line-3"]
     assert len(rows[1]["tokens"]) == 16
     assert peak < 8 << 20, f"{peak / 1e6:.0f} MB for one 50 MB line"
+
+
+# --- data that is not what the manifest says ---------------------------------------------------
+
+
+def _dataset_copy(dataset, tmp_path: Path) -> Path:  # noqa: F811
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    return copy
+
+
+def _rewrite_shard(path: Path, change) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(change(table), path, row_group_size=16)
+
+
+@pytest.mark.parametrize("ids", [[7, 10_000], [-3, 5]])
+def test_token_ids_outside_the_vocabulary_are_bad_data_not_an_index_error(dataset, tmp_path, ids):  # noqa: F811
+    import pyarrow as pa
+    from mmae.trainer.parallel import Distributed
+    from mmae.trainer.streams import DataError
+    from mmae.trainer.train import Trainer
+
+    from tests.test_train import train_config
+
+    copy = _dataset_copy(dataset, tmp_path)
+    shard = sorted((copy / "text").glob("*.parquet"))[0]
+
+    def poison(table):
+        tokens = [ids for _ in range(table.num_rows)]  # every row group of the shard
+        return table.set_column(table.column_names.index("tokens"), "tokens", pa.array(tokens, pa.list_(pa.int32())))
+
+    _rewrite_shard(shard, poison)
+    with pytest.raises(DataError, match=r"text/part-.*row group \d+ .*outside the tokenizer"):
+        Trainer(train_config(copy, tmp_path / "run", steps=12), Distributed()).fit()
+    last = Trainer(train_config(copy, tmp_path / "skip", steps=12, data_errors="skip"), Distributed()).fit()
+    metrics = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert last["step"] == 12 and sum(m["skipped_samples"] for m in metrics) > 0
+
+
+def test_a_tokens_column_of_strings_is_named(dataset, tmp_path):  # noqa: F811
+    import pyarrow as pa
+    from mmae.trainer.streams import DataError, build_streams
+
+    from tests.test_train import train_config
+
+    copy = _dataset_copy(dataset, tmp_path)
+    shard = sorted((copy / "text").glob("*.parquet"))[0]
+    _rewrite_shard(shard, lambda table: table.set_column(
+        table.column_names.index("tokens"), "tokens", pa.array([str(value) for value in table.column("tokens")])))
+    with pytest.raises(DataError, match=r"column 'tokens' is string"):
+        build_streams(train_config(copy, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("change", ["version", "outside", "absolute", "nested"])
+def test_a_manifest_is_refused_before_anything_it_names_is_opened(dataset, tmp_path, change):  # noqa: F811
+    from mmae.schemas.manifest import ManifestError, read_manifest
+
+    copy = _dataset_copy(dataset, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if change == "version":
+        manifest["schema_version"] = "99"
+    elif change == "outside":
+        manifest["shards"][0]["path"] = "../../../../../../etc/passwd"
+    elif change == "absolute":
+        manifest["tokenizer"]["path"] = "/etc/passwd"
+    text = json.dumps(manifest) if change != "nested" else "[" * 100_000 + "]" * 100_000
+    (copy / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(str(copy))
+    assert "manifest.json" in str(caught.value)
+    result = mmae("stats", str(copy))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "root:" not in result.stdout

@@ -26,9 +26,11 @@ from typing import Any, Optional
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mmae.schemas.config import TrainConfig
 from mmae.schemas.manifest import read_manifest
+from mmae.schemas.shard import SCHEMA_VERSION, SHARD_SCHEMA
 from mmae.trainer.batch import KINDS
 
 log = logging.getLogger("mmae.data")
@@ -44,6 +46,40 @@ COLUMNS = {
 
 class DataError(RuntimeError):
     """A shard that cannot be read; the message names the file (and row group)."""
+
+
+class BadData(ValueError):
+    """A shard or row group that reads but holds what schema v1 does not allow."""
+
+
+def check_columns(schema: pa.Schema, columns: list[str]) -> None:
+    """The columns the trainer reads have schema v1's types (tokens: a list of integers)."""
+    for name in columns:
+        expected = SHARD_SCHEMA.field(name).type
+        if name not in schema.names:
+            raise BadData(f"no {name!r} column")
+        found = schema.field(name).type
+        if name == "tokens":
+            ok = (pa.types.is_list(found) or pa.types.is_large_list(found)) and pa.types.is_integer(found.value_type)
+        elif name == "image":
+            ok = pa.types.is_binary(found) or pa.types.is_large_binary(found)
+        else:
+            ok = found.equals(expected) or (pa.types.is_string(expected) and pa.types.is_large_string(found))
+        if not ok:
+            raise BadData(f"column {name!r} is {found}, schema v{SCHEMA_VERSION} has {expected}")
+
+
+def check_token_range(table: pa.Table, vocab_size: int) -> None:
+    """Every token id in [0, vocab_size): an id outside would index past the embedding table."""
+    if not vocab_size or "tokens" not in table.column_names:
+        return
+    values = pc.list_flatten(table.column("tokens"))
+    if len(values) == 0:
+        return
+    extremes = pc.min_max(values).as_py()
+    if extremes["min"] is not None and (extremes["min"] < 0 or extremes["max"] >= vocab_size):
+        raise BadData(f"token ids range {extremes['min']}..{extremes['max']}, outside the tokenizer's "
+                      f"0..{vocab_size - 1}")
 
 
 def seed_of(*parts: Any) -> int:
@@ -63,6 +99,7 @@ class Stream:
     share: float
     holdout: float = 0.0  # the fraction of rows (by id hash) held out for validation
     side: Optional[str] = None  # "train" or "validation" of that split; None: every row
+    vocab_size: int = 0  # token ids must be in [0, vocab_size) (0: the dataset declares no tokenizer)
 
     def keeps(self, row: dict[str, Any]) -> bool:
         """Whether a row of its row groups belongs to this stream (its source, its side of the split)."""
@@ -119,6 +156,7 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
             try:
                 with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
                     metadata = parquet.metadata
+                    check_columns(parquet.schema_arrow, COLUMNS[kind])
                     sources = None
                     if split_by_source or side:
                         table = parquet.read(columns=["id", "source"])
@@ -128,7 +166,7 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
                             names = [name if held_out(sample, holdout) == wanted else _OTHER_SIDE
                                      for name, sample in zip(names, table.column("id").to_pylist())]
                         sources = names
-            except (OSError, pa.ArrowException) as error:
+            except (OSError, pa.ArrowException, ValueError) as error:
                 if config.data_errors == "skip":
                     skipped.append(url)
                     log.warning("skipping unreadable shard %s (%s)", url, error)
@@ -158,7 +196,8 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
                 continue
             urls, groups, rows = per_source[name]
             streams.append(Stream(kind, name, tuple(urls), tuple(groups), tuple(rows),
-                                  shares[kind] * weights[name] / weight_sum, holdout, side))
+                                  shares[kind] * weights[name] / weight_sum, holdout, side,
+                                  manifest.tokenizer.vocab_size if manifest.tokenizer else 0))
         if not any(stream.kind == kind for stream in streams):
             which = f" on the {side} side of train.validation.holdout" if side else ""
             raise DataError(f"{data}: train.mix.{kind} is {shares[kind]:.3f} but there are no {kind} rows{which} to read")
@@ -306,7 +345,8 @@ class ChunkReader:
                 if parquet is None:
                     parquet = self._files[url] = _open_parquet(url)
                 table = parquet.read_row_group(group, columns=COLUMNS[stream.kind])
-        except (OSError, pa.ArrowException) as error:
+            check_token_range(table, stream.vocab_size)
+        except (OSError, pa.ArrowException, BadData) as error:
             message = f"{url}: cannot read row group {group} ({type(error).__name__}: {error})"
             if not self.skip_errors:
                 raise DataError(message) from None
