@@ -25,6 +25,33 @@ import sys
 from typing import Optional
 
 
+# Control characters a terminal acts on (ESC, BEL, C1 such as CSI; everything but tab, newline
+# and the carriage return progress bars use): names and labels come from strangers, and an
+# OSC 52 sequence in a source name must not write the user's clipboard.
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0, 9), 11, 12, *range(14, 32), 127, *range(128, 160)]}
+
+
+class _Printable:
+    """A text stream that writes control characters as visible escapes (\\x1b)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.translate(_CONTROL))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _escape_terminal_output() -> None:
+    if not isinstance(sys.stdout, _Printable):
+        sys.stdout = _Printable(sys.stdout)
+    if not isinstance(sys.stderr, _Printable):
+        sys.stderr = _Printable(sys.stderr)
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -325,6 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own_args, beam_args = _split_beam_args(argv)
     args = _parser().parse_args(own_args)
+    _escape_terminal_output()  # before logging takes its handle on stderr
     _configure_logging(args.verbose)
     if args.command in ("build", "demo"):  # the two that run a Beam pipeline
         return {"build": _cmd_build, "demo": _cmd_demo}[args.command](args, beam_args)

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused everywhere (an `lr: .inf` would train on garbage).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(_Section):
@@ -185,6 +186,10 @@ class MixConfig(_Section):
         return {kind: getattr(self, kind) / total for kind in ("paired", "image", "text")}
 
 
+# The patch side of each model preset (trainer.model.PRESETS, checked against it by a test).
+PATCH_SIZES = {"tiny": 8, "small": 16, "base": 16, "large": 16}
+
+
 class ModelConfig(_Section):
     preset: Literal["tiny", "small", "base", "large"] = Field("tiny", description="tiny runs on a laptop CPU")
     norm_pix_loss: bool = Field(True, description="MSE on per-patch normalised pixels (MAE's best setting)")
@@ -248,17 +253,19 @@ class TrainConfig(_Section):
     out: str = Field("build/demo/run", description="the run folder")
     seed: int = 0
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1, description="samples per batch per rank")
+    batch_size: int = Field(64, ge=1, le=1 << 20, description="samples per batch per rank")
     mix: MixConfig = Field(default_factory=MixConfig)
     source_weights: dict[str, float] = Field(
         default_factory=dict, description="relative weights of sources inside their kind (default: by size)"
     )
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    num_workers: int = Field(2, ge=0, le=256, description="DataLoader worker processes per rank")
     prefetch_factor: int = Field(2, ge=1)
-    shuffle_window: int = Field(1024, ge=1, description="rows permuted together (the bounded shuffle buffer)")
-    image_size: int = Field(64, ge=8)
+    shuffle_window: int = Field(1024, ge=1, le=10_000_000,
+                                description="rows permuted together (the bounded shuffle buffer)")
+    image_size: int = Field(64, ge=8, le=2048, description="a multiple of the preset's patch size (8 for tiny, 16 "
+                            "otherwise)")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
-    max_text_tokens: int = Field(64, ge=1)
+    max_text_tokens: int = Field(64, ge=1, le=8192)
     data_errors: Literal["fail", "skip"] = Field(
         "fail", description="unreadable data (a shard that cannot be opened, a row group that cannot be read, an "
         "image that does not decode): fail naming it, or skip it, log it and count it in metrics (skipped_samples)"
@@ -270,7 +277,7 @@ class TrainConfig(_Section):
     attention: Literal["auto", "xformers", "sdpa"] = Field(
         "auto", description="auto: packed rows, attention by xformers when it can run (CUDA), else one torch "
                             "SDPA call; sdpa: SDPA on padded batches (every op padded; the reference)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_accum: int = Field(1, ge=1, le=4096, description="micro-batches per optimizer step")
     resume_from: Optional[str] = Field(
         None, description="resume from this checkpoint (a file, a `last` pointer or a run folder) instead of the run "
         "folder's newest readable one")
@@ -315,6 +322,14 @@ class TrainConfig(_Section):
         if negative:
             raise ValueError(f"negative weight for {', '.join(negative)}")
         return value
+
+    @model_validator(mode="after")
+    def _image_size_fits_patches(self) -> "TrainConfig":
+        patch = PATCH_SIZES.get(self.model.preset, 16)
+        if self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the {self.model.preset} preset's "
+                             f"{patch}-pixel patches (try {max(patch, self.image_size // patch * patch)})")
+        return self
 
     @field_validator("crop_scale")
     @classmethod
@@ -376,7 +391,61 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), load_yaml(raw, f"--set {text}") if raw != "" else ""
+    except ConfigError:
+        raise
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
+
+
+MAX_YAML_NODES = 200_000  # a config has hundreds; an alias bomb expands to billions
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                  "YAML would silently keep the last")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse a config document (or a --set value) with `_StrictLoader`."""
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+        if _expanded_size(data, {}) > MAX_YAML_NODES:
+            # Aliases share one object while loading; validating walks every copy ("billion laughs").
+            raise ConfigError(f"more than {MAX_YAML_NODES:,} values once aliases are expanded (an alias bomb?)")
+        return data
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values `value` is with every alias expanded (each shared object counted once per use)."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in sizes:
+        return sizes[id(value)]
+    sizes[id(value)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) is too big as well
+    items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, sizes)
+        if total > MAX_YAML_NODES:
+            break
+    sizes[id(value)] = total
+    return total
 
 
 def apply_override(tree: dict[str, Any], dotted: str) -> None:
@@ -431,9 +500,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = resolve_config_path(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(path.read_text(encoding="utf-8"), str(path))
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

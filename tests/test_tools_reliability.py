@@ -291,3 +291,75 @@ def test_a_manifest_is_refused_before_anything_it_names_is_opened(dataset, tmp_p
     assert "manifest.json" in str(caught.value)
     result = mmae("stats", str(copy))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "root:" not in result.stdout
+
+
+# --- configs, terminals, validate ----------------------------------------------------------------
+
+
+def test_patch_sizes_the_config_checks_are_the_models():
+    from mmae.schemas.config import PATCH_SIZES
+    from mmae.trainer.model import PRESETS
+
+    assert PATCH_SIZES == {name: size.patch_size for name, size in PRESETS.items()}
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.image_size=100000", "train.image_size"), ("train.grad_accum=1000000", "train.grad_accum"),
+    ("train.image_size=12", "patches"), ("train.optimizer.lr=.inf", "train.optimizer.lr"),
+    ("train.steps=[1", "not valid YAML"), ("train.loss_weights.itc=.nan", "train.loss_weights.itc")])
+def test_configs_the_trainer_cannot_use_are_one_message_naming_the_key(override, named):
+    from mmae.schemas.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
+    from mmae.schemas.config import ConfigError, load_config
+
+    (tmp_path / "twice.yaml").write_text("train:\n  steps: 10\n  steps: 20\n")
+    with pytest.raises(ConfigError, match="'steps' is given twice"):
+        load_config(tmp_path / "twice.yaml")
+    bomb = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for level in "bcdefghi":
+        previous = chr(ord(level) - 1)
+        bomb.append(f"{level}: &{level} [{', '.join(['*' + previous] * 10)}]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_config(tmp_path / "bomb.yaml")
+
+
+def test_source_weights_naming_no_source_is_refused(dataset, tmp_path):  # noqa: F811
+    from mmae.trainer.streams import DataError, build_streams
+
+    from tests.test_train import train_config
+
+    with pytest.raises(DataError, match="source_weights names nowhere"):
+        build_streams(train_config(dataset, tmp_path / "run", source_weights={"nowhere": 2.0}))
+
+
+def test_stats_escapes_control_characters_from_the_data(tmp_path):
+    from tests.datasets import write_dataset
+
+    root = write_dataset(tmp_path / "ds", {"paired": [6]}, sources={"paired": ["evil\x1b]52;c;aGVsbG8=\x07name"]})
+    result = mmae("stats", str(root))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "\\x1b]52" in result.stdout
+
+
+def test_validate_reads_every_column_of_every_row_group(dataset, tmp_path):  # noqa: F811
+    from tests.datasets import corrupt_row_group
+
+    copy = _dataset_copy(dataset, tmp_path)
+    shard = sorted((copy / "paired").glob("*.parquet"))[0]
+    corrupt_row_group(shard, 1, "source")  # a column the trainer reads and the old check did not
+    manifest = json.loads((copy / "manifest.json").read_text())
+    import hashlib
+
+    for entry in manifest["shards"]:  # the manifest agrees with the file: only the row group is bad
+        if entry["path"].endswith(shard.name) and entry["kind"] == "paired":
+            entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = mmae("validate", str(copy), "--no-decode")
+    assert result.returncode == 1 and "row group 1 cannot be read" in result.stdout

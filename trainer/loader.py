@@ -281,7 +281,12 @@ class MixedLoader:
                 f"the checkpoint's loader ran with world_size {state['world_size']}, this run has "
                 f"{mine['world_size']}: the data partition would differ; resume with the same number of processes"
             )
-        for key in ("seed", "batch_size", "streams", "fingerprint"):
+        if state["fingerprint"] != mine["fingerprint"]:
+            raise ValueError(
+                "the data is not the data this checkpoint trained on (a shard was rebuilt, changed, or became "
+                "unreadable; a rebuild of the same corpus is a different dataset): continue in a new run folder "
+                "(another train.out), or start one from these weights with train.init_from")
+        for key in ("seed", "batch_size", "streams"):
             if state[key] != mine[key]:
                 raise ValueError(f"the checkpoint's loader {key} is {state[key]!r}, this run's is {mine[key]!r}")
         if state["slots"] != self.plan.slots:

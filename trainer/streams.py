@@ -138,6 +138,10 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
     holdout = validation.holdout if data == config.data else 0.0
     side = split if holdout > 0 else None
     manifest = read_manifest(data)
+    unknown = sorted(set(config.source_weights) - set(manifest.source_kinds()))
+    if unknown:
+        raise DataError(f"train.source_weights names {', '.join(unknown)}, not a source of {data} (its sources: "
+                        f"{', '.join(sorted(manifest.source_kinds())) or 'none recorded'})")
     shares = config.mix.shares()
     root = data.rstrip("/")
     streams: list[Stream] = []
@@ -169,7 +173,11 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
             except (OSError, pa.ArrowException, ValueError) as error:
                 if config.data_errors == "skip":
                     skipped.append(url)
-                    log.warning("skipping unreadable shard %s (%s)", url, error)
+                    # The plan then differs from one with this shard: a checkpoint made with it
+                    # cannot be resumed without it (the fingerprint says so).
+                    fingerprint.update(b"skipped:" + url.encode())
+                    log.warning("skipping unreadable shard %s: its %d rows are not in this run's plan (%s)",
+                                url, entry.rows, error)
                     continue
                 raise DataError(f"{url}: cannot open shard ({type(error).__name__}: {error})") from None
             start = 0
