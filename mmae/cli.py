@@ -135,12 +135,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for pair in (("--set", value) for value in args.set) for item in pair]
     if args.nproc > 1:
-        import subprocess
+        from mmae.trainer.launch import launch
 
-        # torchrun: one process per rank, DDP over gloo (CPU) or nccl (CUDA).
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-                   "--standalone", "-m", "mmae.trainer", "--config", args.config, *overrides]
-        return subprocess.run(command).returncode
+        # One process per rank, DDP over gloo (CPU) or nccl (CUDA); signals forwarded to each.
+        return launch(args.nproc, ["--config", args.config, *overrides])
     from mmae.trainer.__main__ import main as train_main
 
     return train_main(["--config", args.config, *overrides])

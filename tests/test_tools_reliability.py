@@ -363,3 +363,33 @@ def test_validate_reads_every_column_of_every_row_group(dataset, tmp_path):  # n
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = mmae("validate", str(copy), "--no-decode")
     assert result.returncode == 1 and "row group 1 cannot be read" in result.stdout
+
+
+@pytest.mark.parametrize("to", ["command", "group"])
+def test_sigterm_to_a_two_process_run_stops_both_ranks_with_a_checkpoint(dataset, tmp_path, to):  # noqa: F811
+    import time
+
+    run = tmp_path / "run"
+    sets = train_command(dataset, run, "--set", "train.steps=400", "--set", "train.checkpoint_every=1000")[5:]
+    process = subprocess.Popen([sys.executable, "-m", "mmae.cli", "train", "--config", str(ROOT / "pipeline.yaml"),
+                                "--nproc", "2", *sets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+            (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    if to == "command":
+        process.send_signal(signal.SIGTERM)  # what a scheduler sends to the command it started
+    else:
+        os.killpg(process.pid, signal.SIGTERM)  # what a terminal or SLURM sends to the whole group
+    try:
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop")
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr
+    stopped = max(losses(run))
+    assert stopped < 400 and (run / "checkpoints" / f"step-{stopped:07d}.pt").exists()
+    leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+    assert not leftover, "ranks left running"

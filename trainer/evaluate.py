@@ -37,9 +37,28 @@ def labelled_rows(dataset: str) -> list[dict[str, Any]]:
             for row in parquet.read(columns=columns).to_pylist():
                 if row.get("label") is not None and row.get("image"):
                     rows.append(row)
+    undecodable = [row["id"] for row in rows if not _decodes(row["image"])]
+    if undecodable:
+        log.warning("%d image(s) do not decode and are left out of the evaluation: %s", len(undecodable),
+                    ", ".join(undecodable[:5]) + (" ..." if len(undecodable) > 5 else ""))
+        left_out = set(undecodable)
+        rows = [row for row in rows if row["id"] not in left_out]
     if not rows:
         raise DataError(f"{dataset}: no rows with both an image and a label (build with a label_column)")
     return sorted(rows, key=lambda row: row["id"])
+
+
+def _decodes(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except Exception:  # noqa: BLE001 - whatever Pillow raises on bytes that are not a whole image
+        return False
 
 
 def split_of(row: dict[str, Any]) -> str:
