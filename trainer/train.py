@@ -87,8 +87,8 @@ class Trainer:
         self.config, self.env = config, env
         self.device = env.device
         try:
-            check_output(config.out, "train.out", inputs=[config.init_from or "", config.resume_from or ""],
-                         folders=[config.data, config.validation.data or ""])
+            # (resume_from and init_from may lie in the run folder: it writes checkpoints beside them)
+            check_output(config.out, "train.out", folders=[config.data, config.validation.data or ""])
         except OutputError as error:
             raise TrainError(str(error)) from None
         if os.path.exists(config.out) and not os.path.isdir(config.out):
