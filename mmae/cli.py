@@ -89,6 +89,10 @@ def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
     except (ConfigError, BuildError) as error:
         print(f"mmae build: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the output cannot be written (permissions, a file where a folder belongs...)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"mmae build: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 
@@ -97,11 +101,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from mmae.pipelines.inspect.dataset import Dataset, DatasetError
     from mmae.pipelines.inspect.stats import compute_stats, print_tables
 
+    from mmae.pipelines.outputs import OutputError, check_output
+
     try:
+        if args.html:
+            check_output(args.html, "--html", folders=[args.dataset])
         dataset = Dataset.open(args.dataset)
         stats = compute_stats(dataset)
-    except DatasetError as error:
+    except (DatasetError, OutputError) as error:
         print(f"mmae stats: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file the manifest names is missing or unreadable
+        print(f"mmae stats: error: {error.filename or args.dataset}: {error.strerror or error}", file=sys.stderr)
         return 2
     if args.html:
         import fsspec

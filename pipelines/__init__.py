@@ -5,7 +5,8 @@
 - `pipelines.demo`    — `mmae demo` / `mmae demo-data`: the synthetic corpus and loopback servers;
 - `pipelines.shards`  — writing Parquet files atomically, shared by the build and the tools;
 - `pipelines.localfiles` — reading a local file a stranger named: regular files only (the build's
-  URL lists and image folders, `mmae embed`'s folders and text files).
+  URL lists and image folders, `mmae embed`'s folders and text files);
+- `pipelines.outputs` — where a command may write: never into a dataset or onto its inputs.
 """
 
 import os

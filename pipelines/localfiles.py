@@ -36,3 +36,18 @@ def inside(path: str, folder: str) -> bool:
     """Is `path`, with every link resolved, inside `folder` (links resolved too)?"""
     real, root = os.path.realpath(path), os.path.realpath(folder)
     return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def check_regular(url: str) -> None:
+    """Raise NotARegularFile if `url` is a local FIFO, device or folder (opening a FIFO waits for
+    a writer forever); anything else (a regular file, a missing one, a remote URL) passes, and
+    opening it says what is wrong."""
+    if "://" in url and not url.startswith(("file://", "local://")):
+        return
+    path = url.split("://", 1)[1] if "://" in url else url
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{url}: not a regular file (FIFO, device or folder)")

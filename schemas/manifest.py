@@ -93,6 +93,7 @@ def load_manifest_json(root: str) -> dict[str, Any]:
     import fsspec
 
     url = manifest_url(root)
+    _refuse_special(url)
     try:
         with fsspec.open(url, "r", encoding="utf-8") as handle:
             manifest = json.load(handle)
@@ -110,6 +111,21 @@ def load_manifest_json(root: str) -> dict[str, Any]:
     return manifest
 
 
+def _refuse_special(url: str) -> None:
+    """A local FIFO, device or folder where a file belongs: opening a FIFO waits forever."""
+    import os
+    import stat
+
+    if "://" in url and not url.startswith("file://"):
+        return
+    try:
+        mode = os.stat(url.removeprefix("file://")).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"{url}: not a regular file (a FIFO, device or folder); nothing was read from it")
+
+
 def read_manifest(root: str) -> Manifest:
     """The typed manifest; refused (ManifestError) unless it is schema version this mmae reads
     and every path it names lies inside the dataset folder."""
@@ -124,4 +140,6 @@ def read_manifest(root: str) -> Manifest:
     if manifest.schema_version != SCHEMA_VERSION:
         raise ManifestError(f"{manifest_url(root)}: schema_version {manifest.schema_version!r}; this mmae reads "
                             f"version {SCHEMA_VERSION!r} (rebuild the dataset, or use the mmae that built it)")
+    for entry in [*manifest.shards, *manifest.rejects, *([manifest.tokenizer] if manifest.tokenizer else [])]:
+        _refuse_special(posixpath.join(root.rstrip("/"), entry.path))
     return manifest

@@ -222,3 +222,14 @@ def test_a_full_disk_stops_the_build_with_one_line_and_the_rerun_resumes(tmp_pat
     run(config)
     shards = [json.loads((tmp_path / name / "manifest.json").read_text())["shards"] for name in ("out", "clean")]
     assert [entry["sha256"] for entry in shards[0]] == [entry["sha256"] for entry in shards[1]]
+
+
+def test_an_output_under_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "list.jsonl", [{"url": "a.jpg", "caption": "a red square"}])
+    (tmp_path / "notes.txt").write_text("mine")
+    config = config_for(tmp_path, tmp_path / "notes.txt" / "out", [{"name": "p", "kind": "paired",
+                                                                    "path": str(tmp_path / "corpus/list.jsonl")}])
+    with pytest.raises(BuildError, match="notes.txt is a file, not a folder"):
+        run(config)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -20,7 +20,7 @@ from mmae.trainer.checkpoint import (
     load_model,
     resolve_checkpoint,
 )
-from mmae.trainer.outputs import OutputError, check_output
+from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.run_folder import RunFolder
 from safetensors.torch import save_file
 
@@ -393,3 +393,36 @@ def test_sigterm_to_a_two_process_run_stops_both_ranks_with_a_checkpoint(dataset
     assert stopped < 400 and (run / "checkpoints" / f"step-{stopped:07d}.pt").exists()
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
     assert not leftover, "ranks left running"
+
+
+def test_fifos_where_files_belong_are_never_opened(dataset, tmp_path):  # noqa: F811
+    """Each of these would block its reader forever; each is refused naming it (with a deadline)."""
+    copy = _dataset_copy(dataset, tmp_path)
+    shard = sorted((copy / "image").glob("*.parquet"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    result = subprocess.run([sys.executable, "-m", "mmae.cli", "stats", str(copy)], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and "not a regular file" in result.stderr and shard.name in result.stderr
+    result = subprocess.run([sys.executable, "-m", "mmae.cli", "validate", str(copy), "--no-decode"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1 and "not a regular file" in result.stdout
+
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    good = a_checkpoint(run)
+    os.mkfifo(run / "step-0000100.pt")
+    os.mkfifo(run / "last")
+    code = ("import sys; from mmae.trainer.checkpoint import Checkpointer, resolve_checkpoint; "
+            "from mmae.trainer.run_folder import RunFolder; print(resolve_checkpoint(sys.argv[1])); "
+            "print(Checkpointer(RunFolder(sys.argv[1])).load_latest()[0])")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(good), str(good)]
+
+
+def test_stats_html_may_not_be_written_into_the_dataset(dataset, tmp_path):  # noqa: F811
+    copy = _dataset_copy(dataset, tmp_path)
+    result = mmae("stats", str(copy), "--html", str(copy / "report.html"))
+    assert result.returncode == 2 and "inside the dataset" in result.stderr and not (copy / "report.html").exists()

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from mmae.pipelines.localfiles import check_regular
 from mmae.trainer.run_folder import RunFolder
 
 log = logging.getLogger("mmae.checkpoint")
@@ -71,6 +72,7 @@ def readable(url: str) -> bool:
     bytes are not read: cheap enough to ask of every kept checkpoint at every save."""
     url = str(url)
     try:
+        check_regular(url)
         with fsspec.open(url, "rb") as handle:
             if not _whole(handle):
                 return False
@@ -153,6 +155,7 @@ class Checkpointer:
 
 
 def load_checkpoint(url: str) -> dict[str, Any]:
+    check_regular(str(url))  # a FIFO named step-0000100.pt is never waited on
     with fsspec.open(str(url), "rb") as handle:
         return torch.load(handle, map_location="cpu", weights_only=True)
 
@@ -190,6 +193,8 @@ def resolve_checkpoint(given: str) -> str:
 
 def _pointer(path: str, fs) -> Optional[str]:
     """The checkpoint name a `last` file holds, if it holds one (a name in the same folder)."""
+    if not fs.isfile(path):
+        return None  # a FIFO or folder named `last` is never opened
     with fs.open(path, "rb") as handle:
         raw = handle.read(256)
     try:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from mmae.pipelines.localfiles import read_regular_file
-from mmae.trainer.outputs import OutputError, check_output
+from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
 
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),

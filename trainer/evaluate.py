@@ -22,6 +22,7 @@ from mmae.schemas.manifest import read_manifest
 from mmae.trainer.batch import Inputs
 from mmae.trainer.checkpoint import load_model
 from mmae.trainer.streams import DataError
+from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
 
 log = logging.getLogger("mmae.eval")
@@ -190,6 +191,10 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
     from mmae.trainer.model import DefaultMasking
     from mmae.trainer.reconstruction import load_tokenizer, render
 
+    try:
+        check_output(out, "--out", inputs=[str(checkpoint)], folders=[dataset])
+    except OutputError as error:
+        raise DataError(str(error)) from None
     model, _ = load_model(checkpoint)
     rows = paired_rows(dataset, count, split="all")
     images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])

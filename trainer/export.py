@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 from mmae.trainer.checkpoint import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, resolve_checkpoint
-from mmae.trainer.outputs import OutputError, check_output
+from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
 from mmae.trainer.transforms import MEAN, STD
 

@@ -39,7 +39,7 @@ from mmae.schemas.manifest import read_manifest
 from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
 from mmae.trainer.checkpoint import Checkpointer
-from mmae.trainer.outputs import OutputError, check_output
+from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.loader import MixedLoader, RankLoaders
 from mmae.trainer.masking import step_seed
 from mmae.trainer.metrics import Events, MetricsLog, NonFinite, Progress, StepResult, Window, sample_digest

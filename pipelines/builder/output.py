@@ -150,6 +150,11 @@ def discard_previous(config: DataConfig) -> None:
 def _check_folder(fs, root: str, output: str) -> None:
     if fs.exists(root) and not fs.isdir(root):
         raise BuildError(f"the output {output} is a file, not a folder: choose a folder (it is created if missing)")
+    parent = posixpath.dirname(root.rstrip("/"))
+    while parent and parent != "/" and not fs.exists(parent):
+        parent = posixpath.dirname(parent)
+    if parent and fs.exists(parent) and not fs.isdir(parent):
+        raise BuildError(f"the output {output} cannot be created: {parent} is a file, not a folder")
 
 
 def prepare_output(config: DataConfig, overwrite: bool = False, retry_transient: bool = False) -> Mode:

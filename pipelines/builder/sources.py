@@ -513,9 +513,9 @@ def _jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_
         return reject(_base_record(source, key), "invalid_utf8", f"line {line_number}: {error}")
     try:
         row = json.loads(line)
-    except (ValueError, RecursionError, MemoryError, OverflowError) as error:
+    except Exception as error:  # noqa: BLE001
         # JSONDecodeError, and what the parser raises on legal-looking input: nesting deeper
-        # than the interpreter's stack, numbers too long to convert.
+        # than the interpreter's stack (RecursionError), numbers too long to convert.
         return reject(_base_record(source, key), "bad_row", f"line {line_number}: {_error_text(error)}")
     if not isinstance(row, dict):
         return reject(_base_record(source, key), "bad_row", f"line {line_number}: not a JSON object")
@@ -549,8 +549,8 @@ def _read_parquet(source: SourceConfig, source_file: SourceFile) -> Iterator[dic
                             row[image_column] = b"\x01" if present[index] else None
                         yield _record_from_row(source, source_file, f"{source_file.relative}:{row_number}", row,
                                                f"row {row_number}")
-            except (OSError, ValueError, EOFError, pa.ArrowException) as error:
-                # A damaged row group: its unread rows are rejects naming it; the next one is read.
+            except Exception as error:  # noqa: BLE001 - a damaged row group (or a value Python cannot hold)
+                # Its unread rows are rejects naming it; the next one is read.
                 for row_number in range(row_number + 1, first + group_rows + 1):
                     yield reject(_base_record(source, f"{source_file.relative}:{row_number}"), "bad_row",
                                  f"row group {group}: {_error_text(error)}")

@@ -108,6 +108,9 @@ def _check_file(dataset: Dataset, entry: dict[str, Any], vocab_size: Optional[in
     if not fs.exists(path):
         report.add(where, "listed in the manifest but missing on disk")
         return
+    if not fs.isfile(path):
+        report.add(where, "not a regular file (a FIFO, device or folder); not read")
+        return
     size = fs.size(path)
     if size != entry["bytes"]:
         report.add(where, f"{size} bytes on disk, manifest says {entry['bytes']}")
