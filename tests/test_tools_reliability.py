@@ -426,3 +426,18 @@ def test_stats_html_may_not_be_written_into_the_dataset(dataset, tmp_path):  # n
     copy = _dataset_copy(dataset, tmp_path)
     result = mmae("stats", str(copy), "--html", str(copy / "report.html"))
     assert result.returncode == 2 and "inside the dataset" in result.stderr and not (copy / "report.html").exists()
+
+
+def test_a_resume_after_a_shard_became_unreadable_is_refused_naming_it(dataset, tmp_path):  # noqa: F811
+    copy = _dataset_copy(dataset, tmp_path)
+    run = tmp_path / "run"
+    skip = ("--set", "train.data_errors=skip")
+    subprocess.run(train_command(copy, run, "--set", "train.steps=4", *skip), check=True, capture_output=True,
+                   timeout=300)
+    shard = sorted((copy / "paired").glob("*.parquet"))[-1]  # one of two: the paired stream goes on without it
+    shard.write_bytes(b"not parquet any more")
+    result = subprocess.run(train_command(copy, run, "--set", "train.steps=8", *skip), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not the data this checkpoint trained on" in result.stderr and shard.name in result.stderr
+    assert max(losses(run)) == 4  # nothing trained on a different plan

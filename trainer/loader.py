@@ -232,7 +232,7 @@ class MixedLoader:
         rows or `train.validation.data`, see trainer.streams.build_streams); `step`: prepare every
         batch's forward passes for the trainer (trainer.step_inputs) in the workers."""
         self.config = config
-        self.streams, self.fingerprint = build_streams(config, split)
+        self.streams, self.fingerprint, self.unopened = build_streams(config, split)
         self.plan = LoaderPlan(
             streams=self.streams, seed=config.seed, rank=rank, world_size=world_size,
             slots=slots or max(1, config.num_workers), batch_size=config.batch_size,
@@ -282,10 +282,12 @@ class MixedLoader:
                 f"{mine['world_size']}: the data partition would differ; resume with the same number of processes"
             )
         if state["fingerprint"] != mine["fingerprint"]:
+            unopened = (f" This run could not open {', '.join(self.unopened[:3])}"
+                        f"{' ...' if len(self.unopened) > 3 else ''}." if self.unopened else "")
             raise ValueError(
                 "the data is not the data this checkpoint trained on (a shard was rebuilt, changed, or became "
-                "unreadable; a rebuild of the same corpus is a different dataset): continue in a new run folder "
-                "(another train.out), or start one from these weights with train.init_from")
+                f"unreadable; a rebuild of the same corpus is a different dataset).{unopened} Continue in a new run "
+                "folder (another train.out), or start one from these weights with train.init_from")
         for key in ("seed", "batch_size", "streams"):
             if state[key] != mine[key]:
                 raise ValueError(f"the checkpoint's loader {key} is {state[key]!r}, this run's is {mine[key]!r}")

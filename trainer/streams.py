@@ -126,12 +126,13 @@ def _open_parquet(url: str) -> pq.ParquetFile:
     return pq.ParquetFile(fsspec.open(url, "rb").open())
 
 
-def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Stream], str]:
+def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Stream], str, list[str]]:
     """Read the manifest and the footer of every shard a positive share needs.
 
     `split`: "train" reads train.data less its held-out rows (`train.validation.holdout`);
     "validation" reads those held-out rows, or `train.validation.data` when that is set.
-    Returns the streams and a fingerprint of the data (shard hashes), which checkpoints keep.
+    Returns the streams, a fingerprint of the data (shard hashes, and which could not be opened),
+    which checkpoints keep, and the shards skipped because they could not be opened.
     """
     validation = config.validation
     data = validation.data if split == "validation" and validation.data else config.data
@@ -211,7 +212,7 @@ def build_streams(config: TrainConfig, split: str = "train") -> tuple[list[Strea
             raise DataError(f"{data}: train.mix.{kind} is {shares[kind]:.3f} but there are no {kind} rows{which} to read")
     if skipped:
         log.warning("%d shard(s) skipped (train.data_errors: skip): %s", len(skipped), ", ".join(skipped))
-    return streams, fingerprint.hexdigest()[:16]
+    return streams, fingerprint.hexdigest()[:16], skipped
 
 
 # ------------------------------------------------------------------------------------------
