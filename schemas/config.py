@@ -31,7 +31,8 @@ class SourceConfig(_Section):
     kind: Literal["paired", "image", "text"]
     path: str = Field(
         min_length=1,
-        description=".jsonl/.parquet/.csv/.tsv (optionally .gz), a glob of those, or an image folder (kind: image)",
+        description=".jsonl/.parquet/.csv/.tsv (optionally .gz), .txt (one text per line, kind: text), a glob of "
+        "those, or an image folder (kind: image)",
     )
     url_column: str = "url"
     image_column: Optional[str] = Field(

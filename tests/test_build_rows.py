@@ -264,3 +264,20 @@ def test_inline_parquet_images_are_read_in_windows_in_any_order(tmp_path):
         locator = {"parquet": str(path), "row": row, "column": "jpg"}
         assert reader.fetch(locator).data == payloads[row]
     assert len(reader._windows) <= inline.WINDOWS_KEPT
+
+
+@pytest.mark.parametrize("name", ["corpus.txt", "corpus.txt.gz"])
+def test_a_plain_text_corpus_is_one_text_per_line(tmp_path, name):
+    body = "\ufeffthe first text\n\nthe second text\n".encode() + b"bad \xff bytes\n" + b"the first text\nlast, no newline"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    source = {"name": "t", "kind": "text", "path": str(path)}
+    records = read_all(SourceConfig(**source))
+    assert [(record["key"], record.get("caption"), record.get("reason")) for record in records] == [
+        (f"{name}:1", "the first text", None), (f"{name}:3", "the second text", None),
+        (f"{name}:4", None, "invalid_utf8"), (f"{name}:5", "the first text", None), (f"{name}:6", "last, no newline", None)]
+    assert planned_rows(tmp_path, [source]) == 5
+    report, output = build(tmp_path, [source])
+    assert report["written"]["text"] == 3 and report["reasons"] == {"duplicate": 1, "invalid_utf8": 1}
+    with pytest.raises(Exception, match="kind: text source only"):
+        read_all(SourceConfig(name="p", kind="paired", path=str(path)))

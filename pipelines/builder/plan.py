@@ -96,8 +96,8 @@ def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int, c
             rows = parquet.metadata.num_rows
     else:
         with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-            return rows_per_chunk(handle, cap, chunk_rows, header=source_file.format != "jsonl",
-                                  numbered_by_line=source_file.format == "jsonl")
+            by_line = source_file.format in ("jsonl", "txt")
+            return rows_per_chunk(handle, cap, chunk_rows, header=not by_line, numbered_by_line=by_line)
     return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))]
 
 

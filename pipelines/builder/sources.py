@@ -28,7 +28,7 @@ from mmae.pipelines.localfiles import NotARegularFile, inside, read_regular_file
 from mmae.schemas.config import DataConfig, SourceConfig
 from mmae.schemas.shard import reject_detail
 
-TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")  # .txt: one text per line (kind: text)
 TAR_SUFFIX = ".tar"  # a WebDataset shard (see webdataset.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FETCHABLE_SCHEMES = ("http", "https")
@@ -121,6 +121,9 @@ def expand_source(source: SourceConfig) -> list[SourceFile]:
         if fmt == "image" and source.kind == "paired" and not source.sidecar_captions:
             raise SourceError(f"source {source.name!r}: {path} is an image; kind: paired image folders need "
                               "sidecar_captions: true")
+        if fmt == "txt" and source.kind != "text":
+            raise SourceError(f"source {source.name!r}: {path} is a text file (one text per line); it can be "
+                              "read by a kind: text source only")
         if fmt == "tar" and source.kind == "text":
             raise SourceError(f"source {source.name!r}: {path} is a WebDataset tar; use kind: paired or image")
         out.append(SourceFile(path=to_url(path), relative=relative, format=fmt))
@@ -476,6 +479,8 @@ def read_source_file(source: SourceConfig, source_file: SourceFile, cap: int = 1
         return
     if source_file.format == "jsonl":
         yield from _read_jsonl(source, source_file, cap)
+    elif source_file.format == "txt":
+        yield from _read_txt(source, source_file, cap)
     elif source_file.format == "parquet":
         yield from _read_parquet(source, source_file)
     else:
@@ -503,6 +508,26 @@ def _read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iter
             if not raw_line.strip():
                 continue  # blank lines are not rows
             yield _jsonl_record(source, source_file, key, line_number, raw_line)
+
+
+def _read_txt(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    """A plain text corpus: every non-blank line is one text (the most common format of text
+    corpora). Keys are lines, as for JSONL."""
+    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+        for line_number, raw_line in lines(handle, cap):
+            key = f"{source_file.relative}:{line_number}"
+            if raw_line is None:
+                yield _too_long(source, key, line_number, cap)
+                continue
+            if not raw_line.strip():
+                continue
+            record = _base_record(source, key)
+            try:
+                record["caption"] = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield reject(record, "invalid_utf8", f"line {line_number}: {error}")
+                continue
+            yield record
 
 
 def _jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_number: int,
