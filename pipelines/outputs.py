@@ -21,7 +21,8 @@ class OutputError(ValueError):
     """The output would land in what the command reads or in a dataset; the message names both."""
 
 
-def _location(url: str) -> tuple[str, str]:
+def location(url: str) -> tuple[str, str]:
+    """(protocol, normalised absolute path) of a local path or fsspec URL, links resolved locally."""
     fs, path = fsspec.core.url_to_fs(str(url))
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if protocol in ("file", "local"):
@@ -29,7 +30,8 @@ def _location(url: str) -> tuple[str, str]:
     return protocol, posixpath.normpath("/" + path.lstrip("/"))
 
 
-def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+def within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    """Is `inner` the same place as `outer`, or inside it?"""
     return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
 
 
@@ -45,7 +47,7 @@ def _is_dataset(folder: str) -> bool:
 
 def enclosing_dataset(url: str) -> Optional[str]:
     """The built dataset folder a local path is in (or is), if any."""
-    protocol, path = _location(url)
+    protocol, path = location(url)
     if protocol != "file":
         return None
     folder = path
@@ -61,14 +63,14 @@ def enclosing_dataset(url: str) -> Optional[str]:
 def check_output(output: str, what: str, inputs: Iterable[str] = (), folders: Iterable[str] = ()) -> None:
     """Refuse `output` (a file or folder) that is in a dataset, is or holds an input file, or
     lies in (or holds) an input folder. `what` names the setting in the message."""
-    place = _location(output)
+    place = location(output)
     dataset = enclosing_dataset(output)
     if dataset is not None:
         raise OutputError(f"{what} {output} is inside the dataset {dataset}; datasets are only read: write "
                           "somewhere else")
     for url in inputs:
-        if url and _within(_location(url), place):
+        if url and within(location(url), place):
             raise OutputError(f"{what} {output} is or holds the input {url}; choose another {what}")
     for url in folders:
-        if url and (_within(place, _location(url)) or _within(_location(url), place)):
+        if url and (within(place, location(url)) or within(location(url), place)):
             raise OutputError(f"{what} {output} and the input folder {url} overlap; choose another {what}")

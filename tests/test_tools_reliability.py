@@ -29,6 +29,15 @@ from tests.test_export import ROOT, a_checkpoint, mmae
 from tests.test_train import dataset, losses, train_command  # noqa: F401 - the module's dataset fixture
 
 
+def _stderr_of(process: subprocess.Popen, timeout: float, hang: str) -> str:
+    """The process's stderr once it exits; killed (and the test failed with `hang`) if it does not."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(hang)
+
+
 def _poisoned(path: Path, target: Path) -> Path:
     state = torch.load(path, weights_only=True)
     name = next(key for key, value in state["model"].items() if value.is_floating_point())
@@ -104,14 +113,10 @@ def test_a_second_ctrl_c_during_a_save_exits_at_once(dataset, tmp_path):  # noqa
     command = [sys.executable, str(script), "train"] + command[command.index("--config"):]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("the process hung after a second Ctrl-C")
+    stderr = _stderr_of(process, 120, "the process hung after a second Ctrl-C")
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted at once" in stderr and "Traceback" not in stderr
-    assert not [path for path in (run / "checkpoints").glob(".tmp-*")] if (run / "checkpoints").exists() else True
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # no half-written save left behind
     result = subprocess.run(train_command(dataset, run), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -172,7 +177,8 @@ def test_outputs_may_not_land_in_a_dataset_or_on_an_input(tmp_path, dataset):  #
     assert not (dataset / "checkpoints").exists() and not (dataset / "metrics.jsonl").exists()
     tokenizer = (dataset / "tokenizer.model")
     before = tokenizer.read_bytes() if tokenizer.exists() else None
-    trained = a_checkpoint(tmp_path / "ck", data=str(dataset)) if (tmp_path / "ck").mkdir() is None else None
+    (tmp_path / "ck").mkdir()
+    trained = a_checkpoint(tmp_path / "ck", data=str(dataset))
     result = mmae("export", "--checkpoint", str(trained), "--format", "safetensors", "--out", str(link))
     assert result.returncode == 2 and "inside the dataset" in result.stderr
     assert (tokenizer.read_bytes() if tokenizer.exists() else None) == before
@@ -382,11 +388,7 @@ def test_sigterm_to_a_two_process_run_stops_both_ranks_with_a_checkpoint(dataset
         process.send_signal(signal.SIGTERM)  # what a scheduler sends to the command it started
     else:
         os.killpg(process.pid, signal.SIGTERM)  # what a terminal or SLURM sends to the whole group
-    try:
-        _, stderr = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("the ranks did not stop")
+    stderr = _stderr_of(process, 180, "the ranks did not stop")
     assert process.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "SignalException" not in stderr
     stopped = max(losses(run))

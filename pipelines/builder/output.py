@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import posixpath
 from enum import Enum
 from typing import Any, Iterable
 
 import fsspec
 from mmae.pipelines.builder import replace
+from mmae.pipelines.outputs import location, within
 from mmae.pipelines.builder.staging import STAGING
 from mmae.pipelines.shards import join, write_json
 from mmae.schemas.config import DataConfig
@@ -107,30 +107,17 @@ def is_mmae_build(fs, root: str) -> bool:
     return isinstance(report, dict) and {"read", "written", "rejected", "balanced"} <= set(report)
 
 
-def _location(url: str) -> tuple[str, str]:
-    """(protocol, normalised absolute path) of a local path or fsspec URL, links resolved locally."""
-    fs, path = fsspec.core.url_to_fs(url)
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    if protocol in ("file", "local"):
-        return "file", os.path.realpath(path)
-    return protocol, posixpath.normpath("/" + path.lstrip("/"))
-
-
-def _contains(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
-    return outer[0] == inner[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
-
-
 def check_apart_from_inputs(config: DataConfig, inputs: Iterable[str], input_folders: Iterable[str]) -> None:
     """Refuse an output that holds an input file or folder, or sits inside an input folder: a
     rebuild would read its own output, and --overwrite would delete the input."""
-    output = _location(config.output)
+    output = location(config.output)
     for url in inputs:
-        if _contains(output, _location(url)):
+        if within(location(url), output):
             raise BuildError(f"the output folder {config.output} holds the input {url}; choose an output "
                              "folder outside every source")
     for url in input_folders:
-        folder = _location(url)
-        if _contains(output, folder) or _contains(folder, output):
+        folder = location(url)
+        if within(folder, output) or within(output, folder):
             raise BuildError(f"the output folder {config.output} and the input folder {url} overlap; choose an "
                              "output folder outside every source")
 
