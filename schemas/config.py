@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,6 +59,21 @@ class SourceConfig(_Section):
         None, description="CSV/TSV quotes: standard = a field may be quoted (\"a, b\"), closed on the same line; "
         "none = a quote is a character like any other (TSV from the web). null = standard for .csv, none for .tsv. "
         "Every line is one row: a quote left open is that line's bad_row, never a merge with the next lines")
+
+    id_from: Literal["line", "url", "url_path", "column"] = Field(
+        "line", description="what a row's id is made from (with the source name): line = its file and line (or "
+        "row) number; url = its image url; url_path = the url less scheme, host and port, as the row gives it "
+        "(relative urls before base_url: a mirror or another port is the same dataset); column = the id_column value. Rows with the same url or key get the same id")
+    id_column: Optional[str] = Field(None, description="with id_from: column, the column holding each row's key")
+
+    @model_validator(mode="after")
+    def _id_source(self) -> "SourceConfig":
+        if self.id_from == "column" and not self.id_column:
+            raise ValueError("id_from: column needs id_column (the column that holds each row's key)")
+        if self.id_from in ("url", "url_path") and (self.kind == "text" or self.image_column):
+            raise ValueError(f"id_from: {self.id_from} needs an image url column (a {self.kind} source"
+                             f"{' with image_column' if self.image_column else ''} has none); use line or column")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -125,7 +140,9 @@ class TextConfig(_Section):
 
 
 class TokenizerConfig(_Section):
-    model: Optional[str] = Field(None, description="a SentencePiece .model; null = train one on the corpus")
+    model: Optional[str] = Field(
+        None, description="a SentencePiece .model, or a built dataset folder whose tokenizer to reuse (datasets "
+        "trained on together must share one); null = train one on the corpus")
     vocab_size: int = Field(4000, ge=16, description="upper bound; small corpora get fewer pieces")
     model_type: Literal["unigram", "bpe"] = Field(
         "bpe", description="bpe: whole-word pieces even on small corpora (unigram can stall at a few dozen)"
@@ -249,8 +266,37 @@ class ValidationConfig(_Section):
         return self.data is not None or self.holdout > 0
 
 
+class DatasetEntry(_Section):
+    """One built dataset of `train.data`, with its weight in the mix."""
+
+    path: str = Field(min_length=1, description="a built dataset (folder or URL with manifest.json)")
+    weight: float = Field(1.0, gt=0, description="each of its rows is drawn `weight` times as often as a row of a "
+                          "weight-1 dataset of the same kind (shares follow weight x rows)")
+    name: Optional[str] = Field(None, description="prefix of its row ids in this run (default: the shortest tail "
+                                "of its path that tells the datasets apart)")
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value or any(ch in value for ch in ":\n\t")):
+            raise ValueError("a dataset name may not be empty or contain ':' or control characters")
+        return value
+
+
+def _dataset_names(paths: list[str]) -> list[str]:
+    """The shortest path tails that tell datasets apart: build/a/shards, build/b/shards -> a/shards, b/shards."""
+    parts = [[part for part in path.rstrip("/").split("/") if part] or [path] for path in paths]
+    for depth in range(1, max(len(part) for part in parts) + 1):
+        names = ["/".join(part[-depth:]) for part in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(index) for index in range(len(paths))]
+
+
 class TrainConfig(_Section):
-    data: str = Field("build/demo/shards", description="a built dataset (folder or URL with manifest.json)")
+    data: Union[str, list[Union[str, DatasetEntry]]] = Field(
+        "build/demo/shards", description="a built dataset (folder or URL with manifest.json), or a list of them "
+        "([A, B] or [{path: A, weight: 2.0}, B]) that share one tokenizer (build B with data.tokenizer.model: A)")
     out: str = Field("build/demo/run", description="the run folder")
     seed: int = 0
     steps: int = Field(1000, ge=1)
@@ -285,6 +331,9 @@ class TrainConfig(_Section):
     init_from: Optional[str] = Field(
         None, description="a new run starts from this checkpoint's model weights, with a fresh optimizer, schedule "
         "and data position (continued pretraining on new data); ignored once the run has checkpoints of its own")
+    allow_mismatch: bool = Field(
+        False, description="let train.init_from start from a checkpoint whose tokenizer is not train.data's "
+        "(its token embeddings then stand for other words); off: refused, naming both")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a step whose loss or gradient norm is NaN/inf: stop the run with an error naming the "
         "step (the default), or skip that update (counted in metrics as skipped_steps) up to max_skipped_steps")
@@ -308,10 +357,44 @@ class TrainConfig(_Section):
     step_mode: Literal["packed", "per_kind"] = Field(
         "packed", description="per_kind: one forward/backward per kind, gradients summed, one optimizer step")
 
+    @property
+    def datasets(self) -> list[DatasetEntry]:
+        """`data` as entries, each with its name (the prefix of its ids when there are several)."""
+        entries = [DatasetEntry(path=item) if isinstance(item, str) else item
+                   for item in ([self.data] if isinstance(self.data, str) else self.data)]
+        names = _dataset_names([entry.path for entry in entries])
+        return [entry if entry.name else entry.model_copy(update={"name": name}) for entry, name in zip(entries, names)]
+
+    @property
+    def data_paths(self) -> list[str]:
+        return [entry.path for entry in self.datasets]
+
+    @field_validator("data")
+    @classmethod
+    def _some_data(cls, value):
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("train.data is empty")
+            return value
+        if not value:
+            raise ValueError("train.data lists no dataset")
+        paths = [item if isinstance(item, str) else item.path for item in value]
+        repeated = sorted({path for path in paths if paths.count(path) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} is listed twice (give it a weight instead)")
+        names = [item.name for item in value if not isinstance(item, str) and item.name]
+        if len(set(names)) != len(names):
+            raise ValueError("two datasets have the same name")
+        return value
+
     @model_validator(mode="after")
     def _steps_from_stages(self) -> "TrainConfig":
         if self.stages:
             total = sum(stage.steps for stage in self.stages)
+            if "steps" in self.model_fields_set and self.steps != total:
+                lengths = ", ".join(f"train.stages.{index}.steps={stage.steps}" for index, stage in enumerate(self.stages))
+                raise ValueError(f"train.steps is {self.steps} but this recipe's stages decide the length: they sum "
+                                 f"to {total} ({lengths}); set the stages' steps instead (or drop train.steps)")
             if self.steps != total:
                 object.__setattr__(self, "steps", total)
         return self
@@ -526,16 +609,31 @@ def documented_yaml(config: BaseModel, indent: int = 0) -> str:
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
         note = field.description or ""
-        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-        lines.append(f"{pad}# {name} ({kind}){': ' + note if note else ''}")
+        kind = _type_name(field.annotation)
+        lines.append(f"{pad}# {name} ({kind}){': ' + ' '.join(note.split()) if note else ''}")
         if isinstance(value, BaseModel):
             lines.append(f"{pad}{name}:")
             lines.append(documented_yaml(value, indent + 2))
         else:
             plain = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
-            dumped = yaml.safe_dump({name: plain}, default_flow_style=None, sort_keys=False, width=100).rstrip()
+            # Block style: a flow mapping per key ("{output: x}") at this indent is not YAML that loads.
+            dumped = yaml.safe_dump({name: plain}, default_flow_style=False, sort_keys=False, width=100).rstrip()
             lines.extend(pad + line for line in dumped.splitlines())
     return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """`Optional[int]` -> "int or null", `Literal["a", "b"]` -> "a | b", `list[str]` -> "list of str"."""
+    args = [arg for arg in get_args(annotation)]
+    origin = getattr(annotation, "__origin__", None)
+    if origin is Literal:
+        return " | ".join(str(arg) for arg in args)
+    if origin is Union:
+        names = [_type_name(arg) for arg in args if arg is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__} of {', '.join(_type_name(arg) for arg in args if arg is not Ellipsis)}"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _jsonable(value: Any) -> Any:

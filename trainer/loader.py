@@ -232,7 +232,8 @@ class MixedLoader:
         rows or `train.validation.data`, see trainer.streams.build_streams); `step`: prepare every
         batch's forward passes for the trainer (trainer.step_inputs) in the workers."""
         self.config = config
-        self.streams, self.fingerprint, self.unopened = build_streams(config, split)
+        data = build_streams(config, split)
+        self.streams, self.fingerprint, self.unopened, self.shards = data.streams, data.fingerprint, data.skipped, data.shards
         self.plan = LoaderPlan(
             streams=self.streams, seed=config.seed, rank=rank, world_size=world_size,
             slots=slots or max(1, config.num_workers), batch_size=config.batch_size,
@@ -272,6 +273,7 @@ class MixedLoader:
             "batch_size": self.plan.batch_size,
             "streams": [(stream.name, round(stream.share, 9)) for stream in self.streams],
             "fingerprint": self.fingerprint,
+            "shards": [list(shard) for shard in self.shards],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,12 +284,7 @@ class MixedLoader:
                 f"{mine['world_size']}: the data partition would differ; resume with the same number of processes"
             )
         if state["fingerprint"] != mine["fingerprint"]:
-            unopened = (f" This run could not open {', '.join(self.unopened[:3])}"
-                        f"{' ...' if len(self.unopened) > 3 else ''}." if self.unopened else "")
-            raise ValueError(
-                "the data is not the data this checkpoint trained on (a shard was rebuilt, changed, or became "
-                f"unreadable; a rebuild of the same corpus is a different dataset).{unopened} Continue in a new run "
-                "folder (another train.out), or start one from these weights with train.init_from")
+            raise ValueError(self._data_changed(state.get("shards")))
         for key in ("seed", "batch_size", "streams"):
             if state[key] != mine[key]:
                 raise ValueError(f"the checkpoint's loader {key} is {state[key]!r}, this run's is {mine[key]!r}")
@@ -295,6 +292,38 @@ class MixedLoader:
             # The slot count defines the partition; keep the checkpoint's (any worker count works with it).
             self.plan.slots = state["slots"]
         self.consumed = state["batches"]
+
+
+    def _data_changed(self, saved: Optional[list]) -> str:
+        """Why the data is not the checkpoint's, in words, and the two ways on."""
+        ways = ("Continue in a new run folder (another train.out), or start a new run from these weights with "
+                "train.init_from")
+        unopened = (f" This run could not open {', '.join(self.unopened[:3])}"
+                    f"{' ...' if len(self.unopened) > 3 else ''}." if self.unopened else "")
+        if not saved:  # a checkpoint from before per-shard keys were kept
+            return ("the data is not the data this checkpoint trained on (a shard was rebuilt, changed, or became "
+                    f"unreadable).{unopened} {ways}")
+        before: dict[str, dict[str, str]] = {}
+        for data, path, key in saved:
+            before.setdefault(data, {})[path] = key
+        now: dict[str, dict[str, str]] = {}
+        for data, path, key in self.shards:
+            now.setdefault(data, {})[path] = key
+        parts = []
+        for data in list(before) + [data for data in now if data not in before]:
+            old, new = before.get(data, {}), now.get(data, {})
+            if data not in now:
+                parts.append(f"{data} is no longer in train.data")
+            elif data not in before:
+                parts.append(f"{data} was not in this run's train.data")
+            else:
+                differ = sum(old.get(path) != key for path, key in new.items()) + len(set(old) - set(new))
+                if differ:
+                    parts.append(f"the dataset at {data} is not the one this run was trained on: {differ} of "
+                                 f"{len(set(old) | set(new))} shard hashes differ")
+        if not parts:
+            parts.append("the data is not the data this checkpoint trained on (the mix or a skipped shard changed)")
+        return "; ".join(parts) + f".{unopened} {ways}"
 
 
 class RankLoaders:

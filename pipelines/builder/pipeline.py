@@ -56,6 +56,7 @@ from mmae.pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
 from mmae.pipelines.builder.write import REJECTS, WriteShards
 from mmae.pipelines.shards import join, write_json
 from mmae.schemas.config import Config, DataConfig
+from mmae.schemas.manifest import ManifestError, read_manifest
 
 __all__ = ["BuildError", "build_pipeline", "run"]
 
@@ -74,14 +75,27 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan,
 
 
 def _load_tokenizer(data: DataConfig) -> Optional[bytes]:
-    if not data.tokenizer.model:
+    """`data.tokenizer.model`: a SentencePiece .model, or a built dataset whose tokenizer this
+    build reuses (so that the two can be trained on together: same model, same ids)."""
+    given = data.tokenizer.model
+    if not given:
         return None
+    path = given
+    fs, local = fsspec.core.url_to_fs(given)
+    if fs.isdir(local):
+        try:
+            tokenizer = read_manifest(given).tokenizer
+        except ManifestError as error:
+            raise BuildError(f"data.tokenizer.model {given} is a folder but not a built dataset ({error})") from None
+        if tokenizer is None:
+            raise BuildError(f"data.tokenizer.model {given}: that dataset has no tokenizer (it holds no text)")
+        path = f"{given.rstrip('/')}/{tokenizer.path}"
     try:
-        with fsspec.open(data.tokenizer.model, "rb") as handle:
+        with fsspec.open(path, "rb") as handle:
             model = handle.read()
         Tokenizer(model, 1)
     except (OSError, RuntimeError) as error:
-        raise BuildError(f"tokenizer.model {data.tokenizer.model}: cannot load ({error})") from None
+        raise BuildError(f"data.tokenizer.model {path}: cannot load ({error})") from None
     return model
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import urllib.parse
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -133,6 +134,10 @@ def expand_source(source: SourceConfig) -> list[SourceFile]:
     if source.image_column and any(source_file.format in ("image", "tar") for source_file in out):
         raise SourceError(f"source {source.name!r}: image_column names a column of table files; image folders "
                           "and WebDataset tars hold their images already")
+    untabled = sorted({source_file.format for source_file in out if source_file.format in ("image", "tar", "txt")})
+    if source.id_from != "line" and untabled:
+        raise SourceError(f"source {source.name!r}: id_from: {source.id_from} applies to table files (JSONL, CSV, "
+                          f"Parquet); {' and '.join(untabled)} files already have ids from their paths or lines")
     return out
 
 
@@ -294,13 +299,30 @@ def _record_from_row(
     """A parsed row as a record, or a reject: no value a stranger can put in a row raises."""
     record = _base_record(source, key)
     try:
-        return _fill_record(record, source, source_file, row)
+        record = _fill_record(record, source, source_file, row)
+        if source.id_from != "line" and "reason" not in record:
+            record["id"] = row_id(source.name, _identity(source, record, row))
+        return record
     except UnicodeDecodeError as error:
         return reject(record, "invalid_utf8", f"{where + ': ' if where else ''}{error}")
     except RowProblem as problem:
         return reject(record, problem.reason, problem.detail)
     except Exception as error:  # noqa: BLE001 - any other failure is this row's, not the build's
         return reject(record, "bad_row", f"{where + ': ' if where else ''}{_error_text(error)}")
+
+
+def _identity(source: SourceConfig, record: dict[str, Any], row: dict[str, Any]) -> str:
+    """The key of `source.id_from` (the id of a reject stays its line's)."""
+    if source.id_from == "column":
+        value = row.get(source.id_column)
+        if value is None or isinstance(value, (dict, list)):
+            raise RowProblem("missing_column", f"no usable {source.id_column!r} value (id_from: column)")
+        return str(value)
+    if source.id_from == "url_path":  # the url as the row gives it (relative ones before base_url)
+        written = row.get(source.url_column)
+        parts = urllib.parse.urlsplit(written.strip() if isinstance(written, str) else record["url"])
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+    return record["url"]
 
 
 def _fill_record(record: dict[str, Any], source: SourceConfig, source_file: SourceFile,

@@ -14,6 +14,7 @@ whatever the dataset's size.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import posixpath
@@ -148,6 +149,17 @@ class _HashingFile:
         self.closed = True
 
 
+CONTENT_COLUMNS = ("id", "source", "caption", "tokens", "image_sha256", "label")
+
+
+def _hash_content(digest, table: pa.Table) -> None:
+    """The manifest's `content_sha256`: what the trainer reads, row by row, and not where the
+    bytes were fetched from (the url column), so a rebuild from a mirror or another port is the
+    same dataset to a resumed run."""
+    for row in zip(*(table.column(name).to_pylist() for name in CONTENT_COLUMNS)):
+        digest.update(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+
+
 class WriteShardFn(beam.DoFn):
     """One final shard from the staging files its rows live in."""
 
@@ -178,6 +190,7 @@ class WriteShardFn(beam.DoFn):
         rows = 0
         sources: dict[str, int] = {}
         tokenizer = self._tokenizer_for(model)
+        content = hashlib.sha256()
         with fs.open(temporary, "wb") as handle:
             sink = _HashingFile(handle)
             with pq.ParquetWriter(
@@ -199,6 +212,7 @@ class WriteShardFn(beam.DoFn):
                              for caption in captions], pa.list_(pa.int32()))
                         columns = [tokens if name == "tokens" else table.column(name) for name in SHARD_SCHEMA.names]
                         pending.append(pa.Table.from_arrays(columns, schema=SHARD_SCHEMA))
+                        _hash_content(content, pending[-1])
                         pending_rows += table.num_rows
                         for source in table.column("source").to_pylist():
                             sources[source] = sources.get(source, 0) + 1
@@ -216,7 +230,8 @@ class WriteShardFn(beam.DoFn):
         release_freed_memory()
         log.info("wrote %s (%d rows, %.1f MB)", relative, rows, sink.size / 1e6)
         yield {"path": relative, "kind": kind, "rows": rows, "bytes": sink.size,
-               "sha256": sink.digest.hexdigest(), "sources": dict(sorted(sources.items()))}
+               "sha256": sink.digest.hexdigest(), "content_sha256": content.hexdigest(),
+               "sources": dict(sorted(sources.items()))}
 
 
 class WriteRejectShardFn(beam.DoFn):
