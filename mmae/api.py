@@ -26,12 +26,36 @@ def _config(config: Optional[str], overrides: Optional[Sequence[str]]):
     return load_config(config, list(overrides or []))
 
 
-def build(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None,
-          beam_args: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict[str, Any]:
-    """Build (or resume building) the dataset of the config's `data:` section; the build report."""
-    from mmae.pipelines.builder.pipeline import run
+# The commands' errors name their flags; from Python the same advice names the parameters.
+_PYTHON_WORDS = (("pass --overwrite", "pass overwrite=True"), ("rebuild with --overwrite", "rebuild with overwrite=True"),
+                 ("rerun with --overwrite", "rerun with overwrite=True"), ("--retry-transient", "retry_transient=True"),
+                 ("--overwrite", "overwrite=True"), ("--set ", "overrides: "), ("--allow-mismatch", "allow_mismatch=True"))
 
-    return run(_config(config, overrides), list(beam_args or []), overwrite=overwrite)
+
+def _in_python(error: Exception) -> Exception:
+    """The same exception type, its message in the API's words (`overwrite=True`, not `--overwrite`)."""
+    message = str(error)
+    for flag, parameter in _PYTHON_WORDS:
+        message = message.replace(flag, parameter)
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception type that needs other arguments: keep it as it is
+        return error
+
+
+def build(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None,
+          beam_args: Optional[Sequence[str]] = None, overwrite: bool = False,
+          retry_transient: bool = False) -> dict[str, Any]:
+    """Build (or resume building) the dataset of the config's `data:` section; the build report.
+    `overwrite`: replace a finished build; `retry_transient`: fetch its transient failures again."""
+    from mmae.pipelines.builder.pipeline import BuildError, run
+    from mmae.schemas.config import ConfigError
+
+    try:
+        return run(_config(config, overrides), list(beam_args or []), overwrite=overwrite,
+                   retry_transient=retry_transient)
+    except (BuildError, ConfigError) as error:
+        raise _in_python(error) from None
 
 
 def stats(dataset: str) -> dict[str, Any]:
@@ -55,9 +79,13 @@ def batches(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequenc
 
 def train(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train (or resume) in this process; the last logged metrics. Several processes: torchrun."""
-    from mmae.trainer.train import run_training
+    from mmae.schemas.config import ConfigError
+    from mmae.trainer.train import TrainError, run_training
 
-    return run_training(_config(config, overrides))
+    try:
+        return run_training(_config(config, overrides))
+    except (ConfigError, TrainError) as error:
+        raise _in_python(error) from None
 
 
 class Model:

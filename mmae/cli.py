@@ -52,14 +52,21 @@ def _escape_terminal_output() -> None:
         sys.stderr = _Printable(sys.stderr)
 
 
+class _OptionalGcpNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "apitools not found" in str(record.msg))
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Beam logs a warning about optional GCP client libraries on import; it is noise here.
-    logging.getLogger("root").setLevel(logging.INFO)
+    # Beam logs a warning about optional GCP client libraries (apitools, bigquery) on import and
+    # again when a pipeline runs; neither is used unless the user runs on Dataflow: noise here.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_OptionalGcpNoise())
     for noisy in ("apache_beam", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -103,6 +110,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     from mmae.pipelines.outputs import OutputError, check_output
 
+    dataset = None
     try:
         if args.html:
             check_output(args.html, "--html", folders=[args.dataset])
@@ -113,6 +121,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 2
     except OSError as error:  # a file the manifest names is missing or unreadable
         print(f"mmae stats: error: {error.filename or args.dataset}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - polars/Arrow on a damaged file: name the file, no traceback
+        damaged = dataset.first_damaged() if dataset is not None else None
+        what = damaged or f"{args.dataset}: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        print(f"mmae stats: error: cannot read {what} (`mmae validate {args.dataset}` lists every problem)",
+              file=sys.stderr)
         return 2
     if args.html:
         import fsspec
@@ -139,7 +153,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"  {problem}")
         return 1
-    print(f"{args.dataset}: OK ({report.shards} files, {report.rows} rows, {report.images} images decoded)")
+    print(f"{args.dataset}: OK ({report.shards} files: {report.rows} rows, plus {report.rejects} rejected in "
+          f"rejects/; {report.images} images decoded)")
     return 0
 
 
@@ -166,19 +181,23 @@ def _version() -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mmae.schemas.manifest import ManifestError
+    from mmae.trainer.checkpoint import Mismatch
     from mmae.trainer.evaluate import probe, reconstruct, retrieval
     from mmae.trainer.streams import DataError
 
     try:
         if args.evaluation == "reconstruct":
-            result = reconstruct(args.checkpoint, args.data, args.out, count=args.samples, seed=args.seed)
+            result = reconstruct(args.checkpoint, args.data, args.out, count=args.samples, seed=args.seed,
+                                 allow_mismatch=args.allow_mismatch)
             print(f"wrote {result['out']} ({result['samples']} samples: original | masked | reconstruction)")
             return 0
         if args.evaluation == "retrieval":
-            result = retrieval(args.checkpoint, args.data, limit=args.limit, holdout=args.holdout)
+            result = retrieval(args.checkpoint, args.data, limit=args.limit, holdout=args.holdout,
+                               allow_mismatch=args.allow_mismatch)
         else:
-            result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed)
-    except (DataError, ManifestError, FileNotFoundError) as error:
+            result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed,
+                           allow_mismatch=args.allow_mismatch)
+    except (DataError, ManifestError, Mismatch, FileNotFoundError) as error:
         print(f"mmae eval: error: {error}", file=sys.stderr)
         return 2
     if args.json:
@@ -203,12 +222,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     )
 
     try:
-        path = resolve_config_path(args.name)
+        name = args.name or args.config_file or "pipeline.yaml"
+        if args.name and args.config_file:
+            raise ConfigError("give the config once: as NAME or as --config NAME")
+        path = resolve_config_path(name)
         config = load_config(path, args.set)
     except ConfigError as error:
         print(f"mmae config: error: {error}", file=sys.stderr)
         return 2
-    print(f"# {args.name} ({path}); packaged configs: {', '.join(packaged_configs())}")
+    print(f"# {name} ({path}); packaged configs: {', '.join(packaged_configs())}")
     print("# every key with its type and meaning; pass a file or a packaged name to --config, override with --set")
     print(documented_yaml(config))
     return 0
@@ -231,14 +253,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from mmae.schemas.manifest import ManifestError
-    from mmae.trainer.checkpoint import CheckpointNotFound
+    from mmae.trainer.checkpoint import CheckpointNotFound, Mismatch
     from mmae.trainer.embed import EmbedError, embed
 
     try:
         result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
                        pool=args.pool, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
-                       progress=sys.stderr.isatty())
-    except (EmbedError, CheckpointNotFound, ManifestError, OSError) as error:
+                       progress=sys.stderr.isatty(), allow_mismatch=args.allow_mismatch)
+    except (EmbedError, CheckpointNotFound, ManifestError, Mismatch, OSError) as error:
         print(f"mmae embed: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result))
@@ -252,18 +274,23 @@ def _cmd_demo(args: argparse.Namespace, beam_args: list[str]) -> int:
                     train_steps=args.train_steps)
 
 
+SET_HELP = "override a config key (repeatable), e.g. train.steps=200 or 'train.data=[A, B]'"
+ALLOW_MISMATCH = ("go on when the dataset's tokenizer or stored image size is not the checkpoint's (default: "
+                  "refused, naming both)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"mmae {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo_data = commands.add_parser("demo-data", help="write the synthetic demo corpus")
-    demo_data.add_argument("out_dir")
-    demo_data.add_argument("--pairs", type=int, default=3000)
-    demo_data.add_argument("--images", type=int, default=1000)
-    demo_data.add_argument("--texts", type=int, default=3000)
-    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.add_argument("out_dir", help="the folder to write it to")
+    demo_data.add_argument("--pairs", type=int, default=3000, help="image+caption pairs (default 3000)")
+    demo_data.add_argument("--images", type=int, default=1000, help="images without captions (default 1000)")
+    demo_data.add_argument("--texts", type=int, default=3000, help="texts without images (default 3000)")
+    demo_data.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
 
     build = commands.add_parser(
         "build",
@@ -280,10 +307,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="on a finished build: fetch again only its timeouts, connection errors, 5xx and 429, "
                        "and rewrite the shards with the new successes")
 
-    demo = commands.add_parser("demo", help="generate the demo corpus, serve it on loopback HTTP, build it")
-    demo.add_argument("--out", default="build/demo")
-    demo.add_argument("--config", default="pipeline.yaml")
-    demo.add_argument("--pairs", type=int, default=3000)
+    demo = commands.add_parser("demo", help="generate the demo corpus, serve it on loopback HTTP, build, inspect "
+                               "and train on it")
+    demo.add_argument("--out", default="build/demo", help="the demo's folder (default build/demo)")
+    demo.add_argument("--config", default="pipeline.yaml", help="pipeline YAML (default: pipeline.yaml)")
+    demo.add_argument("--pairs", type=int, default=3000, help="image+caption pairs to generate (default 3000)")
     demo.add_argument("--train-steps", type=int, default=None,
                       help="training steps (default: the config's train.steps; 0 = build and inspect only)")
     stats = commands.add_parser("stats", help="what is in a built dataset (tables, JSON, HTML report)")
@@ -293,40 +321,46 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--samples", type=int, default=24, help="rows in the HTML gallery (default 24)")
     stats.add_argument("--seed", type=int, default=0, help="gallery sampling seed")
 
-    train = commands.add_parser("train", help="train a multimodal masked autoencoder on a built dataset")
-    train.add_argument("--config", default="pipeline.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("--nproc", type=int, default=1, help="processes (DDP via torchrun); default 1")
+    train = commands.add_parser("train", help="train a multimodal masked autoencoder on built datasets")
+    train.add_argument("--config", default="pipeline.yaml",
+                       help="a config file or packaged recipe: pipeline (default), m3ae, mae, maskvlm, momo")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    train.add_argument("--nproc", type=int, default=1,
+                       help="processes on this machine, DDP (gloo on CPU, nccl on CUDA); default 1")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
     probe = evaluations.add_parser("probe", help="linear probe on frozen image features (MAE protocol)")
-    probe.add_argument("--checkpoint", required=True)
-    probe.add_argument("--data", required=True, help="a built dataset with a label column")
-    probe.add_argument("--pool", choices=["cls", "mean"], default="cls")
-    probe.add_argument("--epochs", type=int, default=100)
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--json", action="store_true")
     rebuild = evaluations.add_parser("reconstruct", help="a PNG of original | masked | reconstruction + captions")
-    rebuild.add_argument("--checkpoint", required=True)
-    rebuild.add_argument("--data", required=True)
-    rebuild.add_argument("--out", required=True, help="the PNG to write")
-    rebuild.add_argument("--samples", type=int, default=6)
-    rebuild.add_argument("--seed", type=int, default=0)
     retrieve = evaluations.add_parser("retrieval", help="image<->text recall@1/5 (checkpoints trained with ITC)")
-    retrieve.add_argument("--checkpoint", required=True)
-    retrieve.add_argument("--data", required=True)
+    for command in (probe, rebuild, retrieve):
+        command.add_argument("--checkpoint", required=True,
+                             help="a checkpoint file, `last` pointer, run folder or exported safetensors folder")
+        command.add_argument("--allow-mismatch", action="store_true", help=ALLOW_MISMATCH)
+    probe.add_argument("--data", required=True, help="a built dataset with a label column")
+    probe.add_argument("--pool", choices=["cls", "mean"], default="cls",
+                       help="features: the CLS token (default) or the mean of the patch tokens")
+    probe.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier (default 100)")
+    probe.add_argument("--seed", type=int, default=0, help="the classifier's seed")
+    probe.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    rebuild.add_argument("--data", required=True, help="a built dataset with paired rows")
+    rebuild.add_argument("--out", required=True, help="the PNG to write")
+    rebuild.add_argument("--samples", type=int, default=6, help="rows of the sheet (default 6)")
+    rebuild.add_argument("--seed", type=int, default=0, help="the masks' seed")
+    retrieve.add_argument("--data", required=True, help="a built dataset with paired rows")
     retrieve.add_argument("--limit", type=int, default=1000, help="paired rows scored (first by id)")
     retrieve.add_argument("--holdout", type=float, default=0.0, metavar="F",
                           help="score the rows a run with train.validation.holdout: F never trained on "
                                "(default: the test side of the deterministic 80/20 split by id)")
-    retrieve.add_argument("--json", action="store_true")
+    retrieve.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     configuring = commands.add_parser("config", help="print a config (default or packaged recipe) with every key "
-                                      "documented")
-    configuring.add_argument("name", nargs="?", default="pipeline.yaml",
+                                      "documented; the output is a config file (`mmae config m3ae > my.yaml`)")
+    configuring.add_argument("name", nargs="?", default=None,
                              help="a config file or a packaged name: pipeline (default), m3ae, mae, maskvlm, momo")
-    configuring.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    configuring.add_argument("--config", dest="config_file", metavar="NAME", help="the same as NAME")
+    configuring.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a key before printing")
 
     exporting = commands.add_parser("export", help="write a checkpoint's model for other tools (timm, safetensors)")
     exporting.add_argument("--checkpoint", required=True, help="a checkpoint file, a `last` pointer or a run folder")
@@ -337,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     exporting.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     exporting.add_argument("--tokenizer-from", metavar="DATASET",
                            help="safetensors: copy this dataset's tokenizer (default: the run's train.data)")
-    exporting.add_argument("--json", action="store_true")
+    exporting.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     embedding = commands.add_parser("embed", help="image/text embeddings of a dataset, image folder or text file")
     embedding.add_argument("--checkpoint", required=True,
@@ -347,12 +381,14 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--images", metavar="FOLDER", help="a folder of image files (ids: relative paths)")
     source.add_argument("--texts", metavar="FILE", help="a text file, one text per line (ids: line-N)")
     embedding.add_argument("--out", required=True, help="the Parquet file to write")
-    embedding.add_argument("--pool", choices=["cls", "mean"], default="cls")
-    embedding.add_argument("--batch-size", type=int, default=64)
+    embedding.add_argument("--pool", choices=["cls", "mean"], default="cls",
+                           help="the CLS token (default) or the mean of the output tokens")
+    embedding.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     embedding.add_argument("--tokenizer", help="tokenizer.model for --texts (default: the checkpoint's)")
+    embedding.add_argument("--allow-mismatch", action="store_true", help=ALLOW_MISMATCH)
 
     validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
-    validate.add_argument("dataset")
+    validate.add_argument("dataset", help="a build output folder or URL (holds manifest.json)")
     validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
     return parser
 

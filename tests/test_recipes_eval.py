@@ -111,7 +111,7 @@ def test_probe_needs_labels(tmp_path):
 STAGES = ["--set", "train.stages=[{name: images, steps: 3, mix: {paired: 0, image: 1, text: 0}}, "
                    "{name: joint, steps: 3, mix: {paired: 0.5, image: 0.25, text: 0.25}}, "
                    "{name: text, steps: 3, mix: {paired: 0.5, image: 0, text: 0.5}, frozen: [patch_embed]}]",
-          "--set", "train.checkpoint_every=2"]
+          "--set", "train.checkpoint_every=2", "--set", "train.steps=9"]  # = the stages' sum (another is refused)
 
 
 def test_stages_switch_mix_and_resume_in_the_right_stage(dataset, tmp_path):  # noqa: F811

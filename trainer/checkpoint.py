@@ -272,7 +272,10 @@ def load_exported(folder: str):
     model.load_state_dict(tensors)
     model.eval()
     return model, {"model": model.state_dict(), "model_spec": meta["model_spec"], "step": meta.get("step"),
-                   "config": meta.get("train") if isinstance(meta.get("train"), dict) else {}}
+                   "config": meta.get("train") if isinstance(meta.get("train"), dict) else {},
+                   "tokenizer": meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else None,
+                   "data_image_sizes": meta.get("data_image_sizes") if isinstance(meta.get("data_image_sizes"), list)
+                   else None}
 
 
 def load_model(path: str):
@@ -296,3 +299,57 @@ def load_model(path: str):
     model.load_state_dict(state["model"])
     model.eval()
     return model, state
+
+
+# -- what a checkpoint was trained on ------------------------------------------------------
+
+
+class Mismatch(ValueError):
+    """A checkpoint and a dataset that do not belong together (tokenizer, image size)."""
+
+
+def trained_on(state: dict[str, Any]) -> list[str]:
+    """The datasets of the run that wrote `state` (train.data: a path or a list of them)."""
+    data = (state.get("config") or {}).get("data")
+    items = data if isinstance(data, list) else [data] if data else []
+    return [item if isinstance(item, str) else item.get("path") for item in items
+            if isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("path"), str))]
+
+
+def stored_image_size(manifest) -> Optional[int]:
+    """The side of the images a build stored (its data.image.size), when its manifest says."""
+    size = (manifest.config.get("image") or {}).get("size") if isinstance(manifest.config, dict) else None
+    return size if isinstance(size, int) else None
+
+
+def check_matches(state: dict[str, Any], where: str, dataset: str, *, tokens: bool = True, images: bool = True,
+                  allow: bool = False, flag: str = "--allow-mismatch") -> None:
+    """Refuse (Mismatch) a dataset whose tokenizer or stored image size is not the checkpoint's:
+    token ids that mean other words give plausible-looking garbage. `allow`: log it and go on."""
+    from mmae.schemas.manifest import read_manifest
+
+    manifest = read_manifest(dataset)
+    problems = []
+    spec = state.get("model_spec") or {}
+    mine = manifest.tokenizer
+    saved = state.get("tokenizer")
+    if tokens and mine is not None:
+        if isinstance(saved, dict) and saved.get("sha256") and saved["sha256"] != mine.sha256:
+            problems.append(f"its tokenizer ({str(saved['sha256'])[:12]}) is not {dataset}'s ({mine.sha256[:12]})")
+        elif not isinstance(saved, dict) and spec.get("vocab_size") not in (None, mine.vocab_size, 8):
+            problems.append(f"its vocabulary has {spec['vocab_size']} tokens, {dataset}'s tokenizer "
+                            f"{mine.vocab_size}")
+    stored = stored_image_size(manifest)
+    sizes = state.get("data_image_sizes")  # what the run trained on (its model may see crops of another size)
+    if images and stored and isinstance(sizes, list) and sizes and stored not in sizes:
+        problems.append(f"it was trained on {'/'.join(str(size) for size in sizes)}px images, {dataset} holds "
+                        f"{stored}px ones")
+    if not problems:
+        return
+    message = f"{where} does not belong with {dataset}: {'; '.join(problems)}"
+    if allow:
+        log.warning("%s (%s given: going on)", message, flag)
+        return
+    raise Mismatch(f"{message}. Use the dataset the run was trained on"
+                   f"{' (' + ', '.join(trained_on(state)) + ')' if trained_on(state) else ''}, or pass {flag} "
+                   "if this is what you mean")

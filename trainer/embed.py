@@ -185,8 +185,8 @@ def embed_rows(model, rows: list[dict[str, Any]], pool: str, undecodable: list[s
 
 def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optional[str] = None,
           texts: Optional[str] = None, pool: str = "cls", batch_size: int = 64,
-          tokenizer_path: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
-    from mmae.trainer.checkpoint import load_model
+          tokenizer_path: Optional[str] = None, progress: bool = True, allow_mismatch: bool = False) -> dict[str, Any]:
+    from mmae.trainer.checkpoint import check_matches, load_model
     from tqdm import tqdm
 
     if sum(value is not None for value in (data, images, texts)) != 1:
@@ -199,6 +199,7 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
         raise EmbedError(f"--out {out} is a folder; it names the Parquet file to write")
     model, state = load_model(checkpoint)
     if data is not None:
+        check_matches(state, str(checkpoint), data, allow=allow_mismatch)
         total, batches = dataset_rows(data, batch_size)
     elif images is not None:
         total, batches = image_folder_rows(images, batch_size)
@@ -242,7 +243,9 @@ def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optio
             return spm.SentencePieceProcessor(model_file=path)
     from mmae.schemas.manifest import ManifestError
 
-    dataset = (state.get("config") or {}).get("data")
+    from mmae.trainer.checkpoint import trained_on
+
+    dataset = next(iter(trained_on(state)), None)
     try:
         tokenizer = load_tokenizer(dataset) if dataset else None
     except ManifestError:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from mmae.schemas.manifest import read_manifest
 from mmae.trainer.batch import Inputs
-from mmae.trainer.checkpoint import load_model
+from mmae.trainer.checkpoint import check_matches, load_model
 from mmae.trainer.streams import DataError
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
@@ -101,8 +101,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return float((probe(test_x).argmax(dim=1) == test_y).float().mean())
 
 
-def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, seed: int = 0) -> dict[str, Any]:
-    model, _ = load_model(checkpoint)
+def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, seed: int = 0,
+          allow_mismatch: bool = False) -> dict[str, Any]:
+    model, state = load_model(checkpoint)
+    check_matches(state, str(checkpoint), dataset, tokens=False, allow=allow_mismatch)
     rows = labelled_rows(dataset)
     names = sorted({row["label"] for row in rows})
     index = {name: number for number, name in enumerate(names)}
@@ -152,13 +154,14 @@ def relevance(rows: list[dict[str, Any]]) -> torch.Tensor:
 
 @torch.no_grad()
 def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "test",
-              holdout: float = 0.0) -> dict[str, Any]:
+              holdout: float = 0.0, allow_mismatch: bool = False) -> dict[str, Any]:
     """Image->text and text->image recall@1/5 over the dataset's held-out paired rows (the probe's
     deterministic 80/20 split by id, its test side; the first `limit` by id). A retrieved row is a
     hit when it has the same image or the same caption as the query's row: duplicates and several
     captions per image do not count as misses. `holdout`: score the rows a run trained with
     `train.validation.holdout` of that fraction never saw."""
-    model, _ = load_model(checkpoint)
+    model, state = load_model(checkpoint)
+    check_matches(state, str(checkpoint), dataset, allow=allow_mismatch)
     if not model.alignment:
         raise DataError(f"{checkpoint} was trained without ITC (train.loss_weights.itc = 0): no retrieval heads")
     rows = paired_rows(dataset, limit, split, holdout)
@@ -185,7 +188,7 @@ def retrieval(checkpoint: str, dataset: str, limit: int = 1000, split: str = "te
 
 
 def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: int = 0,
-                image_ratio: float = 0.75, text_ratio: float = 0.75) -> dict[str, Any]:
+                image_ratio: float = 0.75, text_ratio: float = 0.75, allow_mismatch: bool = False) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
     from mmae.trainer.model import DefaultMasking
@@ -195,7 +198,8 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
         check_output(out, "--out", inputs=[str(checkpoint)], folders=[dataset])
     except OutputError as error:
         raise DataError(str(error)) from None
-    model, _ = load_model(checkpoint)
+    model, state = load_model(checkpoint)
+    check_matches(state, str(checkpoint), dataset, allow=allow_mismatch)
     rows = paired_rows(dataset, count, split="all")
     images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])
     tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]

@@ -23,7 +23,7 @@ import os
 from typing import Any, Optional
 
 import torch
-from mmae.trainer.checkpoint import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, resolve_checkpoint
+from mmae.trainer.checkpoint import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, resolve_checkpoint, trained_on
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
 from mmae.trainer.transforms import MEAN, STD
@@ -101,7 +101,7 @@ def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = Fa
         raise ExportError(f"unknown --format {format!r} (choose from {', '.join(FORMATS)})")
     path = resolve_checkpoint(checkpoint)
     model, state = load_model(path)
-    dataset = tokenizer_from or (state.get("config") or {}).get("data")
+    dataset = tokenizer_from or next(iter(trained_on(state)), None)
     try:
         check_output(out, "--out", inputs=[str(path)], folders=[dataset or ""])
     except OutputError as error:
@@ -119,9 +119,9 @@ def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = Fa
         config = state.get("config") or {}
         with open(os.path.join(out, MMAE_CONFIG), "w") as handle:
             json.dump({"model_spec": state["model_spec"], "step": state.get("step"), "train": config,
+                       "tokenizer": state.get("tokenizer"), "data_image_sizes": state.get("data_image_sizes"),
                        "source": str(path)}, handle, indent=2)
         written = [SAFETENSORS_FILE, MMAE_CONFIG]
-        dataset = tokenizer_from or config.get("data")
         if dataset:
             copied = _copy_tokenizer(dataset, os.path.join(out, "tokenizer.model"))
             written += ["tokenizer.model"] if copied else []

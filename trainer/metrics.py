@@ -197,8 +197,18 @@ class Events:
         self.writer.close()
 
 
+def eta_text(seconds: float) -> str:
+    """12s, 3m05s, 2h04m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise."""
+    """A tqdm bar on a terminal; plain log lines (step N/M, rate, ETA) otherwise."""
 
     def __init__(self, total: int, start: int) -> None:
         self.bar = None
@@ -206,7 +216,8 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self.last = start
+        self.total, self.first, self.last = total, start, start
+        self.started = time.perf_counter()
 
     def update(self, step: int, metrics: Optional[dict[str, Any]]) -> None:
         if self.bar is not None:
@@ -214,9 +225,13 @@ class Progress:
             if metrics:
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}")
         elif metrics:
-            log.info("step %d loss %.4f (image %.4f, text %.4f, unpaired %.4f) lr %.2e %.0f samples/s",
-                     step, metrics["loss"], metrics["image_loss"], metrics["text_loss"],
-                     metrics["unpaired_text_loss"], metrics["lr"], metrics["samples_per_s"])
+            elapsed = time.perf_counter() - self.started
+            rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+            eta = eta_text((self.total - step) / rate) if rate > 0 else "?"
+            log.info("step %d/%d loss %.4f (image %.4f, text %.4f, unpaired %.4f) lr %.2e %.0f samples/s "
+                     "%.2f steps/s ETA %s", step, self.total, metrics["loss"], metrics["image_loss"],
+                     metrics["text_loss"], metrics["unpaired_text_loss"], metrics["lr"], metrics["samples_per_s"],
+                     rate, eta)
         self.last = step
 
     def note(self, message: str) -> None:

@@ -19,6 +19,8 @@ from mmae.trainer.checkpoint import (
     NoReadableCheckpoint,
     exported_folder,
     load_checkpoint,
+    Mismatch,
+    check_matches,
     load_model,
     resolve_checkpoint,
 )
@@ -56,7 +58,7 @@ def changes_allowed(path: str, state: dict[str, Any], config: TrainConfig, model
         raise ResumeError(f"{path} was trained with other settings that may not change on resume ({listed}); "
                           "restore them, or start a new run with another train.out")
     if state["model_spec"] != model_spec:
-        raise ResumeError(f"{path} holds a {state['model_spec']} model; this config builds {model_spec}")
+        raise ResumeError(f"{path} holds another model than this config builds: {spec_difference(state['model_spec'], model_spec)}")
     return allowed
 
 
@@ -78,6 +80,26 @@ def initial_weights(config: TrainConfig, model_spec: dict) -> tuple[str, dict[st
     """train.init_from's checkpoint, checked to hold this config's model."""
     path, state = _load("init_from", config.init_from)
     if state["model_spec"] != model_spec:
-        raise ResumeError(f"train.init_from {path} holds a {state['model_spec']} model; this config builds "
-                          f"{model_spec}")
+        raise ResumeError(f"train.init_from {path} holds another model than this config builds: "
+                          f"{spec_difference(state['model_spec'], model_spec)}")
+    if config.use_text:
+        for dataset in config.data_paths:
+            try:
+                check_matches(state, f"train.init_from {path}", dataset, images=False, allow=config.allow_mismatch,
+                              flag="train.allow_mismatch: true")
+            except Mismatch as error:
+                raise ResumeError(str(error)) from None
     return path, state
+
+
+SPEC_WORDS = {"vocab_size": "vocabulary (the dataset's tokenizer)", "image_size": "image size (train.image_size)",
+              "max_text_tokens": "text length (train.max_text_tokens)", "preset": "preset (train.model.preset)",
+              "norm_pix_loss": "pixel targets (train.model.norm_pix_loss)",
+              "alignment": "ITC/ITM heads (train.loss_weights.itc/itm)"}
+
+
+def spec_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs between two model specs, in words: `vocabulary ...: 4000 there, 1000 here`."""
+    keys = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    return "; ".join(f"{SPEC_WORDS.get(key, key)}: {saved.get(key)!r} there, {current.get(key)!r} here"
+                     for key in keys) or "the specs differ"

@@ -27,7 +27,7 @@ CHANGEABLE = frozenset({
     "steps", "optimizer.warmup_steps", "optimizer.min_lr", "optimizer.base_lr", "optimizer.lr",
     "optimizer.grad_clip", "on_nonfinite", "max_skipped_steps", "data_errors",
     "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "num_workers", "prefetch_factor",
-    "compile", "attention", "out", "resume_from", "init_from",
+    "compile", "attention", "out", "resume_from", "init_from", "allow_mismatch",
     "validation.data", "validation.every", "validation.batches",  # what is measured, not what is trained
     "grad_accum",  # only with a different number of processes, keeping the global batch (checked on resume)
 })

@@ -35,10 +35,10 @@ from typing import Any, Optional
 import torch
 import yaml
 from mmae.schemas.config import Config, TrainConfig
-from mmae.schemas.manifest import read_manifest
 from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
-from mmae.trainer.checkpoint import Checkpointer
+from mmae.schemas.manifest import read_manifest
+from mmae.trainer.checkpoint import Checkpointer, stored_image_size
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.loader import MixedLoader, RankLoaders
 from mmae.trainer.masking import step_seed
@@ -71,6 +71,7 @@ from mmae.trainer.schedule import apply_schedule, build_optimizer, peak_lr
 from mmae.trainer.settings import flatten
 from mmae.trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
 from mmae.trainer.step_inputs import Part, StepSpec, prepare_parts
+from mmae.trainer.streams import DataError, tokenizer_of
 from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
@@ -88,15 +89,22 @@ class Trainer:
         self.device = env.device
         try:
             # (resume_from and init_from may lie in the run folder: it writes checkpoints beside them)
-            check_output(config.out, "train.out", folders=[config.data, config.validation.data or ""])
+            check_output(config.out, "train.out", folders=[*config.data_paths, config.validation.data or ""])
         except OutputError as error:
             raise TrainError(str(error)) from None
         if os.path.exists(config.out) and not os.path.isdir(config.out):
             raise TrainError(f"train.out {config.out} is a file; it names the run folder to write")
-        tokenizer = read_manifest(config.data).tokenizer
+        try:
+            paths = config.data_paths + ([config.validation.data] if config.validation.data else [])
+            manifests = [read_manifest(path) for path in paths]
+            tokenizer = tokenizer_of(paths, manifests)
+        except DataError as error:
+            raise TrainError(str(error)) from None
+        self.data_image_sizes = sorted({size for size in map(stored_image_size, manifests) if size})
+        self.tokenizer = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size} if tokenizer else None
         self.vocab_size = tokenizer.vocab_size if tokenizer else 0
         if not self.vocab_size and config.use_text and (config.mix.paired or config.mix.text):
-            raise TrainError(f"{config.data} has no tokenizer in its manifest; text needs one")
+            raise TrainError(f"{' and '.join(config.data_paths)}: no tokenizer in the manifest; text needs one")
         self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
                            "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
                            "norm_pix_loss": config.model.norm_pix_loss}
@@ -177,6 +185,8 @@ class Trainer:
             "stage": self.stage.index,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "model_spec": self.model_spec,
+            "tokenizer": self.tokenizer,  # what the token ids meant (checked where a dataset meets this model)
+            "data_image_sizes": self.data_image_sizes,  # the stored image sides it trained on (likewise)
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -310,6 +320,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         config, env = self.config, self.env
         resumed = self.resume()
+        if resumed and self.step > config.steps:
+            raise TrainError(f"{resumed} is at step {self.step}, past train.steps {config.steps}: nothing would be "
+                             f"trained. Raise train.steps above {self.step} to continue, or start a new run with "
+                             "another train.out")
+        if resumed and self.step == config.steps:
+            if env.main:
+                log.info("run complete at step %d of %d; nothing to do (%s). Raise train.steps to train on, or use "
+                         "another train.out for a new run", self.step, config.steps, resumed)
+            return {"step": self.step, "complete": True, "checkpoint": resumed}
         if env.main:
             self.run.makedirs()
             self.run.write_text("config.yaml", text=yaml.safe_dump({"train": config.model_dump(mode="json")},

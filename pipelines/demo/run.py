@@ -74,16 +74,34 @@ def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[l
     if train_steps == 0:
         return 0
     run = out_dir / "run"
-    # The rebuilt shards hold this run's server port in their URLs, so their hashes differ from
-    # an earlier demo's; a resumed run would rightly refuse them. The demo trains afresh.
-    shutil.rmtree(run, ignore_errors=True)
+    _replace_earlier_run(run)
     print(f"[demo] 5/5 training the tiny preset on {shards} for a couple of minutes", flush=True)
     command = [sys.executable, "-m", "mmae.cli", "train", "--config", config_path,
                "--set", f"train.data={shards}", "--set", f"train.out={run}"]
     if train_steps is not None:
         command += ["--set", f"train.steps={train_steps}"]
-    train = subprocess.run(command)
+    train = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if train.returncode != 0:
         return train.returncode
+    last = json.loads(train.stdout.strip().splitlines()[-1]) if train.stdout.strip() else {}
+    if "loss" in last:
+        print(f"[demo] trained to step {last['step']}: loss {last['loss']:.4f} (image {last['image_loss']:.4f}, "
+              f"text {last['text_loss']:.4f}, unpaired text {last['unpaired_text_loss']:.4f}), "
+              f"{last['samples_per_s']:.0f} samples/s")
     print(f"[demo] metrics: {run / 'metrics.jsonl'}; checkpoints: {run / 'checkpoints'}")
+    print("[demo] next, try:")
+    print(f"  mmae eval probe --checkpoint {run} --data {shards}            # linear probe on image features")
+    print(f"  mmae eval reconstruct --checkpoint {run} --data {shards} --out {out_dir / 'reconstruction.png'}")
+    print(f"  mmae export --checkpoint {run} --format timm --out {out_dir / 'timm-encoder'}   # for timm")
     return 0
+
+
+def _replace_earlier_run(run: Path) -> None:
+    """The demo trains afresh each time; an earlier demo run in its folder is replaced, and said so."""
+    if not run.exists():
+        return
+    checkpoints = sorted((run / "checkpoints").glob("step-*.pt")) if (run / "checkpoints").is_dir() else []
+    newest = f", newest checkpoint {checkpoints[-1].name}" if checkpoints else ""
+    print(f"[demo] replacing the earlier demo run in {run} ({len(checkpoints)} checkpoint(s){newest}); to keep "
+          "a run, train it with another train.out", flush=True)
+    shutil.rmtree(run)

@@ -18,6 +18,10 @@ POLARS_NATIVE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss
 DatasetError = ManifestError  # the dataset cannot be opened (no manifest, unreadable manifest)
 
 
+class DamagedShard(ManifestError):
+    """A file the manifest lists that cannot be read; the message names it."""
+
+
 @dataclass
 class Dataset:
     root: str
@@ -43,6 +47,17 @@ class Dataset:
     @property
     def max_tokens(self) -> Optional[int]:
         return self.manifest.max_tokens
+
+    def first_damaged(self) -> Optional[str]:
+        """The first listed shard or rejects file whose footer does not read, as `path: why`."""
+        for entry in [*self.manifest.shards, *self.manifest.rejects]:
+            url = self.url(entry.path)
+            try:
+                with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+                    parquet.metadata
+            except Exception as error:  # noqa: BLE001 - any failure to read it names it
+                return f"{url}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        return None
 
     def tokenizer_model(self) -> Optional[bytes]:
         entry = self.manifest.tokenizer

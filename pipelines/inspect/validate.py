@@ -34,7 +34,8 @@ Image.MAX_IMAGE_PIXELS = None  # sizes are checked against the recorded ones ins
 class Report:
     problems: list[str] = field(default_factory=list)
     shards: int = 0
-    rows: int = 0
+    rows: int = 0  # data rows (the shards the trainer reads)
+    rejects: int = 0  # rows of the rejects files
     images: int = 0
 
     def add(self, where: str, message: str) -> None:
@@ -136,7 +137,10 @@ def _check_file(dataset: Dataset, entry: dict[str, Any], vocab_size: Optional[in
                 if not is_rejects:
                     _check_rows(where, entry["kind"], table, first_row, vocab_size, decode_images, report)
                 first_row += table.num_rows
-            report.rows += first_row
+            if is_rejects:
+                report.rejects += first_row
+            else:
+                report.rows += first_row
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
         report.add(where, f"not a readable Parquet file ({type(error).__name__}: {error})")
         return
