@@ -255,12 +255,13 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from mmae.schemas.manifest import ManifestError
     from mmae.trainer.checkpoint import CheckpointNotFound, Mismatch
     from mmae.trainer.embed import EmbedError, embed
+    from mmae.trainer.streams import DataError
 
     try:
         result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
                        pool=args.pool, batch_size=args.batch_size, tokenizer_path=args.tokenizer,
                        progress=sys.stderr.isatty(), allow_mismatch=args.allow_mismatch)
-    except (EmbedError, CheckpointNotFound, ManifestError, Mismatch, OSError) as error:
+    except (EmbedError, CheckpointNotFound, ManifestError, Mismatch, DataError, OSError) as error:
         print(f"mmae embed: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -461,8 +461,11 @@ def _format_validation_error(error: ValidationError) -> str:
             close = difflib.get_close_matches(str(problem["loc"][-1]), _section_keys(problem["loc"][:-1]), n=1)
             if close:
                 message += f"; did you mean {close[0]!r}?"
+        if problem["type"] == "value_error":
+            message = message.removeprefix("Value error, ")  # our own validators' sentences
         got = problem.get("input")
-        shown = "" if problem["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        # A whole section's validator: its input is the section, not a value worth echoing.
+        shown = "" if problem["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         if len(shown) > 120:
             shown = shown[:117] + "...)"
         lines.append(f"{key}: {message}{shown}")

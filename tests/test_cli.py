@@ -65,6 +65,24 @@ def test_demo_end_to_end_over_loopback_http(tmp_path):
     assert (tmp_path / "demo" / "report.html").exists()
     metrics = (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 3
+    assert "[demo] trained to step 3: loss " in result.stdout
+    next_steps = result.stdout.split("[demo] next, try:")[1].strip().splitlines()
+    assert [line.split()[:3] for line in next_steps] == [["mmae", "eval", "probe"], ["mmae", "eval", "reconstruct"],
+                                                         ["mmae", "export", "--checkpoint"]]
+    assert "apitools" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_demo_says_which_earlier_run_it_replaces(tmp_path, capsys):
+    from mmae.pipelines.demo.run import _replace_earlier_run
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (100, 200):
+        (run / "checkpoints" / f"step-{step:07d}.pt").write_bytes(b"x")
+    _replace_earlier_run(run)
+    said = capsys.readouterr().out
+    assert f"replacing the earlier demo run in {run} (2 checkpoint(s), newest checkpoint step-0000200.pt)" in said
+    assert not run.exists()
 
 
 def test_multi_processing_runner_gives_identical_shards(tmp_path):
@@ -78,6 +96,8 @@ def test_multi_processing_runner_gives_identical_shards(tmp_path):
     first, second = _check_demo_output(tmp_path / "a", 30), _check_demo_output(tmp_path / "b", 30)
     # Same corpus; URLs differ only by the server's port, which is part of the row.
     assert [s["rows"] for s in first["shards"]] == [s["rows"] for s in second["shards"]]
+    # ...but not of the ids (id_from: url_path) nor of what the trainer reads: the same dataset to a run.
+    assert [s["content_sha256"] for s in first["shards"]] == [s["content_sha256"] for s in second["shards"]]
     assert first["tokenizer"]["sha256"] == second["tokenizer"]["sha256"]
     for entry in first["shards"]:
         a = pq.read_table(tmp_path / "a" / "shards" / entry["path"]).drop(["url"])

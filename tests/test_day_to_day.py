@@ -394,6 +394,7 @@ def test_eval_and_embed_refuse_a_dataset_with_another_tokenizer_unless_told(trai
     same = subprocess.run([sys.executable, "-m", "mmae.cli", "embed", "--checkpoint", str(run), "--data", str(root),
                            "--out", str(tmp_path / "same.parquet")], capture_output=True, text=True, timeout=300)
     assert same.returncode == 0, same.stderr[-2000:]
+    assert "embed: rows 90/90, " in same.stderr and "ETA" in same.stderr  # progress without a terminal
 
 
 def test_the_probe_refuses_images_of_another_stored_size(trained, tmp_path):
@@ -426,3 +427,23 @@ def test_init_from_with_another_tokenizer_is_refused_in_words(trained, tmp_path)
                                              f"train.init_from={run}"), "--set", "train.allow_mismatch=true"],
                              capture_output=True, text=True, timeout=300)
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "probe", "--epochs", "1"], ["eval", "reconstruct", "--out", "{tmp}/grid.png"],
+    ["embed", "--out", "{tmp}/e.parquet"], ["stats"]])
+def test_a_damaged_shard_is_one_line_naming_it_in_every_command(trained, tmp_path, command):
+    import shutil
+
+    root, run = trained
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    shard = copy / "paired" / "part-00000-of-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:300])
+    args = [part.replace("{tmp}", str(tmp_path)) for part in command]
+    args += [str(copy)] if command == ["stats"] else ["--checkpoint", str(run), "--data", str(copy)]
+    result = subprocess.run([sys.executable, "-m", "mmae.cli", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if " WARNING " not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "part-00000-of-00001.parquet" in lines[0] and "mmae validate" in lines[0]

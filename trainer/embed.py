@@ -40,8 +40,8 @@ class EmbedError(RuntimeError):
 
 def dataset_rows(dataset: str, batch_size: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
     """(rows, batches of {id, image, tokens}) of a built dataset, one row group at a time."""
-    import fsspec
     from mmae.schemas.manifest import read_manifest
+    from mmae.trainer.streams import reading_shard
 
     manifest = read_manifest(dataset)
     entries = manifest.entries()
@@ -49,7 +49,7 @@ def dataset_rows(dataset: str, batch_size: int) -> tuple[int, Iterator[list[dict
     def batches() -> Iterator[list[dict[str, Any]]]:
         pending: list[dict[str, Any]] = []
         for entry in entries:
-            with fsspec.open(f"{dataset.rstrip('/')}/{entry.path}", "rb") as handle, pq.ParquetFile(handle) as parquet:
+            with reading_shard(f"{dataset.rstrip('/')}/{entry.path}") as parquet:
                 columns = [name for name in ("id", "image", "tokens") if name in parquet.schema_arrow.names]
                 for group in range(parquet.num_row_groups):
                     pending += parquet.read_row_group(group, columns=columns).to_pylist()
@@ -210,6 +210,7 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
     rows = with_image = with_text = 0
     undecodable: list[str] = []
     bar = tqdm(total=total, unit="row", desc="embed", disable=not progress)
+    report = _LogProgress(total)  # without a terminal: a log line every 10 s (rows N/M, rate, ETA)
     try:
         with pq.ParquetWriter(temporary, SCHEMA) as writer:
             for chunk in batches:
@@ -219,6 +220,8 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
                 with_image += table.num_rows - table.column("image_embedding").null_count
                 with_text += table.num_rows - table.column("text_embedding").null_count
                 bar.update(table.num_rows)
+                if not progress:
+                    report.update(rows)
         os.replace(temporary, out)
     finally:
         bar.close()
@@ -228,6 +231,25 @@ def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optiona
         log.warning("image does not decode, its embedding is null: %s", problem)
     return {"out": out, "rows": rows, "image_embeddings": with_image, "text_embeddings": with_text,
             "undecodable_images": len(undecodable), "dim": model.size.dim, "pool": pool}
+
+
+class _LogProgress:
+    def __init__(self, total: int, every_s: float = 10.0) -> None:
+        import time
+
+        self.total, self.every_s, self.clock = total, every_s, time.perf_counter
+        self.started = self.last = self.clock()
+
+    def update(self, rows: int) -> None:
+        from mmae.trainer.metrics import eta_text
+
+        now = self.clock()
+        if now - self.last < self.every_s and rows < self.total:
+            return
+        self.last = now
+        rate = rows / max(now - self.started, 1e-9)
+        eta = eta_text((self.total - rows) / rate) if rate > 0 else "?"
+        log.info("embed: rows %d/%d, %.0f rows/s, ETA %s", rows, self.total, rate, eta)
 
 
 def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optional[str] = None):

@@ -16,12 +16,11 @@ import logging
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 import torch
 from mmae.schemas.manifest import read_manifest
 from mmae.trainer.batch import Inputs
 from mmae.trainer.checkpoint import check_matches, load_model
-from mmae.trainer.streams import DataError
+from mmae.trainer.streams import DataError, reading_shard
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
 
@@ -33,7 +32,7 @@ def labelled_rows(dataset: str) -> list[dict[str, Any]]:
     rows = []
     for entry in read_manifest(dataset).entries("paired", "image"):
         url = f"{dataset.rstrip('/')}/{entry.path}"
-        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+        with reading_shard(url) as parquet:
             columns = [c for c in ("id", "image", "label", "split") if c in parquet.schema_arrow.names]
             for row in parquet.read(columns=columns).to_pylist():
                 if row.get("label") is not None and row.get("image"):
@@ -128,7 +127,7 @@ def paired_rows(dataset: str, limit: int, split: str = "test", holdout: float = 
     rows = []
     for entry in read_manifest(dataset).entries("paired"):
         url = f"{dataset.rstrip('/')}/{entry.path}"
-        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+        with reading_shard(url) as parquet:
             columns = [c for c in ("id", "image", "tokens", "image_sha256", "split") if c in parquet.schema_arrow.names]
             rows += [row for row in parquet.read(columns=columns).to_pylist()
                      if row["tokens"] and (held_out(row["id"], holdout) if holdout

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import logging
 import math
@@ -22,7 +23,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import fsspec
 import pyarrow as pa
@@ -123,6 +124,17 @@ def held_out(sample_id: str, fraction: float) -> bool:
     """The validation side of a hold-out split: a fixed fraction of ids, by hash."""
     bucket = int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8, person=b"mmae-val").digest(), "little")
     return bucket < fraction * 2**64
+
+
+@contextlib.contextmanager
+def reading_shard(url: str) -> Iterator[pq.ParquetFile]:
+    """A shard opened for reading; any failure to read it inside the block is one DataError naming it."""
+    try:
+        with fsspec.open(url, "rb") as handle, pq.ParquetFile(handle) as parquet:
+            yield parquet
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{url}: cannot read shard ({type(error).__name__}: {str(error)[:300]}); `mmae validate` "
+                        "lists every problem of the dataset") from None
 
 
 def _open_parquet(url: str) -> pq.ParquetFile:
