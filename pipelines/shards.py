@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import fsspec.implementations.local
@@ -23,15 +24,22 @@ def shard_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}.parquet"
 
 
-def write_atomic(url: str, data: bytes) -> None:
-    """Write to a temporary name next to the target, then rename: no half file under the real name."""
+@contextlib.contextmanager
+def temporary_beside(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """(file system, a temporary path next to `url`'s target): what the block writes there is
+    renamed onto the target when the block ends, so no half file ever has the real name. The one
+    atomic write of mmae's outputs (shards, staging files, JSON, the tokenizer)."""
     fs, path = fsspec.core.url_to_fs(url)
     folder, name = posixpath.split(path)
     fs.makedirs(folder, exist_ok=True)
     temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-    with fs.open(temporary, "wb") as handle:
-        handle.write(data)
+    yield fs, temporary
     fs.mv(temporary, path)
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    with temporary_beside(url) as (fs, temporary), fs.open(temporary, "wb") as handle:
+        handle.write(data)
 
 
 def write_json(url: str, payload: Any) -> None:
@@ -44,10 +52,10 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
                                 schema=schema)
 
 
-def _parquet_options(schema: pa.Schema, rows_per_row_group: int) -> dict[str, Any]:
-    """Image bytes stored uncompressed (already JPEG/WebP), other columns zstd."""
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How every mmae Parquet file is written: image bytes stored uncompressed (already
+    JPEG/WebP), other columns zstd, dictionaries for the low-cardinality columns, id statistics."""
     return {
-        "row_group_size": rows_per_row_group,
         "compression": {name: ("none" if name == "image" else "zstd") for name in schema.names},
         "use_dictionary": [name for name in ("source", "kind", "image_format", "label", "reason") if name in schema.names],
         "write_statistics": ["id"] if "id" in schema.names else False,
@@ -55,27 +63,23 @@ def _parquet_options(schema: pa.Schema, rows_per_row_group: int) -> dict[str, An
 
 
 def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema, rows_per_row_group: int) -> bytes:
-    """Serialize rows to Parquet (see `_parquet_options`)."""
+    """Serialize rows to Parquet (see `parquet_options`)."""
     table = rows_table(rows, schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **_parquet_options(schema, rows_per_row_group))
+    pq.write_table(table, sink, row_group_size=rows_per_row_group, **parquet_options(schema))
     return sink.getvalue().to_pybytes()
 
 
 def write_table_atomic(url: str, table: pa.Table, rows_per_row_group: int) -> None:
     """Write a table as Parquet to a temporary name next to the target, then rename. A local
     file is written by Arrow itself (no copy through Python bytes, without the GIL)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    folder, name = posixpath.split(path)
-    fs.makedirs(folder, exist_ok=True)
-    temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-    options = _parquet_options(table.schema, rows_per_row_group)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        pq.write_table(table, temporary, **options)
-    else:
-        with fs.open(temporary, "wb") as handle:
-            pq.write_table(table, handle, **options)
-    fs.mv(temporary, path)
+    options = {"row_group_size": rows_per_row_group, **parquet_options(table.schema)}
+    with temporary_beside(url) as (fs, temporary):
+        if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            pq.write_table(table, temporary, **options)
+        else:
+            with fs.open(temporary, "wb") as handle:
+                pq.write_table(table, handle, **options)
 
 
 def write_shard(

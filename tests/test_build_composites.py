@@ -14,7 +14,7 @@ from mmae.pipelines.builder.dedup import ENTRY, KEYS, FindDuplicates, HashPacker
 from mmae.pipelines.builder.download import CAPTIONS, DownloadChunks
 from mmae.pipelines.builder.plan import make_plan
 from mmae.pipelines.builder.read import ReadChunks
-from mmae.pipelines.builder.sources import row_id
+from mmae.pipelines.builder.records import ChunkCount, ChunkKey, ChunkRows, Packed, row_id
 from mmae.pipelines.builder.write import REJECTS, SplitIntoShardsFn, WriteShards
 from mmae.schemas.config import DataConfig
 
@@ -37,11 +37,11 @@ def data_config(tmp_path: Path, **extra) -> DataConfig:
     })
 
 
-def stage_inputs(config: DataConfig, chunks: dict[tuple, list[dict]]) -> list[tuple[tuple, int]]:
+def stage_inputs(config: DataConfig, chunks: dict[tuple, list[dict]]) -> list[ChunkRows]:
     """Write chunk input files as ReadChunks would; return its main output for them."""
     for key, records in chunks.items():
-        staging.write_input(staging.input_url(config.output, config.sources[key[0]].name, key), records)
-    return [(key, len(records)) for key, records in chunks.items()]
+        staging.write_input(staging.input_url(config.output, config.sources[key[0]].name, ChunkKey(*key)), records)
+    return [ChunkRows(ChunkKey(*key), len(records)) for key, records in chunks.items()]
 
 
 def paired(row: int, url: str, caption: str = "a caption") -> dict:
@@ -97,7 +97,7 @@ def test_find_duplicates_names_later_copies_whatever_the_arrival_order():
         packer = HashPacker(buckets=3)
         for index, url, row in rows:
             packer.add(url_key({"source": "s", "url": url}), index, ids[row])
-        packs += [(bucket, (chunk, "url", packed)) for bucket, packed in packer.items()]
+        packs += [(bucket, Packed(ChunkKey(*chunk), "url", packed)) for bucket, packed in packer.items()]
     with beam_pipeline() as pipeline:
         duplicates = pipeline | beam.Create(packs) | FindDuplicates()
         assert_that(duplicates, equal_to([((0, 0, 1), [(0, f"same url as {ids[1]}"), (1, f"same url as {ids[1]}")])]))
@@ -107,7 +107,8 @@ def test_download_rejects_duplicates_without_fetching(tmp_path, http_server):
     config = data_config(tmp_path)
     chunks = stage_inputs(config, {(0, 0, 0): [paired(1, f"{http_server}/slow"), paired(2, f"{http_server}/slow")]})
     with beam_pipeline() as pipeline:
-        duplicates = pipeline | "Duplicates" >> beam.Create([((0, 0, 0), [(0, "same url as x"), (1, "same url as x")])])
+        duplicates = pipeline | "Duplicates" >> beam.Create([(ChunkKey(0, 0, 0), [(0, "same url as x"),
+                                                                                  (1, "same url as x")])])
         staged = pipeline | beam.Create(chunks) | DownloadChunks(config, duplicates)
         assert_that(staged.summaries, equal_to([((0, 0, 0), 2, 0)]))
     rows = pq.read_table(tmp_path / "out" / "staging" / "chunks" / "p" / "00000-000000.parquet").to_pylist()
@@ -146,7 +147,8 @@ def test_download_chunks_commits_staging_and_emits_only_metadata(tmp_path, http_
 
 
 def test_split_into_shards_lays_kinds_out_in_input_order():
-    counts = [("paired", (0, 0, 1), 4), ("paired", (0, 0, 0), 3), ("text", (1, 0, 0), 2)]
+    counts = [ChunkCount("paired", ChunkKey(0, 0, 1), 4), ChunkCount("paired", ChunkKey(0, 0, 0), 3),
+              ChunkCount("text", ChunkKey(1, 0, 0), 2)]
     with beam_pipeline() as pipeline:
         pieces = pipeline | beam.Create(counts) | beam.ParDo(SplitIntoShardsFn(rows_per_shard=5), counts)
         assert_that(pieces, equal_to([

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from mmae.pipelines.builder.lines import lines
 from mmae.pipelines.builder.plan import make_plan
-from mmae.pipelines.builder.sources import expand_source, read_source_file
+from mmae.pipelines.builder.readers import read_source_file
+from mmae.pipelines.builder.sources import expand_source
 from mmae.pipelines.builder.text import clean_text
 from mmae.schemas.config import DataConfig, SourceConfig
 

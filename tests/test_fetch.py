@@ -285,3 +285,46 @@ def test_a_hanging_dns_lookup_ends_at_the_deadline(monkeypatch):
         assert not release.is_set() and asked == ["hangs.example"]  # one lookup, still hanging
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("scheme", sorted(__import__("mmae.pipelines.builder.schemes", fromlist=["x"]).SCHEMES))
+def test_every_scheme_is_judged_and_routed_by_the_one_table(scheme, tmp_path):
+    """The source's policy and the fetcher route by `schemes.SCHEMES`: a scheme a source may
+    name is never an `unsupported scheme` when it is fetched (oss://, r2://... once were)."""
+    from mmae.pipelines.builder.connections import FetchError
+    from mmae.pipelines.builder.fetch import Fetcher
+    from mmae.pipelines.builder.records import RowProblem
+    from mmae.pipelines.builder.schemes import family_of
+    from mmae.pipelines.builder.sources import SourceFile, resolve_url
+    from mmae.schemas.config import DownloadConfig, SourceConfig
+
+    source_file = SourceFile(path=str(tmp_path / "x.jsonl"), relative="x.jsonl", format="jsonl")
+    url = f"{scheme}://127.0.0.1:9/no/such/file.jpg" if family_of(scheme) == "http" else f"{scheme}://bucket/a.jpg"
+    closed = SourceConfig(name="s", kind="image", path="x.jsonl")
+    opened = SourceConfig(name="s", kind="image", path="x.jsonl", allow_object_stores=True, allow_local_files=True)
+    if family_of(scheme) == "http":
+        assert resolve_url(url, closed, source_file) == url
+    else:
+        with pytest.raises(RowProblem) as refused:
+            resolve_url(url, closed, source_file)
+        assert refused.value.reason == "url_not_allowed"
+    resolved = resolve_url(url, opened, source_file)
+    fetcher = Fetcher(DownloadConfig(timeout_s=2, retries=0, allow_private_addresses=True))
+    with pytest.raises(FetchError) as failure:
+        fetcher.fetch(resolved)
+    assert "unsupported scheme" not in failure.value.detail
+
+
+def test_a_scheme_outside_the_table_is_bad_url_on_both_sides(tmp_path):
+    from mmae.pipelines.builder.connections import FetchError
+    from mmae.pipelines.builder.fetch import Fetcher
+    from mmae.pipelines.builder.records import RowProblem
+    from mmae.pipelines.builder.sources import SourceFile, resolve_url
+    from mmae.schemas.config import DownloadConfig, SourceConfig
+
+    source_file = SourceFile(path=str(tmp_path / "x.jsonl"), relative="x.jsonl", format="jsonl")
+    opened = SourceConfig(name="s", kind="image", path="x.jsonl", allow_object_stores=True, allow_local_files=True)
+    with pytest.raises(RowProblem, match="unsupported scheme 'ftp'"):
+        resolve_url("ftp://host/a.jpg", opened, source_file)
+    with pytest.raises(FetchError, match="unsupported scheme 'ftp'"):
+        Fetcher(DownloadConfig()).fetch("ftp://host/a.jpg")

@@ -8,7 +8,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mmae.pipelines.builder.sources import SourceError, expand_source, read_source_file, row_id
+from mmae.pipelines.builder.readers import read_source_file
+from mmae.pipelines.builder.records import row_id
+from mmae.pipelines.builder.sources import SourceError, expand_source
 from mmae.schemas.config import SourceConfig
 
 from tests.conftest import write_jsonl

@@ -20,12 +20,11 @@ from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
-from mmae.pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.records import ChunkKey, Packed
 
 KEYS = "keys"  # the tagged output that carries packed hashes
 ENTRY = struct.Struct("<16sI10s")
 
-Packed = tuple[ChunkKey, str, bytes]  # (chunk, what is compared: url | text | image, entries)
 Duplicates = list[tuple[int, str]]  # (index in the chunk, reject detail), per chunk
 
 
@@ -74,12 +73,12 @@ def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkK
 
     The bucket is sorted as numpy arrays (42 bytes per row), not as Python objects."""
     _, packs = element
-    packs = sorted(packs, key=lambda pack: pack[0])
+    packs = sorted(packs, key=lambda pack: pack.chunk)
     if not packs:
         return
-    chunks = [chunk for chunk, _, _ in packs]
-    entries = np.concatenate([np.frombuffer(packed, ENTRY_DTYPE) for _, _, packed in packs])
-    ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), [len(packed) // ENTRY.size for _, _, packed in packs])
+    chunks = [pack.chunk for pack in packs]
+    entries = np.concatenate([np.frombuffer(pack.entries, ENTRY_DTYPE) for pack in packs])
+    ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), [len(pack.entries) // ENTRY.size for pack in packs])
     order = np.lexsort((entries["index"], ordinal, entries["key_low"], entries["key_high"]))
     high, low = entries["key_high"][order], entries["key_low"][order]
     later = np.zeros(len(order), dtype=bool)
@@ -92,7 +91,7 @@ def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkK
     found: dict[int, Duplicates] = {}
     for position in np.flatnonzero(later):
         row, kept = order[position], first[position]
-        what = packs[ordinal[kept]][1]
+        what = packs[ordinal[kept]].what
         found.setdefault(int(ordinal[row]), []).append(
             (int(entries["index"][row]), f"same {what} as {entries['id'][kept].tobytes().hex()}"))
     for number in sorted(found):

@@ -37,10 +37,9 @@ from mmae.pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_tr
 from mmae.pipelines.builder.images import ImageReject, process_image
 from mmae.pipelines.builder.inline import InlineImages
 from mmae.pipelines.builder.memory import release_freed_memory
-from mmae.pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.records import ChunkKey, ChunkRows, ChunkSummary, Packed, failed, is_reject, kept
 from mmae.pipelines.builder.tokenizer import SampleTexts
 from mmae.schemas.config import DataConfig
-from mmae.schemas.shard import reject_detail
 
 log = logging.getLogger("mmae.build")
 
@@ -54,11 +53,8 @@ WAIT_S = 0.25  # how long the bundle thread waits for a result before it looks a
 # committing this many chunks (what `kill -9` or a lost node does at an arbitrary moment).
 KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
 
-
-# What leaves this stage per chunk (never per row): its summary (chunk, rows, rows stored with
-# an image or text), the stored rows' image hashes packed for `DedupImages`, and the captions
-# for the tokenizer's bounded sample.
-ChunkSummary = tuple[ChunkKey, int, int]
+# What leaves this stage per chunk (never per row): its `ChunkSummary`, the stored rows' image
+# hashes packed for `FindDuplicates`, and the captions for the tokenizer's bounded sample.
 
 
 def _looks_like_text(content_type: str) -> bool:
@@ -68,7 +64,7 @@ def _looks_like_text(content_type: str) -> bool:
 
 def _failed(record: dict[str, Any], error: BaseException) -> dict[str, Any]:
     log.warning("row %s (%s): unexpected %s: %s", record.get("key"), record.get("url"), type(error).__name__, error)
-    return {**record, "reason": "processing_error", "detail": reject_detail(f"{type(error).__name__}: {error}")}
+    return failed(record, "processing_error", f"{type(error).__name__}: {error}")
 
 
 class RowProcessor:
@@ -88,7 +84,7 @@ class RowProcessor:
                 return self.inline.fetch(record["locator"])
             return self.fetcher.fetch(record["url"])
         except FetchError as error:
-            return {**record, "reason": error.reason, "detail": reject_detail(error.detail)}
+            return failed(record, error.reason, error.detail)
         except Exception as error:  # a row must never take the build down with it
             return _failed(record, error)
 
@@ -97,21 +93,13 @@ class RowProcessor:
             image = process_image(result.data, self.config.image)
         except ImageReject as error:
             if error.reason == "decode_error" and _looks_like_text(result.content_type):
-                return {**record, "reason": "not_image", "detail": f"Content-Type {result.content_type}"}
-            return {**record, "reason": error.reason, "detail": reject_detail(error.detail)}
+                return failed(record, "not_image", f"Content-Type {result.content_type}")
+            return failed(record, error.reason, error.detail)
         except Exception as error:
             return _failed(record, error)
-        return {
-            **record,
-            "image": image.data,
-            "image_format": image.format,
-            "width": image.width,
-            "height": image.height,
-            "original_width": image.original_width,
-            "original_height": image.original_height,
-            "image_sha256": image.sha256,
-            "reason": None,
-        }
+        return kept(record, image=image.data, image_format=image.format, width=image.width, height=image.height,
+                    original_width=image.original_width, original_height=image.original_height,
+                    image_sha256=image.sha256)
 
 
 @dataclass
@@ -221,7 +209,7 @@ class _Window:
 
 
 class DownloadChunkFn(beam.DoFn):
-    """(chunk key, rows) -> `ChunkSummary`, plus tagged packed image hashes and captions."""
+    """`ChunkRows` -> `ChunkSummary`, plus tagged packed image hashes and captions."""
 
     def __init__(self, config: DataConfig, buckets: int = 1, retry_transient: bool = False) -> None:
         self.config = config
@@ -246,15 +234,15 @@ class DownloadChunkFn(beam.DoFn):
 
     # ---------------------------------------------------------------------------------------
 
-    def process(self, element: tuple[ChunkKey, int], duplicates=None) -> Iterator[Any]:
-        key, _ = element
-        source = self.config.sources[key[0]]
+    def process(self, element: ChunkRows, duplicates=None) -> Iterator[Any]:
+        key = element.chunk
+        source = self.config.sources[key.source]
         records = staging.read_input(staging.input_url(self.config.output, source.name, key))
         # Rows the reader rejected, and later copies of a URL or text (FindDuplicates), are done
         # already: never fetched.
-        done: dict[int, dict[str, Any]] = {index: record for index, record in enumerate(records) if "reason" in record}
+        done: dict[int, dict[str, Any]] = {index: record for index, record in enumerate(records) if is_reject(record)}
         for index, detail in duplicates_of(duplicates, key).items():
-            done[index] = {**records[index], "reason": "duplicate", "detail": detail}
+            done[index] = failed(records[index], "duplicate", detail)
         url = staging.chunk_url(self.config.output, source.name, key)
         digest = staging.records_digest(records)
         staged = staging.read_chunk(url, digest)
@@ -267,7 +255,7 @@ class DownloadChunkFn(beam.DoFn):
             rows = list(staging.read_rows(url, list(range(len(staged)))))
             self._open(key, url, digest, rows, {index: self._record(rows[index]) for index in redo})
         elif source.kind == "text":
-            rows = [done.get(index) or {**record, "reason": None} for index, record in enumerate(records)]
+            rows = [done.get(index) or kept(record) for index, record in enumerate(records)]
             self._commit(url, [staging.part_table(enumerate(rows))], len(rows), digest)
             yield from self._outputs(key, rows)
             return
@@ -388,9 +376,9 @@ class DownloadChunkFn(beam.DoFn):
                 self.sample = self.sampler.add_input(self.sample, row["caption"])
             if row["kind"] != "text":
                 packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
-        yield key, len(rows), stored
+        yield ChunkSummary(key, len(rows), stored)
         for bucket, packed in packer.items():
-            yield beam.pvalue.TaggedOutput(KEYS, (bucket, (key, "image", packed)))
+            yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))
 
 
 def _windowed(output: Any) -> Any:
@@ -400,7 +388,7 @@ def _windowed(output: Any) -> Any:
 
 
 class DownloadChunks(beam.PTransform):
-    """(chunk, rows) -> committed staging files; outputs: main (`ChunkSummary`), `KEYS` (packed
+    """`ChunkRows` -> committed staging files; outputs: main (`ChunkSummary`), `KEYS` (packed
     image hashes) and captions. `duplicates`: FindDuplicates' (chunk, duplicates), rejected
     without being fetched."""
 

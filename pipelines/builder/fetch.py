@@ -17,6 +17,9 @@ per worker process, and torch on the data side), so `opt_out` re-states its X-Ro
 - retries with exponential backoff for timeouts, connection errors, 5xx and 429 only.
 
 Every failure becomes a `FetchError` with a machine-readable `reason` (`http_404`, `timeout`...).
+Paths, local files and object stores are read by `fileread.FileReader`; which is which, and
+which schemes exist at all, is the one table in `schemes` (ftp, sftp, smb... would bypass the
+address guard and are refused).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-import fsspec
 from mmae.pipelines.builder.connections import ANSWER_TIMEOUT, DEADLINES, AddressGuard, ConnectionPool, FetchError
-from mmae.pipelines.localfiles import NotARegularFile, read_regular_file
+from mmae.pipelines.builder.fileread import FileReader
+from mmae.pipelines.builder.schemes import family_of, scheme_of
 from mmae.schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024
@@ -44,10 +47,6 @@ TRANSIENT = ("timeout", "connection_error", "http_429")
 def is_transient(reason: str) -> bool:
     """Failures worth trying again later: timeouts, connection errors, 5xx and 429 (rate limited)."""
     return reason in TRANSIENT or reason.startswith("http_5")
-
-# Object stores and local files are read through fsspec. Network protocols that would bypass the
-# address guard (ftp, sftp, smb, webdav...) are refused.
-FSSPEC_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
 
 
 def opt_out(header_values: list[str], user_agent_token: Optional[str], directives: set[str]) -> bool:
@@ -153,6 +152,7 @@ class Fetcher:
     def __init__(self, config: DownloadConfig) -> None:
         self.config = config
         self.pool = ConnectionPool(AddressGuard.from_config(config), per_host=config.threads)
+        self.files = FileReader(config.max_bytes)
         self.user_agent_token = (config.user_agent_token or "").strip().lower() or None
         self.directives = {d.strip().lower() for d in config.disallowed_header_directives}
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
@@ -184,11 +184,13 @@ class Fetcher:
                 time.sleep(self.config.backoff_s * (2 ** (attempt - 1)))
 
     def _fetch_once(self, url: str) -> FetchResult:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in ("http", "https"):
+        """HTTP here; paths, local files and object stores through `fileread` (by `schemes`)."""
+        scheme = scheme_of(url)
+        family = family_of(scheme)
+        if family == "http":
             return self._fetch_http(url)
-        if scheme == "" or len(scheme) == 1 or scheme in FSSPEC_SCHEMES:
-            return self._fetch_fsspec(url)
+        if scheme == "" or family is not None:
+            return FetchResult(data=self.files.read(url), final_url=url)
         raise FetchError("bad_url", f"unsupported scheme {scheme!r}")
 
     def _fetch_http(self, url: str) -> FetchResult:
@@ -298,47 +300,3 @@ class Fetcher:
                 self.pool.put(scheme, host, port, connection)
             else:
                 connection.close()
-
-    def _fetch_local(self, path: str) -> FetchResult:
-        """Regular files only: a FIFO or device is never waited on or read (`read_regular_file`)."""
-        try:
-            data, size = read_regular_file(path, self.config.max_bytes)
-        except FileNotFoundError:
-            raise FetchError("not_found", "no such file") from None
-        except (NotARegularFile, IsADirectoryError):
-            raise FetchError("not_a_file", "not a regular file (FIFO, device or folder)") from None
-        except PermissionError as error:
-            raise FetchError("not_found", type(error).__name__) from None
-        except (OSError, ValueError) as error:
-            raise FetchError("bad_url", f"{type(error).__name__}: {error}") from None
-        if size > self.config.max_bytes or len(data) > self.config.max_bytes:
-            raise FetchError("too_large", f"{size} bytes > {self.config.max_bytes}")
-        return FetchResult(data=data, final_url=path)
-
-    def _fetch_fsspec(self, url: str) -> FetchResult:
-        scheme = urlsplit(url).scheme.lower()
-        if len(scheme) <= 1:
-            return self._fetch_local(url)
-        if scheme in ("file", "local"):
-            return self._fetch_local(urlsplit(url).path)
-        try:
-            fs, path = fsspec.core.url_to_fs(scheme + url[len(scheme):])
-        except ImportError as error:
-            raise FetchError("bad_url", f"no file system for {scheme}:// here ({error})") from None
-        except ValueError as error:
-            raise FetchError("bad_url", str(error)) from None
-        try:
-            size = fs.size(path)
-            if size is not None and size > self.config.max_bytes:
-                raise FetchError("too_large", f"{size} bytes > {self.config.max_bytes}")
-            with fs.open(path, "rb") as handle:
-                data = handle.read(self.config.max_bytes + 1)
-        except FileNotFoundError as error:
-            raise FetchError("not_found", str(error)) from None
-        except FetchError:
-            raise
-        except OSError as error:
-            raise FetchError("connection_error", f"{type(error).__name__}: {error}") from None
-        if len(data) > self.config.max_bytes:
-            raise FetchError("too_large", f"more than {self.config.max_bytes} bytes")
-        return FetchResult(data=data, final_url=url)

@@ -8,16 +8,16 @@ import hashlib
 from typing import Any, Iterator
 
 import apache_beam as beam
+from mmae.pipelines.builder.records import ChunkSummary
 from mmae.pipelines.builder.tokenizer import Tokenizer, special_ids
 from mmae.pipelines.shards import join, write_atomic, write_json
 from mmae.schemas.config import DataConfig
 from mmae.schemas.shard import KINDS, SCHEMA_VERSION
 
 
-def rows_read(summary, names: list[str]) -> tuple[str, int]:
+def rows_read(summary: ChunkSummary, names: list[str]) -> tuple[str, int]:
     """(source name, rows) of one chunk summary."""
-    chunk, rows, _ = summary
-    return names[chunk[0]], rows
+    return names[summary.chunk.source], summary.rows
 
 
 def _reasons(reject_shards: list[dict]) -> dict[str, dict[str, int]]:

@@ -20,12 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mmae.pipelines.builder import webdataset
 from mmae.pipelines.builder.lines import rows_per_chunk
+from mmae.pipelines.builder.records import ChunkKey, FileRef, Order, ReadUnit
 from mmae.pipelines.builder.sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
 
-Order = tuple[int, int, int]  # (source index, file number, 1-based row number; 0 = not a row)
-ChunkKey = tuple[int, int, int]  # (source index, file number, chunk number)
-ReadUnit = tuple[int, list[tuple[int, SourceFile]]]  # (source index, [(file number, file)])
 # Dedup hashes are grouped in buckets of about this many rows: the memory one dedup group needs.
 ROWS_PER_BUCKET = 250_000
 
@@ -33,14 +31,13 @@ ROWS_PER_BUCKET = 250_000
 def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:
     """Where a record stood in the input. Image-folder files are the rows of one virtual file."""
     if source_file.format == "image":
-        return (source_index, 0, file_number + 1)
+        return Order(source_index, 0, file_number + 1)
     row = key.rpartition(":")[2]
-    return (source_index, file_number, int(row) if row.isdigit() else 0)
+    return Order(source_index, file_number, int(row) if row.isdigit() else 0)
 
 
 def chunk_of(order: Order, chunk_rows: int) -> ChunkKey:
-    source_index, file_number, row = order
-    return (source_index, file_number, max(row - 1, 0) // chunk_rows)
+    return ChunkKey(order.source, order.file, max(order.row - 1, 0) // chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -77,10 +74,11 @@ class BuildPlan:
         for planned in self.files:
             if planned.file.format == "image":
                 chunk = planned.number // self.chunk_rows
-                unit = units.setdefault(("image", planned.source_index, chunk), (planned.source_index, []))
+                unit = units.setdefault(("image", planned.source_index, chunk), ReadUnit(planned.source_index, []))
             else:
-                unit = units.setdefault(("table", planned.source_index, planned.number), (planned.source_index, []))
-            unit[1].append((planned.number, planned.file))
+                unit = units.setdefault(("table", planned.source_index, planned.number),
+                                        ReadUnit(planned.source_index, []))
+            unit.files.append(FileRef(planned.number, planned.file))
         return list(units.values())
 
 
@@ -119,14 +117,14 @@ def make_plan(config: DataConfig, log=None) -> BuildPlan:
                 continue
             for chunk, rows in enumerate(counts):
                 if rows:
-                    plan.chunk_input_rows[(source_index, number, chunk)] = rows
+                    plan.chunk_input_rows[ChunkKey(source_index, number, chunk)] = rows
         if log is not None:
             log.info("source %s (%s): %d file(s)", source.name, source.kind, len(source_files))
     return plan
 
 
 def chunk_name(key: ChunkKey) -> str:
-    return f"{key[1]:05d}-{key[2]:06d}"
+    return f"{key.file:05d}-{key.chunk:06d}"
 
 
 def parse_chunk_name(name: str) -> Optional[tuple[int, int]]:

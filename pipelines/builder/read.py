@@ -5,7 +5,7 @@ every row's text (rejecting empty or too short captions before anything is downl
 writes each chunk's records, rejects included, to `OUT/staging/inputs/` (see `staging`). What
 leaves it is small and per chunk, never per row:
 
-- the chunk (`ChunkKey`, rows), which the download stage picks up and reads back;
+- the chunk (`ChunkRows`: its key and rows), which the download stage picks up and reads back;
 - for dedup, per bucket, one packed byte string of `(16-byte hash, index in chunk, 10-byte id)`
   entries (`dedup.pack`): 30 bytes per row, whatever the runner keeps in memory while grouping.
 """
@@ -18,15 +18,17 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from mmae.pipelines.builder import staging
 from mmae.pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
-from mmae.pipelines.builder.plan import ChunkKey, ReadUnit, chunk_of, record_order
-from mmae.pipelines.builder.sources import read_source_file, reject, row_cap
+from mmae.pipelines.builder.plan import chunk_of, record_order
+from mmae.pipelines.builder.readers import read_source_file
+from mmae.pipelines.builder.records import ChunkKey, ChunkRows, Order, Packed, ReadUnit, is_reject, reject
+from mmae.pipelines.builder.sources import row_cap
 from mmae.pipelines.builder.text import clean_text, word_count
 from mmae.schemas.config import DataConfig
 
 
 def clean_record(record: dict[str, Any], config: DataConfig) -> dict[str, Any]:
     """Normalise a caption/text; a reject when it is empty or too short (nothing is downloaded for it)."""
-    if "reason" in record or "caption" not in record:
+    if is_reject(record) or "caption" not in record:
         return record
     text = clean_text(record["caption"], config.text.max_chars)
     if not text:
@@ -54,7 +56,7 @@ def dedup_key(record: dict[str, Any]) -> bytes:
 
 
 class ReadChunksFn(beam.DoFn):
-    """ReadUnit -> (chunk key, rows) per chunk; tagged `KEYS`: (bucket, (chunk, what, packed hashes))."""
+    """ReadUnit -> ChunkRows per chunk; tagged `KEYS`: (bucket, Packed)."""
 
     def __init__(self, config: DataConfig, chunk_rows: int, buckets: int) -> None:
         self.config = config
@@ -63,18 +65,17 @@ class ReadChunksFn(beam.DoFn):
         self.rows_read = Metrics.counter("mmae", "rows_read")
 
     def process(self, unit: ReadUnit) -> Iterator[Any]:
-        source_index, files = unit
-        source = self.config.sources[source_index]
+        source = self.config.sources[unit.source]
         current: Optional[ChunkKey] = None
         records: list[dict[str, Any]] = []
-        for file_number, source_file in files:
+        for file_number, source_file in unit.files:
             last_row = 0
             for record in read_source_file(source, source_file, row_cap(self.config, source)):
                 self.rows_read.inc()
-                order = record_order(source_index, file_number, source_file, record["key"])
-                if order[2] <= last_row:  # rows without a number in their key (tar samples) follow the one before
-                    order = (order[0], order[1], last_row + 1)
-                last_row = order[2]
+                order = record_order(unit.source, file_number, source_file, record["key"])
+                if order.row <= last_row:  # rows without a number in their key (tar samples) follow the one before
+                    order = Order(order.source, order.file, last_row + 1)
+                last_row = order.row
                 field = _unencodable(record)
                 if field is not None:
                     safe = {**record, "url": (record.get("url") or "").encode("utf-8", "replace").decode() or None}
@@ -90,20 +91,20 @@ class ReadChunksFn(beam.DoFn):
             yield from self._flush(current, records)
 
     def _flush(self, key: ChunkKey, records: list[dict[str, Any]]) -> Iterator[Any]:
-        source = self.config.sources[key[0]]
+        source = self.config.sources[key.source]
         staging.write_input(staging.input_url(self.config.output, source.name, key), records)
-        yield key, len(records)
+        yield ChunkRows(key, len(records))
         what = "text" if source.kind == "text" else "url"
         packer = HashPacker(self.buckets)
         for index, record in enumerate(records):
-            if "reason" not in record:
+            if not is_reject(record):
                 packer.add(dedup_key(record), index, record["id"])
         for bucket, packed in packer.items():
-            yield beam.pvalue.TaggedOutput(KEYS, (bucket, (key, what, packed)))
+            yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, what, packed)))
 
 
 class ReadChunks(beam.PTransform):
-    """All sources' rows, written as chunk input files; outputs: main (chunk, rows) and `KEYS`."""
+    """All sources' rows, written as chunk input files; outputs: main (ChunkRows) and `KEYS`."""
 
     def __init__(self, config: DataConfig, units: list[ReadUnit], chunk_rows: int, buckets: int) -> None:
         super().__init__()

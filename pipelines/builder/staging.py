@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from mmae.pipelines.builder.plan import ChunkKey, chunk_name
+from mmae.pipelines.builder.plan import chunk_name
+from mmae.pipelines.builder.records import ChunkKey
 from mmae.pipelines.shards import join, rows_table, write_atomic, write_table_atomic
 from mmae.schemas.shard import SHARD_SCHEMA
 

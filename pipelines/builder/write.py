@@ -18,28 +18,23 @@ import json
 import logging
 import math
 import posixpath
-import uuid
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mmae.pipelines.builder import staging
 from mmae.pipelines.builder.dedup import duplicates_of
-from mmae.pipelines.builder.download import ChunkSummary
 from mmae.pipelines.builder.memory import release_freed_memory
-from mmae.pipelines.builder.plan import ChunkKey
+from mmae.pipelines.builder.records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey
 from mmae.pipelines.builder.tokenizer import Tokenizer
-from mmae.pipelines.shards import join, shard_name, table_bytes, write_atomic
+from mmae.pipelines.shards import join, parquet_options, shard_name, table_bytes, temporary_beside, write_atomic
 from mmae.schemas.config import DataConfig
 from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 
 log = logging.getLogger("mmae.build")
 
 REJECTS = "rejects"
-ChunkCount = tuple[str, ChunkKey, int]  # (kind or "rejects", chunk, rows of it in that sequence)
-Piece = tuple[ChunkKey, int, int]  # (chunk, start, stop) in the chunk's rows of one sequence
 
 
 class ChunkCountsFn(beam.DoFn):
@@ -49,12 +44,12 @@ class ChunkCountsFn(beam.DoFn):
         self.kinds = [source.kind for source in config.sources]
 
     def process(self, summary: ChunkSummary, image_duplicates) -> Iterator[ChunkCount]:
-        chunk, rows, stored = summary
+        chunk = summary.chunk
         copies = len(duplicates_of(image_duplicates, chunk))
-        if stored - copies:
-            yield self.kinds[chunk[0]], chunk, stored - copies
-        if rows - stored + copies:
-            yield REJECTS, chunk, rows - stored + copies
+        if summary.stored - copies:
+            yield ChunkCount(self.kinds[chunk.source], chunk, summary.stored - copies)
+        if summary.rows - summary.stored + copies:
+            yield ChunkCount(REJECTS, chunk, summary.rows - summary.stored + copies)
 
 
 class _Layout:
@@ -63,14 +58,14 @@ class _Layout:
     def __init__(self, counts: Iterable[ChunkCount], rows_per_shard: int) -> None:
         self.start: dict[tuple[str, ChunkKey], int] = {}
         totals: dict[str, int] = {}
-        for group, chunk, count in sorted(counts):
-            self.start[(group, chunk)] = totals.get(group, 0)
-            totals[group] = totals.get(group, 0) + count
+        for count in sorted(counts):
+            self.start[(count.sequence, count.chunk)] = totals.get(count.sequence, 0)
+            totals[count.sequence] = totals.get(count.sequence, 0) + count.rows
         self.shards = {group: max(1, math.ceil(total / rows_per_shard)) for group, total in totals.items()}
 
 
 class SplitIntoShardsFn(beam.DoFn):
-    """(group, chunk, count) -> ((group, shard, shard count), (chunk, start, stop))."""
+    """ChunkCount -> (ShardKey, Piece): which shards of its sequence a chunk's rows fall in."""
 
     def __init__(self, rows_per_shard: int) -> None:
         self.rows_per_shard = rows_per_shard
@@ -79,39 +74,38 @@ class SplitIntoShardsFn(beam.DoFn):
 
     def process(self, element: ChunkCount, counts: list) -> Iterator[Any]:
         # The side input is the same for every element: build the prefix sums once per worker.
-        identity = (len(counts), sum(count for _, _, count in counts))
+        identity = (len(counts), sum(count.rows for count in counts))
         if self._layout is None or identity != self._layout_id:
             self._layout = _Layout(counts, self.rows_per_shard)
             self._layout_id = identity
-        group, chunk, count = element
-        position = self._layout.start[(group, chunk)]
-        shards = self._layout.shards[group]
+        position = self._layout.start[(element.sequence, element.chunk)]
+        shards = self._layout.shards[element.sequence]
         taken = 0
-        while taken < count:
+        while taken < element.rows:
             shard = (position + taken) // self.rows_per_shard
             room = (shard + 1) * self.rows_per_shard - (position + taken)
-            piece = min(room, count - taken)
-            yield (group, shard, shards), (chunk, taken, taken + piece)
+            piece = min(room, element.rows - taken)
+            yield ShardKey(element.sequence, shard, shards), Piece(element.chunk, taken, taken + piece)
             taken += piece
 
 
-def _is_rejects(element, _count: int) -> int:
-    return 1 if element[0][0] == REJECTS else 0
+def _is_rejects(element: tuple[ShardKey, Any], _count: int) -> int:
+    shard, _ = element
+    return 1 if shard.sequence == REJECTS else 0
 
 
 def piece_indices(config: DataConfig, piece: Piece, image_duplicates, rejects: bool) -> tuple[str, list[int], dict[int, str]]:
     """(staging URL, the indices a piece means, that chunk's image duplicates)."""
-    chunk, start, stop = piece
-    url = staging.chunk_url(config.output, config.sources[chunk[0]].name, chunk)
-    copies = duplicates_of(image_duplicates, chunk)
+    url = staging.chunk_url(config.output, config.sources[piece.chunk.source].name, piece.chunk)
+    copies = duplicates_of(image_duplicates, piece.chunk)
     reasons = staging.read_reasons(url)
     if rejects:
         selected = [index for index, reason in enumerate(reasons) if reason is not None or index in copies]
     else:
         selected = [index for index, reason in enumerate(reasons) if reason is None and index not in copies]
-    if stop > len(selected):
-        raise ValueError(f"{url}: {len(selected)} rows selected, the layout expects {stop}")
-    return url, selected[start:stop], copies
+    if piece.stop > len(selected):
+        raise ValueError(f"{url}: {len(selected)} rows selected, the layout expects {piece.stop}")
+    return url, selected[piece.start:piece.stop], copies
 
 
 class _HashingFile:
@@ -178,28 +172,19 @@ class WriteShardFn(beam.DoFn):
         return self._tokenizer
 
     def process(self, element, model: bytes, image_duplicates) -> Iterator[dict[str, Any]]:
-        (kind, shard, count), pieces = element
+        key, pieces = element
         pieces = sorted(pieces)
-        relative = posixpath.join(kind, shard_name(shard, count))
-        target = join(self.config.output, relative)
-        fs, path = fsspec.core.url_to_fs(target)
-        folder, name = posixpath.split(path)
-        fs.makedirs(folder, exist_ok=True)
-        temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        kind = key.sequence
+        relative = posixpath.join(kind, shard_name(key.shard, key.count))
         group_size = self.config.shards.rows_per_row_group
         rows = 0
         sources: dict[str, int] = {}
         tokenizer = self._tokenizer_for(model)
         content = hashlib.sha256()
-        with fs.open(temporary, "wb") as handle:
+        with temporary_beside(join(self.config.output, relative)) as (fs, temporary), \
+                fs.open(temporary, "wb") as handle:
             sink = _HashingFile(handle)
-            with pq.ParquetWriter(
-                sink,
-                SHARD_SCHEMA,
-                compression={name: ("none" if name == "image" else "zstd") for name in SHARD_SCHEMA.names},
-                use_dictionary=["source", "kind", "image_format", "label"],
-                write_statistics=["id"],
-            ) as writer:
+            with pq.ParquetWriter(sink, SHARD_SCHEMA, **parquet_options(SHARD_SCHEMA)) as writer:
                 # Arrow tables all the way: image bytes are never turned into Python objects.
                 pending: list[pa.Table] = []
                 pending_rows = 0
@@ -226,7 +211,6 @@ class WriteShardFn(beam.DoFn):
                 if pending_rows:
                     writer.write_table(pa.concat_tables(pending), row_group_size=group_size)
                     rows += pending_rows
-        fs.mv(temporary, path)
         release_freed_memory()
         log.info("wrote %s (%d rows, %.1f MB)", relative, rows, sink.size / 1e6)
         yield {"path": relative, "kind": kind, "rows": rows, "bytes": sink.size,
@@ -241,7 +225,7 @@ class WriteRejectShardFn(beam.DoFn):
         self.config = config
 
     def process(self, element, image_duplicates) -> Iterator[dict[str, Any]]:
-        (_, shard, count), pieces = element
+        key, pieces = element
         rows: list[dict[str, Any]] = []
         for piece in sorted(pieces):
             url, indices, copies = piece_indices(self.config, piece, image_duplicates, rejects=True)
@@ -255,7 +239,7 @@ class WriteRejectShardFn(beam.DoFn):
             per_source = reasons.setdefault(row["source"], {})
             per_source[row["reason"]] = per_source.get(row["reason"], 0) + 1
         data = table_bytes(rows, REJECT_SCHEMA, self.config.shards.rows_per_row_group)
-        relative = posixpath.join(REJECTS, shard_name(shard, count))
+        relative = posixpath.join(REJECTS, shard_name(key.shard, key.count))
         write_atomic(join(self.config.output, relative), data)
         yield {"path": relative, "kind": REJECTS, "rows": len(rows), "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest(), "reasons": reasons}

@@ -1,0 +1,122 @@
+"""Line-based tables: JSONL (one object per line), plain text (one text per line) and CSV/TSV
+(one row per line after the header). Lines are read bounded (`lines`): a line longer than the
+cap is a `row_too_long` reject, skipped without being held. Keys are `relative:row`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any, Iterator
+
+import fsspec
+from mmae.pipelines.builder.lines import lines
+from mmae.pipelines.builder.readers.rows import error_text, record_from_row, too_long
+from mmae.pipelines.builder.records import new_record, reject
+from mmae.pipelines.builder.sources import SourceFile, required_columns
+from mmae.pipelines.builder.tablefiles import delimiter, read_header
+from mmae.schemas.config import SourceConfig
+
+
+def read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+        for line_number, raw_line in lines(handle, cap):
+            key = f"{source_file.relative}:{line_number}"
+            if raw_line is None:
+                yield too_long(source, key, line_number, cap)
+                continue
+            if not raw_line.strip():
+                continue  # blank lines are not rows
+            yield jsonl_record(source, source_file, key, line_number, raw_line)
+
+
+def read_txt(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    """A plain text corpus: every non-blank line is one text (the most common format of text
+    corpora). Keys are lines, as for JSONL."""
+    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+        for line_number, raw_line in lines(handle, cap):
+            key = f"{source_file.relative}:{line_number}"
+            if raw_line is None:
+                yield too_long(source, key, line_number, cap)
+                continue
+            if not raw_line.strip():
+                continue
+            record = new_record(source.name, source.kind, key)
+            try:
+                record["caption"] = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield reject(record, "invalid_utf8", f"line {line_number}: {error}")
+                continue
+            yield record
+
+
+def jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_number: int,
+                  raw_line: bytes) -> dict[str, Any]:
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return reject(new_record(source.name, source.kind, key), "invalid_utf8", f"line {line_number}: {error}")
+    try:
+        row = json.loads(line)
+    except Exception as error:  # noqa: BLE001
+        # JSONDecodeError, and what the parser raises on legal-looking input: nesting deeper
+        # than the interpreter's stack (RecursionError), numbers too long to convert.
+        return reject(new_record(source.name, source.kind, key), "bad_row", f"line {line_number}: {error_text(error)}")
+    if not isinstance(row, dict):
+        return reject(new_record(source.name, source.kind, key), "bad_row", f"line {line_number}: not a JSON object")
+    return record_from_row(source, source_file, key, row, f"line {line_number}")
+
+
+def csv_quoted(source: SourceConfig, source_file: SourceFile) -> bool:
+    """Are quotes syntax in this file? (`quoting`; by default yes in CSV, no in TSV)."""
+    if source.quoting is not None:
+        return source.quoting == "standard"
+    return source_file.format == "csv"
+
+
+def read_csv(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    """One row per non-blank line after the header: a quote never spans lines, so an unclosed
+    one costs its own line (a bad_row), never the lines after it."""
+    columns = required_columns(source)
+    separator = delimiter(source_file)
+    quoting = csv.QUOTE_MINIMAL if csv_quoted(source, source_file) else csv.QUOTE_NONE
+    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
+        names = read_header(handle, source_file)
+        where = {name: names.index(name) for name in columns}
+        row_number = 0
+        for line_number, raw_line in lines(handle, cap):
+            line_number += 1  # the header was line 1
+            if raw_line is not None and not raw_line.strip():
+                continue  # blank lines are not rows
+            row_number += 1
+            key = f"{source_file.relative}:{row_number}"
+            if raw_line is None:
+                yield too_long(source, key, line_number, cap)
+                continue
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            try:
+                fields = next(csv.reader([text if text is not None else raw_line.decode("utf-8", "surrogateescape")],
+                                         delimiter=separator, quoting=quoting, strict=True))
+            except csv.Error as error:
+                yield reject(new_record(source.name, source.kind, key), "bad_row", f"line {line_number}: {error} (a quote that is "
+                             "not closed on its line? TSV files from the web are read with quoting: none)")
+                continue
+            if len(fields) != len(names):
+                yield reject(new_record(source.name, source.kind, key), "bad_row",
+                             f"line {line_number}: expected {len(names)} columns, got {len(fields)}")
+                continue
+            row = {name: fields[index] for name, index in where.items()}
+            if text is None and any(_has_surrogate(value) for value in row.values()):
+                yield reject(new_record(source.name, source.kind, key), "invalid_utf8", f"line {line_number}: not valid UTF-8")
+                continue
+            yield record_from_row(source, source_file, key, row, f"line {line_number}")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
