@@ -618,7 +618,7 @@ def documented_yaml(config: BaseModel, indent: int = 0) -> str:
             lines.append(f"{pad}{name}:")
             lines.append(documented_yaml(value, indent + 2))
         else:
-            plain = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+            plain = _jsonable(value)
             # Block style: a flow mapping per key ("{output: x}") at this indent is not YAML that loads.
             dumped = yaml.safe_dump({name: plain}, default_flow_style=False, sort_keys=False, width=100).rstrip()
             lines.extend(pad + line for line in dumped.splitlines())

@@ -251,3 +251,12 @@ def test_output_through_fsspec(tmp_path):
     manifest = json.loads(fs.cat("/mmae-test/out/manifest.json"))
     assert manifest["rows"]["text"] == 50 == report["written"]["text"]
     assert fs.exists("/mmae-test/out/" + manifest["shards"][0]["path"])
+
+
+def test_every_reason_the_build_gives_is_documented(built):
+    from mmae.schemas.shard import REJECT_REASONS
+
+    _, _, _, report = built
+    undocumented = [reason for reason in report["reasons"] if reason not in REJECT_REASONS
+                    and not reason.startswith("http_")]
+    assert not undocumented

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from mmae.pipelines.builder.download import KILL_AFTER_CHUNKS_ENV
+from mmae.faults import BUILD_KILL_AFTER_CHUNKS as KILL_AFTER_CHUNKS_ENV
 from mmae.pipelines.builder.pipeline import run
 from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike
 from mmae.schemas.config import load_config

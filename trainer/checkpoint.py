@@ -122,12 +122,6 @@ class Checkpointer:
             self.run.remove(FOLDER, old)
         return self.url(name)
 
-    def newest_readable(self) -> Optional[str]:
-        for name in self.existing():
-            if self._readable(name):
-                return self.url(name)
-        return None
-
     def load_latest(self) -> Optional[tuple[str, dict[str, Any]]]:
         """The newest readable checkpoint (the `last` pointer first), or None."""
         candidates = self.existing()

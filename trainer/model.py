@@ -317,7 +317,3 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def flops_per_token(size: ModelSize) -> float:
-    """Approximate training FLOPs per encoder token (6 * parameters of the encoder blocks)."""
-    per_block = 12 * size.dim**2  # qkv + proj (4 d^2) and the MLP (8 d^2) weights
-    return 6.0 * per_block * size.depth

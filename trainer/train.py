@@ -17,9 +17,7 @@ Restarting the same command resumes from the last good checkpoint; on CPU the re
 reproduces the uninterrupted run's losses bit for bit (data order, masks and augmentations are
 functions of seed and step).
 
-Fault injection for tests of all this: `MMAE_FAULT=kill@N` makes the process SIGKILL itself right
-after step N (after that step's checkpoint, if one is due); `term@N` and `int@N` send SIGTERM or
-SIGINT instead (a graceful stop; to the whole process group when the trainer leads one).
+The tests of all this kill a real run at a known step through `mmae.faults`.
 """
 
 from __future__ import annotations
@@ -29,11 +27,11 @@ import json
 import logging
 import os
 import random
-import signal
 from typing import Any, Optional
 
 import torch
 import yaml
+from mmae import faults
 from mmae.schemas.config import Config, TrainConfig
 from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
@@ -380,7 +378,7 @@ class Trainer:
         window = Window()
         last: dict[str, Any] = {}
         path: Optional[str] = None
-        fault = _fault_hook()
+        fault = faults.after_step()  # a test's crash point (mmae.faults); a no-op otherwise
         while self.step < config.steps:
             stage = stage_at(self.stages, self.step)
             if batches is None or stage != self.stage:
@@ -480,24 +478,6 @@ def _loss_value(losses, name: str, parts: int) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64, device=losses.loss.device)
     value = value.detach().to(torch.float64)
     return value / parts if name in ("itc_loss", "itm_loss") else value
-
-
-def _fault_hook():
-    """`MMAE_FAULT=kill@N|term@N|int@N`: the process signals itself right after step N."""
-    spec = os.environ.get("MMAE_FAULT", "")
-    if "@" not in spec:
-        return lambda step: None
-    kind, _, at = spec.partition("@")
-    signum = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind]
-
-    def maybe(step: int) -> None:
-        if step == int(at):
-            if signum != signal.SIGKILL and os.getpgrp() == os.getpid():
-                os.killpg(os.getpgrp(), signum)  # the whole group, as a terminal or SLURM signals it
-            else:
-                os.kill(os.getpid(), signum)
-
-    return maybe
 
 
 def run_training(config: Config) -> dict[str, Any]:

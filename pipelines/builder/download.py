@@ -19,13 +19,13 @@ import collections
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
+from mmae import faults
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
@@ -49,9 +49,6 @@ MAX_OPEN_CHUNKS = 8
 # SAVE_EVERY_S, so a build killed at any moment loses at most that much work per open chunk.
 SAVE_EVERY_S = 0.25
 WAIT_S = 0.25  # how long the bundle thread waits for a result before it looks at open chunks
-# A deterministic crash point for the resume tests: the worker SIGKILLs itself right after
-# committing this many chunks (what `kill -9` or a lost node does at an arbitrary moment).
-KILL_AFTER_CHUNKS_ENV = "MMAE_TEST_KILL_AFTER_CHUNKS"
 
 # What leaves this stage per chunk (never per row): its `ChunkSummary`, the stored rows' image
 # hashes packed for `FindDuplicates`, and the captions for the tokenizer's bounded sample.
@@ -223,6 +220,7 @@ class DownloadChunkFn(beam.DoFn):
         self.processor = RowProcessor(self.config)
         self.window = _Window(self.processor, self.config.download.threads)
         self.committed_here = 0
+        self.fault = faults.after_chunks()  # a test's crash point (mmae.faults); a no-op otherwise
         self.sampler = SampleTexts(self.config.tokenizer.sample_size)
 
     def start_bundle(self) -> None:
@@ -328,9 +326,7 @@ class DownloadChunkFn(beam.DoFn):
         release_freed_memory()
         self.committed.inc()
         self.committed_here += 1
-        kill_after = os.environ.get(KILL_AFTER_CHUNKS_ENV)
-        if kill_after and self.committed_here >= int(kill_after):
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.fault(self.committed_here)
 
     @staticmethod
     def _record(row: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,6 @@ POLARS_NATIVE = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss
 DatasetError = ManifestError  # the dataset cannot be opened (no manifest, unreadable manifest)
 
 
-class DamagedShard(ManifestError):
-    """A file the manifest lists that cannot be read; the message names it."""
-
-
 @dataclass
 class Dataset:
     root: str

@@ -43,10 +43,6 @@ def _distribution_from_counts(values: list, counts: list) -> dict[str, Optional[
             "p95": quantile(0.95), "max": pairs[-1][0]}
 
 
-def _histogram(frame: pl.LazyFrame, column: str) -> pl.LazyFrame:
-    return frame.filter(pl.col(column).is_not_null()).group_by(column).agg(pl.len().alias("n")).sort(column)
-
-
 def _as_histogram(frame: pl.DataFrame) -> dict[str, list]:
     return {"values": frame[frame.columns[0]].to_list(), "counts": frame["n"].to_list()}
 
