@@ -74,14 +74,15 @@ timed(step, {steps})
 MMAE = COMMON + """
 sys.path.insert(0, {root!r})
 from mmae.trainer.batch import Inputs
-from mmae.trainer.model import DefaultMasking, ModelSize, MultimodalMAE
+from mmae.schemas.config import MaskingConfig
+from mmae.trainer.model import ModelSize, MultimodalMAE
 size = ModelSize(dim=dim, depth=depth, heads=heads, decoder_dim=ddim, decoder_depth=ddepth, decoder_heads=dheads,
                  patch_size=16)
 model = MultimodalMAE(size, vocab_size=8, image_size=224, max_text_tokens=8, norm_pix_loss=True)
 model.set_attention("sdpa", {layout!r})
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused={fused})
 inputs = Inputs.of_images(images, [f"image-{{index}}" for index in range(batch)])
-masking = DefaultMasking(image_ratio=0.75)
+masking = MaskingConfig(image_ratio=0.75)
 prepared = [model.layout(inputs, masking, seed) for seed in range({steps} + 2)]  # what the loader hands over
 def step(index):
     layout = model.layout(inputs, masking, index) if {in_step} else prepared[index]

@@ -133,7 +133,7 @@ class Model:
 
 def load(checkpoint: str, tokenizer: Optional[str] = None) -> Model:
     """A checkpoint file, a `last` pointer, a run folder or a `mmae export --format safetensors` folder."""
-    from mmae.trainer.checkpoint import load_model
+    from mmae.trainer.load import load_model
 
     model, state = load_model(checkpoint)
     return Model(model, state, str(checkpoint), tokenizer)

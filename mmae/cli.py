@@ -181,7 +181,7 @@ def _version() -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mmae.schemas.manifest import ManifestError
-    from mmae.trainer.checkpoint import Mismatch
+    from mmae.trainer.load import Mismatch
     from mmae.trainer.evaluate import probe, reconstruct, retrieval
     from mmae.trainer.streams import DataError
 
@@ -253,7 +253,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from mmae.schemas.manifest import ManifestError
-    from mmae.trainer.checkpoint import CheckpointNotFound, Mismatch
+    from mmae.trainer.checkpoint import CheckpointNotFound
+    from mmae.trainer.load import Mismatch
     from mmae.trainer.embed import EmbedError, embed
     from mmae.trainer.streams import DataError
 

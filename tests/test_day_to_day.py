@@ -398,7 +398,7 @@ def test_eval_and_embed_refuse_a_dataset_with_another_tokenizer_unless_told(trai
 
 
 def test_the_probe_refuses_images_of_another_stored_size(trained, tmp_path):
-    from mmae.trainer.checkpoint import Mismatch
+    from mmae.trainer.load import Mismatch
     from mmae.trainer.evaluate import probe
 
     root, run = trained

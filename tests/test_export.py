@@ -86,7 +86,7 @@ def test_timm_loads_the_exported_encoder_and_computes_mmaes_cls_features(tmp_pat
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert side.returncode == 0, side.stderr[-3000:]
     theirs = torch.load(tmp_path / "y.pt")
-    from mmae.trainer.checkpoint import load_model
+    from mmae.trainer.load import load_model
 
     model, _ = load_model(str(checkpoint))
     ours = model.encode_images(x)
@@ -117,7 +117,7 @@ def test_safetensors_export_holds_the_whole_model_and_loads_back(tmp_path):
     again = mmae("export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(out))
     assert again.returncode == 2 and "not empty" in again.stderr  # nothing a user owns is overwritten
 
-    from mmae.trainer.checkpoint import load_model
+    from mmae.trainer.load import load_model
     from safetensors.torch import load_file
 
     original = torch.load(checkpoint, weights_only=True)["model"]

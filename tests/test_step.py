@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmae.schemas.config import TrainConfig
+from mmae.schemas.config import MaskingConfig, TrainConfig
 from mmae.trainer.layout import build_layout
 from mmae.trainer.loader import MixedLoader
 from mmae.trainer.masking import draw_masks
-from mmae.trainer.model import DefaultMasking, build_model
+from mmae.trainer.model import build_model
 
 from tests import step_cases
 
@@ -166,7 +166,7 @@ def test_the_batch_layout_is_the_per_sample_layout(seed):
     image_index = torch.full((samples,), -1)
     image_index[has_image] = torch.arange(int(has_image.sum()))
     masks = draw_masks([f"s{seed}-{i}" for i in range(samples)], image_index.tolist(), lengths.tolist(), patches,
-                       DefaultMasking(image_ratio=0.5, text_ratio=0.5), seed)
+                       MaskingConfig(image_ratio=0.5, text_ratio=0.5), seed)
     layout = build_layout(image_index, lengths, masks, patches)
     encoder, source, pixels, tokens = reference_layout(image_index.tolist(), lengths.tolist(),
                                                        masks.image_masked.tolist(), masks.text_masked.tolist(), patches)

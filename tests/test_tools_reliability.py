@@ -13,13 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmae.trainer.checkpoint import (
-    Checkpointer,
-    CheckpointNotFound,
-    NonFiniteWeights,
-    load_model,
-    resolve_checkpoint,
-)
+from mmae.trainer.checkpoint import Checkpointer, CheckpointNotFound, NonFiniteWeights, resolve_checkpoint
+from mmae.trainer.load import load_model
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.run_folder import RunFolder
 from safetensors.torch import save_file

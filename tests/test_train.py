@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmae.schemas.config import TrainConfig
-from mmae.trainer.checkpoint import Checkpointer, load_model
+from mmae.schemas.config import LossWeightsConfig, MaskingConfig, TrainConfig
+from mmae.trainer.checkpoint import Checkpointer
+from mmae.trainer.load import load_model
 from mmae.trainer.loader import MixedLoader
 from mmae.trainer.masking import draw_masks
-from mmae.trainer.model import DefaultMasking, build_model
-from mmae.trainer.objectives import DefaultWeights
+from mmae.trainer.model import build_model
 from mmae.trainer.run_folder import RunFolder
 from mmae.trainer.schedule import WarmupCosine, parameter_groups
 
@@ -77,7 +77,7 @@ def test_masking_ratios_and_independence_from_batch_position(dataset):
     model = build_model("tiny", VOCAB, 16, 16)  # 16 px / 8 px patches = 4 patches
     def masks_of(batch):
         return draw_masks(batch.ids, batch.image_index.tolist(), batch.token_lengths.tolist(), model.num_patches,
-                          DefaultMasking(), seed=3)
+                          MaskingConfig(), seed=3)
 
     masks = masks_of(batch)
     assert masks.image_masked.shape == (int((batch.image_index >= 0).sum()), 4)
@@ -101,7 +101,7 @@ def test_losses_by_kind(dataset):
     assert out.counts["paired_text"] == out.counts["unpaired_text"] == 0 and out.image_loss > 0
     out = model(inputs_of(texts_only), seed=1)
     assert out.counts["image"] == 0 and out.counts["paired_text"] == 0 and out.unpaired_text_loss > 0
-    zero_text = model(inputs_of(batch), seed=1, weights=DefaultWeights(text=0.0, unpaired_text=0.0))
+    zero_text = model(inputs_of(batch), seed=1, weights=LossWeightsConfig(text=0.0, unpaired_text=0.0))
     assert torch.allclose(zero_text.loss, zero_text.image_loss)
 
 
@@ -369,7 +369,7 @@ def test_tensorboard_needs_the_package_or_says_so(dataset, tmp_path, monkeypatch
 def test_a_run_folder_on_object_storage_checkpoints_atomically_and_resumes(dataset, tmp_path, monkeypatch):
     """train.out as an fsspec URL (memory:// here, s3:// or gs:// on a cluster)."""
     import fsspec
-    from mmae.trainer.checkpoint import load_model
+    from mmae.trainer.load import load_model
     from mmae.trainer.parallel import Distributed
     from mmae.trainer.train import Trainer
 

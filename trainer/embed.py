@@ -186,7 +186,7 @@ def embed_rows(model, rows: list[dict[str, Any]], pool: str, undecodable: list[s
 def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optional[str] = None,
           texts: Optional[str] = None, pool: str = "cls", batch_size: int = 64,
           tokenizer_path: Optional[str] = None, progress: bool = True, allow_mismatch: bool = False) -> dict[str, Any]:
-    from mmae.trainer.checkpoint import check_matches, load_model
+    from mmae.trainer.load import check_matches, load_model
     from tqdm import tqdm
 
     if sum(value is not None for value in (data, images, texts)) != 1:
@@ -265,7 +265,7 @@ def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optio
             return spm.SentencePieceProcessor(model_file=path)
     from mmae.schemas.manifest import ManifestError
 
-    from mmae.trainer.checkpoint import trained_on
+    from mmae.trainer.load import trained_on
 
     dataset = next(iter(trained_on(state)), None)
     try:

@@ -17,9 +17,10 @@ from typing import Any
 
 import fsspec
 import torch
+from mmae.schemas.config import MaskingConfig
 from mmae.schemas.manifest import read_manifest
 from mmae.trainer.batch import Inputs
-from mmae.trainer.checkpoint import check_matches, load_model
+from mmae.trainer.load import check_matches, load_model
 from mmae.trainer.streams import DataError, reading_shard
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.transforms import eval_view
@@ -190,7 +191,6 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
                 image_ratio: float = 0.75, text_ratio: float = 0.75, allow_mismatch: bool = False) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
-    from mmae.trainer.model import DefaultMasking
     from mmae.trainer.reconstruction import load_tokenizer, render
 
     try:
@@ -204,7 +204,7 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
     tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
     inputs = Inputs(images, torch.arange(len(rows)), torch.cat(tokens), torch.tensor([len(t) for t in tokens]),
                     [row["id"] for row in rows])
-    layout = model.layout(inputs, DefaultMasking(image_ratio=image_ratio, text_ratio=text_ratio), seed)
+    layout = model.layout(inputs, MaskingConfig(image_ratio=image_ratio, text_ratio=text_ratio), seed)
     sheet = render(model, inputs, layout, limit=len(rows), tokenizer=load_tokenizer(dataset))
     with fsspec.open(out, "wb") as handle:
         sheet.save(handle, format="PNG")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,8 @@ from mmae.trainer.batch import Inputs
 from mmae.trainer.layout import CLS, IMAGE, TEXT, Alignment, Layout, Sequences, unmasked_layout
 from mmae.trainer.masking import Ratios
 from mmae.trainer.step_inputs import layout_for
-from mmae.trainer.objectives import DefaultWeights, Losses, Weights, alignment_losses, masked_losses
+from mmae.schemas.config import LossWeightsConfig, MaskingConfig
+from mmae.trainer.objectives import Losses, Weights, alignment_losses, masked_losses
 
 LN_EPS = 1e-6  # MAE's (and timm's ViT) LayerNorm epsilon: exported encoders compute the same features
 
@@ -241,7 +242,7 @@ class MultimodalMAE(nn.Module):
     def layout(self, inputs: Inputs, masking: Optional[Ratios] = None, seed: int = 0) -> Layout:
         """The layout of `inputs` under `masking` (default M3AE's 75%/75%) drawn from `seed`, built
         here on the host: for evaluation and tests (training gets layouts from the loader)."""
-        return layout_for(inputs, self.num_patches, masking or DefaultMasking(), seed).to(self.cls_token.device)
+        return layout_for(inputs, self.num_patches, masking or MaskingConfig(), seed).to(self.cls_token.device)
 
     def forward_loss(self, inputs: Inputs, layout: Optional[Layout] = None, weights: Optional[Weights] = None,
                      normalisers: Optional[dict[str, float]] = None, seed: int = 0,
@@ -252,7 +253,7 @@ class MultimodalMAE(nn.Module):
         counts of masked patches / paired / unpaired text tokens of the step (all micro-batches,
         all ranks), by default this batch's own, i.e. plain means. `alignment` (the paired samples,
         from the loader) is built here when ITC/ITM need it and none is given."""
-        weights = weights or DefaultWeights()
+        weights = weights or LossWeightsConfig()
         layout = layout if layout is not None else self.layout(inputs, seed=seed)
         losses = masked_losses(self.predict(inputs, layout), weights, self.norm_pix_loss, normalisers)
         if self.alignment and (weights.itc or weights.itm):
@@ -299,18 +300,52 @@ class MultimodalMAE(nn.Module):
         return torch.stack([piece[1:].mean(dim=0) if len(piece) > 1 else piece[0] for piece in pieces])
 
 
-@dataclass(frozen=True)
-class DefaultMasking:
-    strategy: str = "independent"
-    image_ratio: float = 0.75
-    text_ratio: float = 0.75
-
-
 def build_model(preset: str, vocab_size: int, image_size: int, max_text_tokens: int,
                 norm_pix_loss: bool = True, alignment: bool = False) -> MultimodalMAE:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (choose from {', '.join(PRESETS)})")
     return MultimodalMAE(PRESETS[preset], vocab_size, image_size, max_text_tokens, norm_pix_loss, alignment)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint records to rebuild its model: the one way a model is built from a run's
+    config, a checkpoint or an exported folder."""
+
+    preset: str
+    vocab_size: int
+    image_size: int
+    max_text_tokens: int
+    norm_pix_loss: bool = True
+    alignment: bool = False  # ITC/ITM heads
+
+    REQUIRED = {"preset": str, "vocab_size": int, "image_size": int, "max_text_tokens": int}
+
+    @classmethod
+    def of(cls, config, vocab_size: int, alignment: bool) -> "ModelSpec":
+        """The model a TrainConfig trains (a vocabulary of at least 8 ids: image-only runs too)."""
+        return cls(config.model.preset, max(vocab_size, 8), config.image_size, config.max_text_tokens,
+                   config.model.norm_pix_loss, alignment)
+
+    @classmethod
+    def from_dict(cls, spec: Any) -> "ModelSpec":
+        """From a checkpoint's `model_spec`; ValueError naming what is missing or of the wrong type."""
+        if not isinstance(spec, dict) or any(not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool)
+                                             for key, kind in cls.REQUIRED.items()):
+            raise ValueError(f"the model spec is missing or incomplete (needs {', '.join(cls.REQUIRED)}); got "
+                             f"{str(spec)[:200]}")
+        return cls(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
+                   bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As checkpoints record it (`alignment` only when set, as checkpoints always have)."""
+        spec = {"preset": self.preset, "vocab_size": self.vocab_size, "image_size": self.image_size,
+                "max_text_tokens": self.max_text_tokens, "norm_pix_loss": self.norm_pix_loss}
+        return {**spec, "alignment": True} if self.alignment else spec
+
+    def build(self) -> MultimodalMAE:
+        return build_model(self.preset, self.vocab_size, self.image_size, self.max_text_tokens, self.norm_pix_loss,
+                           self.alignment)
 
 
 def count_parameters(model: nn.Module) -> int:

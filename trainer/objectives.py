@@ -61,15 +61,6 @@ class AlignmentHeads(Protocol):
 
 
 @dataclass
-class DefaultWeights:
-    image: float = 1.0
-    text: float = 1.0
-    unpaired_text: float = 1.0
-    itc: float = 0.0
-    itm: float = 0.0
-
-
-@dataclass
 class Losses:
     loss: torch.Tensor  # the weighted sum that is back-propagated
     image_loss: torch.Tensor

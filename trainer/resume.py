@@ -14,16 +14,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mmae.schemas.config import TrainConfig
-from mmae.trainer.checkpoint import (
-    Checkpointer,
-    NoReadableCheckpoint,
-    exported_folder,
-    load_checkpoint,
-    Mismatch,
-    check_matches,
-    load_model,
-    resolve_checkpoint,
-)
+from mmae.trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
+from mmae.trainer.load import Mismatch, check_matches, exported_folder, load_model
 from mmae.trainer.settings import differences
 
 

@@ -36,12 +36,13 @@ from mmae.schemas.config import Config, TrainConfig
 from mmae.trainer.attention import resolve_backend
 from mmae.trainer.batch import KINDS, Batch
 from mmae.schemas.manifest import read_manifest
-from mmae.trainer.checkpoint import Checkpointer, stored_image_size
+from mmae.trainer.checkpoint import Checkpointer
+from mmae.trainer.load import stored_image_size
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.loader import MixedLoader, RankLoaders
 from mmae.trainer.masking import step_seed
 from mmae.trainer.metrics import Events, MetricsLog, NonFinite, Progress, StepResult, Window, sample_digest
-from mmae.trainer.model import build_model, count_parameters
+from mmae.trainer.model import ModelSpec, count_parameters
 from mmae.trainer.objectives import LOSS_NAMES
 from mmae.trainer.parallel import (
     Distributed,
@@ -103,13 +104,10 @@ class Trainer:
         self.vocab_size = tokenizer.vocab_size if tokenizer else 0
         if not self.vocab_size and config.use_text and (config.mix.paired or config.mix.text):
             raise TrainError(f"{' and '.join(config.data_paths)}: no tokenizer in the manifest; text needs one")
-        self.model_spec = {"preset": config.model.preset, "vocab_size": max(self.vocab_size, 8),
-                           "image_size": config.image_size, "max_text_tokens": config.max_text_tokens,
-                           "norm_pix_loss": config.model.norm_pix_loss}
-        if uses_alignment(config):
-            self.model_spec["alignment"] = True
+        spec = ModelSpec.of(config, self.vocab_size, alignment=uses_alignment(config))
+        self.model_spec = spec.to_dict()  # what checkpoints record
         torch.manual_seed(config.seed)
-        self.model = build_model(**self.model_spec).to(self.device)
+        self.model = spec.build().to(self.device)
         self.backend, self.layout = resolve_backend(config.attention)
         self.model.set_attention(self.backend, self.layout)
         self.sharded = config.parallel == "fsdp" and env.world_size > 1
