@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional
 import torch
 from mmae.schemas.config import TrainConfig
 from mmae.trainer.batch import KIND_CODES, Batch
-from mmae.trainer.metrics import sample_digest
+from mmae.trainer.step_stats import sample_digest
 from mmae.trainer.step_inputs import StepSpec, prepare_parts
 from mmae.trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
 from mmae.trainer.transforms import eval_pixels, train_pixels, truncate_tokens

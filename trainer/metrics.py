@@ -6,7 +6,8 @@
 - `Events`: TensorBoard scalars, reconstruction images and the run's hyperparameters, continued
   across resumes in one stream (`purge_step` hides a killed run's events after the checkpoint).
   With a remote run folder the events are written locally and copied up at each checkpoint.
-- `sample_digest`: which samples a step read, whatever their split over ranks and micro-batches.
+- `Progress`: a tqdm bar on a terminal, log lines with step N/M, rate and ETA otherwise.
+What one step reports, and its reduction over ranks, is `step_stats`.
 """
 
 from __future__ import annotations
@@ -19,99 +20,11 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from mmae.trainer.run_folder import RunFolder
 
 log = logging.getLogger("mmae.train")
-
-DIGEST_MODULUS = 1 << 40  # per-rank digests summed over ranks stay exact in float64
-
-
-def sample_digest(id_lists: list[list[str]]) -> int:
-    """A sum of 40-bit id hashes (the global step's is the all-reduced sum)."""
-    total = sum(int.from_bytes(hashlib.blake2b(sample.encode(), digest_size=5).digest(), "big")
-                for ids in id_lists for sample in ids)
-    return total % DIGEST_MODULUS
-
-
-@dataclass
-class StepResult:
-    """One optimizer step's figures as the step leaves them: the losses, gradient norm and
-    non-finite flag still on the device (reading them would wait for the step to finish), the
-    counts on the host. `read()` makes the global step's figures, on the steps that are logged."""
-
-    sums: Any  # [len(LOSS_NAMES)] float64 device tensor: this process's losses
-    grad_norm: Any  # device scalar (the same on every rank: gradients are all-reduced)
-    nonfinite: Any  # device bool scalar, agreed by every rank
-    seen: list[int]  # this process's samples of each kind (KINDS order)
-    skipped: int  # this process's samples lost to unreadable data
-    encoder_tokens: int
-    digest: int
-
-    def read(self, env) -> dict[str, Any]:
-        """Losses averaged over ranks (each rank's loss is its share of the global mean, scaled by
-        the world size), counts summed: the one host read of a logged step."""
-        from mmae.trainer.objectives import LOSS_NAMES
-        from mmae.trainer.parallel import sum_device, sum_over_ranks
-
-        values = (sum_device(self.sums, env) / env.world_size).tolist()
-        host = sum_over_ranks([*self.seen, self.digest], env)
-        return {**dict(zip(LOSS_NAMES, values)), "grad_norm": float(self.grad_norm),
-                "seen": dict(zip(("paired", "image", "text"), map(int, host[:3]))),
-                "sample_digest": int(host[3]) % DIGEST_MODULUS}
-
-
-class Window:
-    """Samples, encoder tokens and skipped samples since the last logged step (host counts)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.samples = self.encoder_tokens = self.skipped = 0
-
-    def add(self, result: StepResult) -> None:
-        self.samples += sum(result.seen)
-        self.encoder_tokens += result.encoder_tokens
-        self.skipped += result.skipped
-
-    def totals(self, env) -> dict[str, float]:
-        from mmae.trainer.parallel import sum_over_ranks
-
-        samples, tokens, skipped = sum_over_ranks([self.samples, self.encoder_tokens, self.skipped], env)
-        return {"samples": samples, "encoder_tokens": int(tokens), "skipped": int(skipped),
-                "seconds": max(time.perf_counter() - self.started, 1e-9)}
-
-
-class NonFinite:
-    """Non-finite steps recorded on the device (their updates were skipped there), read when the
-    loop chooses: how many since the last read, and the first one's step, loss and gradient norm."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.device = device
-        self.count = torch.zeros((), dtype=torch.long, device=device)
-        self.first = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # step, loss, grad norm
-
-    def note(self, result: StepResult, step: int) -> None:
-        import torch
-
-        fresh = result.nonfinite & (self.first[0] < 0)
-        figures = torch.stack([torch.full((), float(step), dtype=torch.float64, device=self.device),
-                               result.sums[0], result.grad_norm.to(torch.float64)])
-        self.first = torch.where(fresh, figures, self.first)
-        self.count += result.nonfinite
-
-    def read(self) -> tuple[int, int, str]:
-        """(new non-finite steps, the first one's step, what was not finite); resets the record."""
-        import torch
-
-        count, (step, loss, norm) = int(self.count), self.first.tolist()
-        self.count = torch.zeros_like(self.count)
-        self.first = torch.full_like(self.first, -1.0)
-        return count, int(step), f"loss {loss}, gradient norm {norm}"
-
 
 def json_line(record: dict[str, Any]) -> str:
     """One metrics line of strict JSON: NaN and infinities become null."""

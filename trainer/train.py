@@ -22,7 +22,6 @@ The tests of all this kill a real run at a known step through `mmae.faults`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,19 +33,19 @@ import yaml
 from mmae import faults
 from mmae.schemas.config import Config, TrainConfig
 from mmae.trainer.attention import resolve_backend
-from mmae.trainer.batch import KINDS, Batch
+from mmae.trainer.batch import Batch
 from mmae.schemas.manifest import read_manifest
 from mmae.trainer.checkpoint import Checkpointer
 from mmae.trainer.load import stored_image_size
 from mmae.pipelines.outputs import OutputError, check_output
 from mmae.trainer.loader import MixedLoader, RankLoaders
 from mmae.trainer.masking import step_seed
-from mmae.trainer.metrics import Events, MetricsLog, NonFinite, Progress, StepResult, Window, sample_digest
+from mmae.trainer.metrics import Events, MetricsLog, Progress
+from mmae.trainer.step import OptimizerStep
+from mmae.trainer.step_stats import NonFinite, StepResult, Window, log_record
 from mmae.trainer.model import ModelSpec, count_parameters
-from mmae.trainer.objectives import LOSS_NAMES
 from mmae.trainer.parallel import (
     Distributed,
-    agree_any,
     agree_max,
     barrier,
     close_distributed,
@@ -55,7 +54,6 @@ from mmae.trainer.parallel import (
     load_full_state,
     parallelize,
     shard_model,
-    sum_over_ranks,
 )
 from mmae.trainer.preemption import Preempted, StopRequests
 from mmae.trainer.resume import (
@@ -74,9 +72,6 @@ from mmae.trainer.streams import DataError, tokenizer_of
 from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
-
-MASKED = ("image", "paired_text", "unpaired_text")
-
 
 class TrainError(RuntimeError):
     """The run cannot start or go on; the message says why."""
@@ -131,6 +126,8 @@ class Trainer:
         self.validator = Validator(config, env)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
+        self.stepper = OptimizerStep(self.model, self.optimizer, self.scheduler, config, env, self.autocast,
+                                     sharded=self.sharded, fused=self.fused)
 
     # -- data and stages ------------------------------------------------------------------
 
@@ -251,65 +248,11 @@ class Trainer:
         return parts
 
     def train_step(self, model: torch.nn.Module, batches: list[Batch]) -> StepResult:
-        """One optimizer step over the micro-batches of this process.
-
-        Nothing here reads a device value: sizes and loss normalisers are host integers the loader
-        computed, losses accumulate on the device, and a non-finite loss or gradient skips the
-        update on the device (AdamW's `found_inf`). `StepResult.read()` brings the figures of the
-        global step to the host, for the steps that are logged."""
-        config, env = self.config, self.env
-        objectives = objectives_of(config, self.stage)
-        parts = self.step_parts(batches)
-        seed = step_seed(config.seed, self.step)
-        # Normalise by the masked elements of the whole global step (all micro-batches, all
-        # ranks), so the update equals one big batch's mean whatever the split.
-        counts = [sum(part.layout.counts()[key] for part in parts) for key in MASKED]
-        normalisers = {key: value / env.world_size for key, value in zip(MASKED, sum_over_ranks(counts, env))}
-
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
-        for micro, part in enumerate(parts):
-            sync = micro == len(parts) - 1 or env.world_size == 1
-            context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-            if self.sharded:  # FSDP: reduce-scatter gradients only after the last micro-batch
-                model.set_requires_gradient_sync(sync)
-            with context, self.autocast:
-                losses = model(part.inputs, part.layout, weights=objectives, normalisers=normalisers, seed=seed,
-                               alignment=part.alignment)
-            losses.loss.backward()
-            sums += torch.stack([_loss_value(losses, name, len(parts)) for name in LOSS_NAMES])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   config.optimizer.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        # A NaN/inf loss or gradient must never reach the weights: every rank decides the same
-        # (the gradients are all-reduced, so every rank's norm is the same; the loss is reduced too).
-        nonfinite = ~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm))
-        if env.world_size > 1:
-            nonfinite = agree_any(nonfinite, env)
-        self._optimizer_step(nonfinite)
-        self.scheduler.step()
+        """One optimizer step over the micro-batches of this process (`step.OptimizerStep`)."""
+        result = self.stepper.run(model, self.step_parts(batches), objectives_of(self.config, self.stage),
+                                  step_seed(self.config.seed, self.step), batches)
         self.step += 1
-        return StepResult(sums=sums, grad_norm=grad_norm.detach(), nonfinite=nonfinite,
-                          seen=[sum(batch.counts()[kind] for batch in batches) for kind in KINDS],
-                          skipped=sum(batch.dropped for batch in batches),
-                          encoder_tokens=sum(part.layout.encoder_tokens for part in parts),
-                          digest=sum(batch.digest if batch.digest is not None else sample_digest([batch.ids])
-                                     for batch in batches))
-
-    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
-        """AdamW's step, or none where `nonfinite` (a device flag) is set, without reading the flag.
-        Fused AdamW skips on the device (the `found_inf` of mixed precision); the FSDP path
-        (DTensor parameters) reads the flag: one synchronisation per step, documented."""
-        if self.fused:
-            self.optimizer.found_inf = nonfinite.to(torch.float32)
-            self.optimizer.grad_scale = None
-            self.optimizer.step()
-            return
-        if bool(nonfinite):
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        return result
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -398,15 +341,9 @@ class Trainer:
             if logging_step:
                 figures = result.read(env)
                 totals = window.totals(env)
-                last = {"step": self.step, "split": "train",
-                        **{name: figures[name] for name in LOSS_NAMES},
-                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": figures["grad_norm"],
-                        "samples_per_s": totals["samples"] / totals["seconds"],
-                        "tokens_per_s": totals["encoder_tokens"] / totals["seconds"],
-                        "backend": f"{self.backend}/{self.layout}",
-                        **{f"seen_{kind}": figures["seen"][kind] for kind in KINDS},
-                        "stage": self.stage.index, "skipped_samples": totals["skipped"],
-                        "skipped_steps": self.skipped_steps, "sample_digest": figures["sample_digest"]}
+                last = log_record(self.step, figures, totals, lr=self.scheduler.get_last_lr()[0],
+                                  backend=f"{self.backend}/{self.layout}", stage=self.stage.index,
+                                  skipped_steps=self.skipped_steps)
                 if env.main:
                     self.metrics.append(last)
                     if events is not None:
@@ -467,15 +404,6 @@ class Trainer:
             log.info("checkpoint %s", path)
         barrier(self.env)
         return path
-
-
-def _loss_value(losses, name: str, parts: int) -> torch.Tensor:
-    """A loss of one forward as a float64 device scalar (ITC/ITM: averaged over the parts)."""
-    value = getattr(losses, name)
-    if value is None:
-        return torch.zeros((), dtype=torch.float64, device=losses.loss.device)
-    value = value.detach().to(torch.float64)
-    return value / parts if name in ("itc_loss", "itm_loss") else value
 
 
 def run_training(config: Config) -> dict[str, Any]:
