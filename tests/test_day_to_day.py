@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mmae.schemas.config import ConfigError, TrainConfig, load_config, packaged_configs
 from mmae.trainer.loader import MixedLoader
-from mmae.trainer.streams import TokenizerMismatch
+from mmae.trainer.data_plan import TokenizerMismatch
 
 from tests.datasets import write_dataset
 from tests.test_train import train_command

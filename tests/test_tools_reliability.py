@@ -261,7 +261,8 @@ def test_token_ids_outside_the_vocabulary_are_bad_data_not_an_index_error(datase
 
 def test_a_tokens_column_of_strings_is_named(dataset, tmp_path):  # noqa: F811
     import pyarrow as pa
-    from mmae.trainer.streams import DataError, build_streams
+    from mmae.trainer.data_plan import build_streams
+    from mmae.trainer.streams import DataError
 
     from tests.test_train import train_config
 
@@ -331,7 +332,8 @@ def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
 
 
 def test_source_weights_naming_no_source_is_refused(dataset, tmp_path):  # noqa: F811
-    from mmae.trainer.streams import DataError, build_streams
+    from mmae.trainer.data_plan import build_streams
+    from mmae.trainer.streams import DataError
 
     from tests.test_train import train_config
 

@@ -37,7 +37,8 @@ from mmae.schemas.config import TrainConfig
 from mmae.trainer.batch import KIND_CODES, Batch
 from mmae.trainer.step_stats import sample_digest
 from mmae.trainer.step_inputs import StepSpec, prepare_parts
-from mmae.trainer.streams import ChunkReader, DataError, SlotStream, Stream, build_streams, seed_of
+from mmae.trainer.data_plan import build_streams
+from mmae.trainer.streams import DataError, RowGroupReader, SlotStream, Stream, seed_of
 from mmae.trainer.transforms import eval_pixels, train_pixels, truncate_tokens
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -125,7 +126,7 @@ class MixedStreamDataset(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         plan = self.plan
-        reader = ChunkReader(skip_errors=plan.skip_errors)
+        reader = RowGroupReader(skip_errors=plan.skip_errors)
         slot_streams: dict[tuple[int, int], SlotStream] = {}
         step = self.start + worker
         end = None if self.count is None else self.start + self.count
@@ -229,7 +230,7 @@ class MixedLoader:
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, train: bool = True,
                  slots: Optional[int] = None, split: str = "train", step: Optional[StepSpec] = None) -> None:
         """`train`: random crops (else centre views); `split`: "train", or "validation" (the held-out
-        rows or `train.validation.data`, see trainer.streams.build_streams); `step`: prepare every
+        rows or `train.validation.data`, see trainer.data_plan.build_streams); `step`: prepare every
         batch's forward passes for the trainer (trainer.step_inputs) in the workers."""
         self.config = config
         data = build_streams(config, split)

@@ -68,7 +68,8 @@ from mmae.trainer.schedule import apply_schedule, build_optimizer, peak_lr
 from mmae.trainer.settings import flatten
 from mmae.trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
 from mmae.trainer.step_inputs import Part, StepSpec, prepare_parts
-from mmae.trainer.streams import DataError, tokenizer_of
+from mmae.trainer.data_plan import tokenizer_of
+from mmae.trainer.streams import DataError
 from mmae.trainer.validation import Validator
 
 log = logging.getLogger("mmae.train")
