@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 
 def _config(config: Optional[str], overrides: Optional[Sequence[str]]):
-    from mmae.schemas.config import load_config
+    from mmae.schemas.loading import load_config
 
     return load_config(config, list(overrides or []))
 

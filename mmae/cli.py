@@ -88,7 +88,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
     from mmae.pipelines.builder.pipeline import BuildError, run
-    from mmae.schemas.config import ConfigError, load_config
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import load_config
 
     try:
         config = load_config(args.config, args.set)
@@ -213,13 +214,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from mmae.schemas.config import (
-        ConfigError,
-        documented_yaml,
-        load_config,
-        packaged_configs,
-        resolve_config_path,
-    )
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import documented_yaml, load_config, packaged_configs, resolve_config_path
 
     try:
         name = args.name or args.config_file or "pipeline.yaml"

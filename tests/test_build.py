@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from mmae.pipelines.builder.pipeline import BuildError, run
 from mmae.pipelines.shards import write_atomic
-from mmae.schemas.config import load_config
+from mmae.schemas.loading import load_config
 from mmae.schemas.shard import REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
 from tests.conftest import write_jsonl

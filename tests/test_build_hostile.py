@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from mmae.pipelines.builder.pipeline import BuildError, run
-from mmae.schemas.config import load_config
+from mmae.schemas.loading import load_config
 
 from tests.conftest import jpeg_bytes, write_jsonl
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mmae.pipelines.builder.pipeline import BuildError, run
-from mmae.schemas.config import load_config
+from mmae.schemas.loading import load_config
 from PIL import Image
 
 from tests.conftest import jpeg_bytes, write_jsonl

@@ -18,7 +18,7 @@ import pytest
 from mmae.faults import BUILD_KILL_AFTER_CHUNKS as KILL_AFTER_CHUNKS_ENV
 from mmae.pipelines.builder.pipeline import run
 from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike
-from mmae.schemas.config import load_config
+from mmae.schemas.loading import load_config
 
 from tests.conftest import jpeg_bytes, write_jsonl
 

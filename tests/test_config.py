@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mmae.schemas.config import ConfigError, apply_override, load_config
+from mmae.schemas.config import ConfigError
+from mmae.schemas.loading import apply_override, load_config
 
 MINIMAL = "data:\n  sources:\n    - {name: s, kind: paired, path: x.jsonl}\n"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mmae.schemas.config import ConfigError, TrainConfig, load_config, packaged_configs
+from mmae.schemas.config import ConfigError, TrainConfig
+from mmae.schemas.loading import load_config, packaged_configs
 from mmae.trainer.loader import MixedLoader
 from mmae.trainer.data_plan import TokenizerMismatch
 

@@ -19,7 +19,7 @@ from mmae.pipelines.demo.corpus import generate
 from mmae.pipelines.inspect.dataset import Dataset
 from mmae.pipelines.inspect.stats import compute_stats
 from mmae.pipelines.shards import table_bytes
-from mmae.schemas.config import load_config
+from mmae.schemas.loading import load_config
 from mmae.schemas.shard import SHARD_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent

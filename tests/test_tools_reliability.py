@@ -310,14 +310,16 @@ def test_patch_sizes_the_config_checks_are_the_models():
     ("train.image_size=12", "patches"), ("train.optimizer.lr=.inf", "train.optimizer.lr"),
     ("train.steps=[1", "not valid YAML"), ("train.loss_weights.itc=.nan", "train.loss_weights.itc")])
 def test_configs_the_trainer_cannot_use_are_one_message_naming_the_key(override, named):
-    from mmae.schemas.config import ConfigError, load_config
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import load_config
 
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [override])
 
 
 def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
-    from mmae.schemas.config import ConfigError, load_config
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import load_config
 
     (tmp_path / "twice.yaml").write_text("train:\n  steps: 10\n  steps: 20\n")
     with pytest.raises(ConfigError, match="'steps' is given twice"):

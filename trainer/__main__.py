@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from mmae.schemas.config import ConfigError, load_config
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import load_config
     from mmae.schemas.manifest import ManifestError
     from mmae.trainer.preemption import Preempted
     from mmae.trainer.streams import DataError
