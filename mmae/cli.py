@@ -283,6 +283,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmae {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _data_commands(commands)
+    _training_commands(commands)
+    _model_commands(commands)
+    return parser
+
+
+def _data_commands(commands) -> None:
+    """demo-data, build, demo, stats, validate: making and inspecting datasets."""
     demo_data = commands.add_parser("demo-data", help="write the synthetic demo corpus")
     demo_data.add_argument("out_dir", help="the folder to write it to")
     demo_data.add_argument("--pairs", type=int, default=3000, help="image+caption pairs (default 3000)")
@@ -319,6 +327,13 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--samples", type=int, default=24, help="rows in the HTML gallery (default 24)")
     stats.add_argument("--seed", type=int, default=0, help="gallery sampling seed")
 
+    validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
+    validate.add_argument("dataset", help="a build output folder or URL (holds manifest.json)")
+    validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
+
+
+def _training_commands(commands) -> None:
+    """train and eval."""
     train = commands.add_parser("train", help="train a multimodal masked autoencoder on built datasets")
     train.add_argument("--config", default="pipeline.yaml",
                        help="a config file or packaged recipe: pipeline (default), m3ae, mae, maskvlm, momo")
@@ -352,6 +367,10 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the test side of the deterministic 80/20 split by id)")
     retrieve.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+
+
+def _model_commands(commands) -> None:
+    """config, export, embed."""
     configuring = commands.add_parser("config", help="print a config (default or packaged recipe) with every key "
                                       "documented; the output is a config file (`mmae config m3ae > my.yaml`)")
     configuring.add_argument("name", nargs="?", default=None,
@@ -384,11 +403,6 @@ def _parser() -> argparse.ArgumentParser:
     embedding.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     embedding.add_argument("--tokenizer", help="tokenizer.model for --texts (default: the checkpoint's)")
     embedding.add_argument("--allow-mismatch", action="store_true", help=ALLOW_MISMATCH)
-
-    validate = commands.add_parser("validate", help="check every shard against schema v1 and the manifest")
-    validate.add_argument("dataset", help="a build output folder or URL (holds manifest.json)")
-    validate.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
-    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:

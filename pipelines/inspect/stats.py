@@ -56,12 +56,37 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
     Exact distinct-image counting is the exception: 8 bytes per image row.
     """
     manifest = dataset.manifest
-    data_urls = dataset.shard_urls()
     image_urls = dataset.shard_urls("paired") + dataset.shard_urls("image")
     text_urls = dataset.shard_urls("paired") + dataset.shard_urls("text")
-    reject_urls = dataset.reject_urls()
-    max_tokens = dataset.max_tokens
+    queries = _queries(dataset.shard_urls(), image_urls, text_urls, dataset.reject_urls())
+    names = list(queries)
+    # No shared-subplan cache: it would hold every projected column in memory at once.
+    results = dict(zip(names, pl.collect_all(
+        [queries[name] for name in names], engine="streaming",
+        optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
+    )))
+    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.schema_version}
+    stats.update(_row_figures(results))
+    stats.update(_token_figures(dataset, results) if text_urls else
+                 {"tokens": {}, "tokens_by_kind": {}, "tokens_by_source": {}, "tokenizer": None})
+    stats.update(_image_figures(results, image_urls, stats["rows"]) if image_urls else {"image": {}, "image_by_source": {}})
+    # Bytes: the data shards as the manifest lists them (rejects separately).
+    stats["bytes"] = int(sum(entry.bytes for entry in manifest.shards))
+    stats["reject_bytes"] = int(sum(entry.bytes for entry in manifest.rejects))
+    stats["shards"] = [
+        {"path": entry.path, "kind": entry.kind, "rows": entry.rows, "bytes": entry.bytes,
+         "bytes_per_row": round(entry.bytes / entry.rows, 1) if entry.rows else None}
+        for entry in manifest.shards
+    ]
+    # Duplicate rate: rows rejected as duplicates over rows read.
+    read = sum(stats["rows"].values()) + sum(stats["rejected"].values())
+    stats["duplicate_rate"] = round(stats["rejected"].get("duplicate", 0) / read, 4) if read else 0.0
+    return stats
 
+
+def _queries(data_urls: list[str], image_urls: list[str], text_urls: list[str],
+             reject_urls: list[str]) -> dict[str, pl.LazyFrame]:
+    """The lazy group-by queries, all collected in one streaming pass."""
     queries: dict[str, pl.LazyFrame] = {}
     # One pass for rows per (kind, source) and label counts: bounded by sources x labels.
     queries["rows"] = scan(data_urls, ["kind", "source", "label"]).group_by("kind", "source", "label").agg(
@@ -94,90 +119,75 @@ def compute_stats(dataset: Dataset) -> dict[str, Any]:
         queries["unique_images"] = scan(image_urls, ["image_sha256"]).select(
             pl.col("image_sha256").hash().n_unique().alias("n")
         )
+    return queries
 
-    names = list(queries)
-    # No shared-subplan cache: it would hold every projected column in memory at once.
-    results = dict(zip(names, pl.collect_all(
-        [queries[name] for name in names], engine="streaming",
-        optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
-    )))
 
-    stats: dict[str, Any] = {"dataset": dataset.root, "schema_version": manifest.schema_version}
+def _row_figures(results: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    """Rows per kind and source, rejects per source and reason, label counts."""
     row_counts = results["rows"]
     per_source = row_counts.group_by("kind", "source").agg(pl.col("n").sum().alias("rows")).sort("kind", "source")
-    stats["rows"] = {kind: int(per_source.filter(pl.col("kind") == kind)["rows"].sum()) for kind in KINDS}
-    stats["rows_by_source"] = per_source.to_dicts()
-    stats["rejected_by_source"] = results["rejected_by_source"].to_dicts() if reject_urls else []
+    figures: dict[str, Any] = {
+        "rows": {kind: int(per_source.filter(pl.col("kind") == kind)["rows"].sum()) for kind in KINDS},
+        "rows_by_source": per_source.to_dicts(),
+        "rejected_by_source": results["rejected_by_source"].to_dicts() if "rejected_by_source" in results else [],
+    }
     rejected: dict[str, int] = {}
-    for row in stats["rejected_by_source"]:
+    for row in figures["rejected_by_source"]:
         rejected[row["reason"]] = rejected.get(row["reason"], 0) + row["n"]
-    stats["rejected"] = dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))
-
-    if text_urls:
-        lengths = results["lengths"]
-        overall = lengths.group_by("length").agg(pl.col("n").sum()).sort("length")
-        stats["tokens"] = _distribution_from_counts(overall["length"].to_list(), overall["n"].to_list())
-        stats["tokens_by_kind"] = {}
-        for kind in ("paired", "text"):
-            part = lengths.filter(pl.col("kind") == kind).group_by("length").agg(pl.col("n").sum())
-            if part.height:
-                stats["tokens_by_kind"][kind] = _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
-        stats["tokens_by_source"] = {
-            source: _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
-            for (source,), part in lengths.group_by("source", maintain_order=True)
-        }
-        if max_tokens and stats["tokens"]["count"]:
-            at_cap = int(overall.filter(pl.col("length") >= max_tokens)["n"].sum())
-            stats["tokens"]["max_tokens"] = max_tokens
-            stats["tokens"]["truncated_share"] = round(at_cap / stats["tokens"]["count"], 4)
-        stats["token_length_histogram"] = {"values": overall["length"].to_list(), "counts": overall["n"].to_list()}
-        stats["tokenizer"] = _tokenizer_coverage(dataset, results["token_counts"])
-    else:
-        stats["tokens"], stats["tokens_by_kind"], stats["tokens_by_source"], stats["tokenizer"] = {}, {}, {}, None
-
-    if image_urls:
-        stats["image"] = {}
-        stats["image_size_histogram"] = {}
-        stats["image_by_source"] = {}
-        sizes = results["image_sizes"]
-        for column in IMAGE_SIZE_COLUMNS:
-            by_source = sizes.filter(pl.col("column") == column).drop("column").rename({"value": column})
-            overall = by_source.group_by(column).agg(pl.col("n").sum()).sort(column)
-            histogram = _as_histogram(overall)
-            stats["image"][column] = _distribution_from_counts(histogram["values"], histogram["counts"])
-            if column != "original_height":
-                stats["image_size_histogram"][column] = histogram
-            for (source,), part in by_source.sort("source", column).group_by("source", maintain_order=True):
-                stats["image_by_source"].setdefault(source, {})[column] = _distribution_from_counts(
-                    part[column].to_list(), part["n"].to_list())
-        total, rows = 0, 0
-        for url in image_urls:  # bytes per image from the Parquet footers, not the image column
-            column_total, column_rows = column_bytes(url, "image")
-            total, rows = total + column_total, rows + column_rows
-        # Parquet stores a 4-byte length before each binary value.
-        stats["image"]["bytes_per_image_mean"] = round((total - 4 * rows) / rows, 1) if rows else None
-        with_images = stats["rows"]["paired"] + stats["rows"]["image"]
-        stats["image"]["same_image_in_several_rows"] = int(with_images - results["unique_images"].item())
-    else:
-        stats["image"], stats["image_by_source"] = {}, {}
-
-    # Bytes: the data shards as the manifest lists them (rejects separately).
-    stats["bytes"] = int(sum(entry.bytes for entry in manifest.shards))
-    stats["reject_bytes"] = int(sum(entry.bytes for entry in manifest.rejects))
-    stats["shards"] = [
-        {"path": entry.path, "kind": entry.kind, "rows": entry.rows, "bytes": entry.bytes,
-         "bytes_per_row": round(entry.bytes / entry.rows, 1) if entry.rows else None}
-        for entry in manifest.shards
-    ]
-    stats["labels"] = (
+    figures["rejected"] = dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))
+    figures["labels"] = (
         row_counts.filter(pl.col("label").is_not_null()).group_by("kind", "label").agg(pl.col("n").sum())
         .sort(["kind", "n", "label"], descending=[False, True, False]).to_dicts()
     )
+    return figures
 
-    # Duplicate rate: rows rejected as duplicates over rows read.
-    read = sum(stats["rows"].values()) + sum(stats["rejected"].values())
-    stats["duplicate_rate"] = round(stats["rejected"].get("duplicate", 0) / read, 4) if read else 0.0
-    return stats
+
+def _token_figures(dataset: Dataset, results: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    """Token lengths (overall, per kind, per source), the share cut at max_tokens, coverage."""
+    lengths = results["lengths"]
+    overall = lengths.group_by("length").agg(pl.col("n").sum()).sort("length")
+    tokens = _distribution_from_counts(overall["length"].to_list(), overall["n"].to_list())
+    by_kind = {}
+    for kind in ("paired", "text"):
+        part = lengths.filter(pl.col("kind") == kind).group_by("length").agg(pl.col("n").sum())
+        if part.height:
+            by_kind[kind] = _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
+    by_source = {source: _distribution_from_counts(part["length"].to_list(), part["n"].to_list())
+                 for (source,), part in lengths.group_by("source", maintain_order=True)}
+    max_tokens = dataset.max_tokens
+    if max_tokens and tokens["count"]:
+        at_cap = int(overall.filter(pl.col("length") >= max_tokens)["n"].sum())
+        tokens["max_tokens"] = max_tokens
+        tokens["truncated_share"] = round(at_cap / tokens["count"], 4)
+    return {"tokens": tokens, "tokens_by_kind": by_kind, "tokens_by_source": by_source,
+            "token_length_histogram": {"values": overall["length"].to_list(), "counts": overall["n"].to_list()},
+            "tokenizer": _tokenizer_coverage(dataset, results["token_counts"])}
+
+
+def _image_figures(results: dict[str, pl.DataFrame], image_urls: list[str], rows: dict[str, int]) -> dict[str, Any]:
+    """Image and original sizes (overall and per source), bytes per image, repeated images."""
+    image: dict[str, Any] = {}
+    histograms: dict[str, Any] = {}
+    by_source: dict[str, dict[str, Any]] = {}
+    sizes = results["image_sizes"]
+    for column in IMAGE_SIZE_COLUMNS:
+        per_source = sizes.filter(pl.col("column") == column).drop("column").rename({"value": column})
+        overall = per_source.group_by(column).agg(pl.col("n").sum()).sort(column)
+        histogram = _as_histogram(overall)
+        image[column] = _distribution_from_counts(histogram["values"], histogram["counts"])
+        if column != "original_height":
+            histograms[column] = histogram
+        for (source,), part in per_source.sort("source", column).group_by("source", maintain_order=True):
+            by_source.setdefault(source, {})[column] = _distribution_from_counts(
+                part[column].to_list(), part["n"].to_list())
+    total, count = 0, 0
+    for url in image_urls:  # bytes per image from the Parquet footers, not the image column
+        column_total, column_rows = column_bytes(url, "image")
+        total, count = total + column_total, count + column_rows
+    # Parquet stores a 4-byte length before each binary value.
+    image["bytes_per_image_mean"] = round((total - 4 * count) / count, 1) if count else None
+    image["same_image_in_several_rows"] = int(rows["paired"] + rows["image"] - results["unique_images"].item())
+    return {"image": image, "image_size_histogram": histograms, "image_by_source": by_source}
 
 
 def _tokenizer_coverage(dataset: Dataset, token_counts: pl.DataFrame) -> Optional[dict[str, Any]]:
