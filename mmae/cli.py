@@ -52,21 +52,13 @@ def _escape_terminal_output() -> None:
         sys.stderr = _Printable(sys.stderr)
 
 
-class _OptionalGcpNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and "apitools not found" in str(record.msg))
-
-
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # Beam logs a warning about optional GCP client libraries (apitools, bigquery) on import and
-    # again when a pipeline runs; neither is used unless the user runs on Dataflow: noise here.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_OptionalGcpNoise())
+    # (Beam's warning about optional GCP client libraries is dropped by mmae.pipelines itself.)
     for noisy in ("apache_beam", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -9,8 +9,21 @@
 - `pipelines.outputs` — where a command may write: never into a dataset or onto its inputs.
 """
 
+import logging
 import os
 
 # img2dataset (the benchmarks' baseline) imports albumentations, which checks PyPI for a newer
 # release on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+class _OptionalGcpNoise(logging.Filter):
+    """Beam warns, on import and again when a pipeline runs, that optional GCP client libraries
+    (apitools, bigquery) are missing; they are used only on Dataflow. The one message is dropped
+    from the root logger it is written to, for the commands and the Python API alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "apitools not found" in str(record.msg))
+
+
+logging.getLogger().addFilter(_OptionalGcpNoise())

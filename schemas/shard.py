@@ -1,6 +1,6 @@
 """Shard schema v1: the Arrow schema of one row of `OUT/{paired,image,text}/part-*.parquet`.
 
-Column names and types are part of the contract (see DESIGN.md); extra columns are allowed
+Column names and types are part of the contract (docs/ARCHITECTURE.md); extra columns are allowed
 but these may never change meaning.
 """
 

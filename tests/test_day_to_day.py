@@ -263,7 +263,12 @@ def test_validate_counts_rows_and_rejects_apart(tmp_path):
 
 
 def test_the_beam_apitools_warning_is_silenced():
-    from mmae.cli import _OptionalGcpNoise
+    from mmae.pipelines import _OptionalGcpNoise
+
+    quiet = subprocess.run([sys.executable, "-c", "import mmae.pipelines.builder.pipeline, apache_beam as beam; "
+                            "p = beam.Pipeline(); p | beam.Create([1]); p.run().wait_until_finish()"],
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and "apitools" not in quiet.stderr, quiet.stderr[-1000:]
 
     noise = logging.LogRecord("root", logging.WARNING, __file__, 1, "apitools not found, and bigquery client "
                               "libraries are not available despite the import not raising an ImportError.", (), None)

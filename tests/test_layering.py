@@ -1,4 +1,4 @@
-"""DESIGN.md's layering: the data side never imports torch; the trainer never imports Beam."""
+"""The layering of docs/ARCHITECTURE.md: the data side never imports torch; the trainer never imports Beam."""
 
 from __future__ import annotations
 
