@@ -5,13 +5,13 @@
     torchrun --nproc_per_node=8 -m mmae.trainer --config pipeline.yaml --set train.model.preset=base
 
 The loop reads `while step < steps: train_step(); maybe validate(); maybe log; maybe
-checkpoint`. Where things live: batches (`batch`), streams and the loader (`streams`,
-`loader`), masks (`masking`), the model (`model`), losses and their collectives (`objectives`),
-processes and wrapping (`parallel`), optimizer and schedule (`schedule`), stages (`stages`),
-checkpoints (`checkpoint`), metrics and events (`metrics`), the run folder (`run_folder`),
-each forward pass's masks and packed layout, made in the loader's workers (`masking`, `layout`,
-`step_inputs`),
-stop signals (`preemption`), settings that may change on resume (`settings`).
+checkpoint`. Where things live: which rows and their shares (`data_plan`), streams and the
+loader (`streams`, `loader`), each forward pass's masks and packed layout, made in the loader's
+workers (`masking`, `layout`, `step_inputs`), the model (`model`), losses and their collectives
+(`objectives`), one optimizer step (`step`) and what it reports (`step_stats`), processes and
+wrapping (`parallel`), optimizer and schedule (`schedule`), stages (`stages`), checkpoints
+(`checkpoint`, `resume`, `settings`), metrics and events (`metrics`), the run folder
+(`run_folder`), stop signals (`preemption`).
 
 Restarting the same command resumes from the last good checkpoint; on CPU the resumed run
 reproduces the uninterrupted run's losses bit for bit (data order, masks and augmentations are
