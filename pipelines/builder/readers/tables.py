@@ -17,36 +17,35 @@ from mmae.pipelines.builder.tablefiles import delimiter, read_header
 from mmae.schemas.config import SourceConfig
 
 
-def read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+def _line_rows(source: SourceConfig, source_file: SourceFile, cap: int, row) -> Iterator[dict[str, Any]]:
+    """One record per non-blank line (`row(key, line_number, raw_line)`); a line over the cap is
+    `row_too_long` without being held. Keys are lines."""
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
         for line_number, raw_line in lines(handle, cap):
             key = f"{source_file.relative}:{line_number}"
             if raw_line is None:
                 yield too_long(source, key, line_number, cap)
-                continue
-            if not raw_line.strip():
-                continue  # blank lines are not rows
-            yield jsonl_record(source, source_file, key, line_number, raw_line)
+            elif raw_line.strip():  # blank lines are not rows
+                yield row(key, line_number, raw_line)
+
+
+def read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+    return _line_rows(source, source_file, cap,
+                      lambda key, number, raw: jsonl_record(source, source_file, key, number, raw))
 
 
 def read_txt(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
     """A plain text corpus: every non-blank line is one text (the most common format of text
-    corpora). Keys are lines, as for JSONL."""
-    with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        for line_number, raw_line in lines(handle, cap):
-            key = f"{source_file.relative}:{line_number}"
-            if raw_line is None:
-                yield too_long(source, key, line_number, cap)
-                continue
-            if not raw_line.strip():
-                continue
-            record = new_record(source.name, source.kind, key)
-            try:
-                record["caption"] = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                yield reject(record, "invalid_utf8", f"line {line_number}: {error}")
-                continue
-            yield record
+    corpora)."""
+    def text_row(key: str, line_number: int, raw_line: bytes) -> dict[str, Any]:
+        record = new_record(source.name, source.kind, key)
+        try:
+            record["caption"] = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            return reject(record, "invalid_utf8", f"line {line_number}: {error}")
+        return record
+
+    return _line_rows(source, source_file, cap, text_row)
 
 
 def jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_number: int,
