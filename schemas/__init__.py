@@ -4,9 +4,9 @@ Shard schema (Arrow), manifest model and typed configuration. This package impor
 pyarrow, pydantic and PyYAML: never Beam, never torch.
 """
 
-from mmae.schemas.config import Config, ConfigError, TrainConfig
-from mmae.schemas.loading import load_config
-from mmae.schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
+from .config import Config, ConfigError, TrainConfig
+from .loading import load_config
+from .shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SHARD_SCHEMA
 
 __all__ = [
     "Config",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
 import yaml
-from mmae.schemas.config import Config, ConfigError
+from .config import Config, ConfigError
 from pydantic import BaseModel, ValidationError
 
 

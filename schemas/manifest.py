@@ -129,7 +129,7 @@ def _refuse_special(url: str) -> None:
 def read_manifest(root: str) -> Manifest:
     """The typed manifest; refused (ManifestError) unless it is schema version this mmae reads
     and every path it names lies inside the dataset folder."""
-    from mmae.schemas.shard import SCHEMA_VERSION
+    from .shard import SCHEMA_VERSION
 
     try:
         manifest = Manifest.model_validate(load_manifest_json(root))

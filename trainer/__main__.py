@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from mmae.schemas.config import ConfigError
     from mmae.schemas.loading import load_config
     from mmae.schemas.manifest import ManifestError
-    from mmae.trainer.preemption import Preempted
-    from mmae.trainer.streams import DataError
-    from mmae.trainer.train import TrainError, run_training
+    from .preemption import Preempted
+    from .streams import DataError
+    from .train import TrainError, run_training
 
     try:
         last = run_training(load_config(args.config, args.set))

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from mmae.trainer.layout import Sequences
+from .layout import Sequences
 
 log = logging.getLogger("mmae.attention")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from mmae.trainer.transforms import normalise
+from .transforms import normalise
 
 KINDS = ("paired", "image", "text")
 KIND_CODES = {"paired": 0, "image": 1, "text": 2}

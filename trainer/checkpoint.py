@@ -21,7 +21,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from mmae.pipelines.localfiles import check_regular
-from mmae.trainer.run_folder import RunFolder
+from .run_folder import RunFolder
 
 log = logging.getLogger("mmae.checkpoint")
 

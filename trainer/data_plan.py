@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mmae.schemas.config import DatasetEntry, TrainConfig
 from mmae.schemas.manifest import Manifest, ShardEntry, TokenizerEntry, read_manifest
-from mmae.trainer.batch import KINDS
-from mmae.trainer.streams import COLUMNS, DataError, Stream, check_columns, held_out
+from .batch import KINDS
+from .streams import COLUMNS, DataError, Stream, check_columns, held_out
 
 log = logging.getLogger("mmae.data")
 

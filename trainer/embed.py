@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from mmae.pipelines.localfiles import read_regular_file
 from mmae.pipelines.outputs import OutputError, check_output
-from mmae.trainer.transforms import eval_view
+from .transforms import eval_view
 
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                     pa.field("image_embedding", pa.list_(pa.float32())),
@@ -41,7 +41,7 @@ class EmbedError(RuntimeError):
 def dataset_rows(dataset: str, batch_size: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
     """(rows, batches of {id, image, tokens}) of a built dataset, one row group at a time."""
     from mmae.schemas.manifest import read_manifest
-    from mmae.trainer.streams import reading_shard
+    from .streams import reading_shard
 
     manifest = read_manifest(dataset)
     entries = manifest.entries()
@@ -186,7 +186,7 @@ def embed_rows(model, rows: list[dict[str, Any]], pool: str, undecodable: list[s
 def embed(checkpoint: str, out: str, data: Optional[str] = None, images: Optional[str] = None,
           texts: Optional[str] = None, pool: str = "cls", batch_size: int = 64,
           tokenizer_path: Optional[str] = None, progress: bool = True, allow_mismatch: bool = False) -> dict[str, Any]:
-    from mmae.trainer.load import check_matches, load_model
+    from .load import check_matches, load_model
     from tqdm import tqdm
 
     if sum(value is not None for value in (data, images, texts)) != 1:
@@ -241,7 +241,7 @@ class _LogProgress:
         self.started = self.last = self.clock()
 
     def update(self, rows: int) -> None:
-        from mmae.trainer.metrics import eta_text
+        from .metrics import eta_text
 
         now = self.clock()
         if now - self.last < self.every_s and rows < self.total:
@@ -255,7 +255,7 @@ class _LogProgress:
 def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optional[str] = None):
     """The SentencePiece model that goes with a checkpoint."""
     import sentencepiece as spm
-    from mmae.trainer.reconstruction import load_tokenizer
+    from .reconstruction import load_tokenizer
 
     candidates = [explicit] if explicit else []
     if os.path.isdir(checkpoint):
@@ -265,7 +265,7 @@ def checkpoint_tokenizer(checkpoint: str, state: dict[str, Any], explicit: Optio
             return spm.SentencePieceProcessor(model_file=path)
     from mmae.schemas.manifest import ManifestError
 
-    from mmae.trainer.load import trained_on
+    from .load import trained_on
 
     dataset = next(iter(trained_on(state)), None)
     try:

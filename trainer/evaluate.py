@@ -19,11 +19,11 @@ import fsspec
 import torch
 from mmae.schemas.config import MaskingConfig
 from mmae.schemas.manifest import read_manifest
-from mmae.trainer.batch import Inputs
-from mmae.trainer.load import check_matches, load_model
-from mmae.trainer.streams import DataError, reading_shard
+from .batch import Inputs
+from .load import check_matches, load_model
+from .streams import DataError, reading_shard
 from mmae.pipelines.outputs import OutputError, check_output
-from mmae.trainer.transforms import eval_view
+from .transforms import eval_view
 
 log = logging.getLogger("mmae.eval")
 
@@ -123,7 +123,7 @@ def paired_rows(dataset: str, limit: int, split: str = "test", holdout: float = 
     """Paired rows with a caption (id, image, tokens, image_sha256), sorted by id; `split`: the
     deterministic test split (as the probe's), or "all"; `holdout`: instead, the rows a run with
     `train.validation.holdout` of that fraction never trained on."""
-    from mmae.trainer.streams import held_out
+    from .streams import held_out
 
     rows = []
     for entry in read_manifest(dataset).entries("paired"):
@@ -191,7 +191,7 @@ def reconstruct(checkpoint: str, dataset: str, out: str, count: int = 6, seed: i
                 image_ratio: float = 0.75, text_ratio: float = 0.75, allow_mismatch: bool = False) -> dict[str, Any]:
     """A PNG grid: original | masked | reconstruction per sample, with the caption, the masked
     caption and the caption with the predicted tokens filled in written underneath."""
-    from mmae.trainer.reconstruction import load_tokenizer, render
+    from .reconstruction import load_tokenizer, render
 
     try:
         check_output(out, "--out", inputs=[str(checkpoint)], folders=[dataset])

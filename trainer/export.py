@@ -23,11 +23,11 @@ import os
 from typing import Any, Optional
 
 import torch
-from mmae.trainer.checkpoint import resolve_checkpoint
-from mmae.trainer.load import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, trained_on
+from .checkpoint import resolve_checkpoint
+from .load import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, trained_on
 from mmae.pipelines.outputs import OutputError, check_output
-from mmae.trainer.model import CLS, IMAGE, MultimodalMAE
-from mmae.trainer.transforms import MEAN, STD
+from .model import CLS, IMAGE, MultimodalMAE
+from .transforms import MEAN, STD
 
 log = logging.getLogger("mmae.export")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from mmae.trainer.masking import Masks
+from .masking import Masks
 
 CLS, IMAGE, TEXT = 0, 1, 2  # modality-type ids (the model's type embeddings)
 

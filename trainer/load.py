@@ -14,8 +14,8 @@ import logging
 from typing import Any, Optional
 
 import torch
-from mmae.trainer.checkpoint import CheckpointNotFound, check_finite, load_checkpoint, resolve_checkpoint
-from mmae.trainer.model import ModelSpec
+from .checkpoint import CheckpointNotFound, check_finite, load_checkpoint, resolve_checkpoint
+from .model import ModelSpec
 
 log = logging.getLogger("mmae.checkpoint")
 

@@ -1,6 +1,6 @@
 """The training loader: mixed batches over streams, exact resume, elastic data ranks.
 
-    from mmae.trainer.loader import MixedLoader
+    from .loader import MixedLoader
     loader = MixedLoader(train_config, rank=0, world_size=1)
     for batch in loader.batches(steps=100):      # Batch (trainer.batch): images, packed tokens, kinds, ...
         ...
@@ -34,12 +34,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 from mmae.schemas.config import TrainConfig
-from mmae.trainer.batch import KIND_CODES, Batch
-from mmae.trainer.step_stats import sample_digest
-from mmae.trainer.step_inputs import StepSpec, prepare_parts
-from mmae.trainer.data_plan import build_streams
-from mmae.trainer.streams import DataError, RowGroupReader, SlotStream, Stream, seed_of
-from mmae.trainer.transforms import eval_pixels, train_pixels, truncate_tokens
+from .batch import KIND_CODES, Batch
+from .step_stats import sample_digest
+from .step_inputs import StepSpec, prepare_parts
+from .data_plan import build_streams
+from .streams import DataError, RowGroupReader, SlotStream, Stream, seed_of
+from .transforms import eval_pixels, train_pixels, truncate_tokens
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger("mmae.data")

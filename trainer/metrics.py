@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from mmae.trainer.run_folder import RunFolder
+from .run_folder import RunFolder
 
 log = logging.getLogger("mmae.train")
 

@@ -30,13 +30,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from mmae.trainer.attention import Arrangement, attend, from_layout, to_layout
-from mmae.trainer.batch import Inputs
-from mmae.trainer.layout import CLS, IMAGE, TEXT, Alignment, Layout, Sequences, unmasked_layout
-from mmae.trainer.masking import Ratios
-from mmae.trainer.step_inputs import layout_for
+from .attention import Arrangement, attend, from_layout, to_layout
+from .batch import Inputs
+from .layout import CLS, IMAGE, TEXT, Alignment, Layout, Sequences, unmasked_layout
+from .masking import Ratios
+from .step_inputs import layout_for
 from mmae.schemas.config import LossWeightsConfig, MaskingConfig
-from mmae.trainer.objectives import Losses, Weights, alignment_losses, masked_losses
+from .objectives import Losses, Weights, alignment_losses, masked_losses
 
 LN_EPS = 1e-6  # MAE's (and timm's ViT) LayerNorm epsilon: exported encoders compute the same features
 

@@ -19,8 +19,8 @@ from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-from mmae.trainer.batch import Inputs
-from mmae.trainer.layout import Alignment, Layout, gather_segments, unmasked_layout
+from .batch import Inputs
+from .layout import Alignment, Layout, gather_segments, unmasked_layout
 
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "unpaired_text_loss", "itc_loss", "itm_loss")  # fields of Losses
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from mmae.trainer.batch import Inputs
-from mmae.trainer.layout import Layout
-from mmae.trainer.transforms import MEAN, STD
+from .batch import Inputs
+from .layout import Layout
+from .transforms import MEAN, STD
 
 CELL, TEXT_HEIGHT = 192, 64
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mmae.schemas.config import TrainConfig
-from mmae.trainer.checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
-from mmae.trainer.load import Mismatch, check_matches, exported_folder, load_model
-from mmae.trainer.settings import differences
+from .checkpoint import Checkpointer, NoReadableCheckpoint, load_checkpoint, resolve_checkpoint
+from .load import Mismatch, check_matches, exported_folder, load_model
+from .settings import differences
 
 
 class ResumeError(RuntimeError):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from mmae.trainer.batch import KINDS, Batch
-from mmae.trainer.objectives import LOSS_NAMES
-from mmae.trainer.parallel import agree_any, sum_over_ranks
-from mmae.trainer.step_inputs import Part
-from mmae.trainer.step_stats import StepResult, sample_digest
+from .batch import KINDS, Batch
+from .objectives import LOSS_NAMES
+from .parallel import agree_any, sum_over_ranks
+from .step_inputs import Part
+from .step_stats import StepResult, sample_digest
 
 MASKED = ("image", "paired_text", "unpaired_text")
 

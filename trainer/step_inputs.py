@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mmae.trainer.batch import Inputs
-from mmae.trainer.layout import Alignment, Layout, build_layout
-from mmae.trainer.masking import Ratios, draw_masks, step_seed
+from .batch import Inputs
+from .layout import Alignment, Layout, build_layout
+from .masking import Ratios, draw_masks, step_seed
 
 
 @dataclass(frozen=True)

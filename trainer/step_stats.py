@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mmae.trainer.batch import KINDS
+from .batch import KINDS
 
 
 def sum_named(values: dict[str, float], env) -> dict[str, float]:
     """Sums over ranks of named host figures (one all-reduce; the names keep their order)."""
-    from mmae.trainer.parallel import sum_over_ranks
+    from .parallel import sum_over_ranks
 
     names = list(values)
     return dict(zip(names, sum_over_ranks([values[name] for name in names], env)))
@@ -53,8 +53,8 @@ class StepResult:
     def read(self, env) -> dict[str, Any]:
         """Losses averaged over ranks (each rank's loss is its share of the global mean, scaled by
         the world size), counts summed: the one host read of a logged step."""
-        from mmae.trainer.objectives import LOSS_NAMES
-        from mmae.trainer.parallel import sum_device
+        from .objectives import LOSS_NAMES
+        from .parallel import sum_device
 
         values = (sum_device(self.sums, env) / env.world_size).tolist()
         host = sum_named({**dict(zip(KINDS, self.seen)), "digest": self.digest}, env)
@@ -115,7 +115,7 @@ class NonFinite:
 def log_record(step: int, figures: dict[str, Any], totals: dict[str, float], *, lr: float, backend: str,
                stage: int, skipped_steps: int) -> dict[str, Any]:
     """The `metrics.jsonl` line of a logged training step."""
-    from mmae.trainer.objectives import LOSS_NAMES
+    from .objectives import LOSS_NAMES
 
     return {"step": step, "split": "train", **{name: figures[name] for name in LOSS_NAMES},
             "lr": lr, "grad_norm": figures["grad_norm"],

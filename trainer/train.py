@@ -32,19 +32,19 @@ import torch
 import yaml
 from mmae import faults
 from mmae.schemas.config import Config, TrainConfig
-from mmae.trainer.attention import resolve_backend
-from mmae.trainer.batch import Batch
+from .attention import resolve_backend
+from .batch import Batch
 from mmae.schemas.manifest import read_manifest
-from mmae.trainer.checkpoint import Checkpointer
-from mmae.trainer.load import stored_image_size
+from .checkpoint import Checkpointer
+from .load import stored_image_size
 from mmae.pipelines.outputs import OutputError, check_output
-from mmae.trainer.loader import MixedLoader, RankLoaders
-from mmae.trainer.masking import step_seed
-from mmae.trainer.metrics import Events, MetricsLog, Progress
-from mmae.trainer.step import OptimizerStep
-from mmae.trainer.step_stats import NonFinite, StepResult, Window, log_record
-from mmae.trainer.model import ModelSpec, count_parameters
-from mmae.trainer.parallel import (
+from .loader import MixedLoader, RankLoaders
+from .masking import step_seed
+from .metrics import Events, MetricsLog, Progress
+from .step import OptimizerStep
+from .step_stats import NonFinite, StepResult, Window, log_record
+from .model import ModelSpec, count_parameters
+from .parallel import (
     Distributed,
     agree_max,
     barrier,
@@ -55,22 +55,22 @@ from mmae.trainer.parallel import (
     parallelize,
     shard_model,
 )
-from mmae.trainer.preemption import Preempted, StopRequests
-from mmae.trainer.resume import (
+from .preemption import Preempted, StopRequests
+from .resume import (
     ResumeError,
     changes_allowed,
     checkpoint_to_resume,
     data_ranks,
     initial_weights,
 )
-from mmae.trainer.run_folder import RunFolder
-from mmae.trainer.schedule import apply_schedule, build_optimizer, peak_lr
-from mmae.trainer.settings import flatten
-from mmae.trainer.stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
-from mmae.trainer.step_inputs import Part, StepSpec, prepare_parts
-from mmae.trainer.data_plan import tokenizer_of
-from mmae.trainer.streams import DataError
-from mmae.trainer.validation import Validator
+from .run_folder import RunFolder
+from .schedule import apply_schedule, build_optimizer, peak_lr
+from .settings import flatten
+from .stages import Stage, loader_config, objectives_of, plan_stages, stage_at, uses_alignment
+from .step_inputs import Part, StepSpec, prepare_parts
+from .data_plan import tokenizer_of
+from .streams import DataError
+from .validation import Validator
 
 log = logging.getLogger("mmae.train")
 

@@ -12,12 +12,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 from mmae.schemas.config import TrainConfig
-from mmae.trainer.batch import Batch, Inputs
-from mmae.trainer.loader import MixedLoader
-from mmae.trainer.layout import Layout
-from mmae.trainer.objectives import LOSS_NAMES
-from mmae.trainer.parallel import Distributed, sum_over_ranks
-from mmae.trainer.stages import mix_of
+from .batch import Batch, Inputs
+from .loader import MixedLoader
+from .layout import Layout
+from .objectives import LOSS_NAMES
+from .parallel import Distributed, sum_over_ranks
+from .stages import mix_of
 
 
 class Validator:
@@ -68,7 +68,7 @@ class Validator:
         """A reconstruction grid of the last validation's first samples (None before any)."""
         if self.sample is None:
             return None
-        from mmae.trainer.reconstruction import render
+        from .reconstruction import render
 
         inputs, layout = self.sample
         return render(model, inputs, layout, limit=4)

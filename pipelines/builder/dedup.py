@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
-from mmae.pipelines.builder.records import ChunkKey, Packed
+from .records import ChunkKey, Packed
 
 KEYS = "keys"  # the tagged output that carries packed hashes
 ENTRY = struct.Struct("<16sI10s")

@@ -31,14 +31,14 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
-from mmae.pipelines.builder import staging
-from mmae.pipelines.builder.dedup import KEYS, HashPacker, duplicates_of, image_key
-from mmae.pipelines.builder.fetch import Fetcher, FetchError, FetchResult, is_transient
-from mmae.pipelines.builder.images import ImageReject, process_image
-from mmae.pipelines.builder.inline import InlineImages
-from mmae.pipelines.builder.memory import release_freed_memory
-from mmae.pipelines.builder.records import ChunkKey, ChunkRows, ChunkSummary, Packed, failed, is_reject, kept
-from mmae.pipelines.builder.tokenizer import SampleTexts
+from . import staging
+from .dedup import KEYS, HashPacker, duplicates_of, image_key
+from .fetch import Fetcher, FetchError, FetchResult, is_transient
+from .images import ImageReject, process_image
+from .inline import InlineImages
+from .memory import release_freed_memory
+from .records import ChunkKey, ChunkRows, ChunkSummary, Packed, failed, is_reject, kept
+from .tokenizer import SampleTexts
 from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-from mmae.pipelines.builder.connections import ANSWER_TIMEOUT, DEADLINES, AddressGuard, ConnectionPool, FetchError
-from mmae.pipelines.builder.fileread import FileReader
-from mmae.pipelines.builder.schemes import family_of, scheme_of
+from .connections import ANSWER_TIMEOUT, DEADLINES, AddressGuard, ConnectionPool, FetchError
+from .fileread import FileReader
+from .schemes import family_of, scheme_of
 from mmae.schemas.config import DownloadConfig
 
 CHUNK_BYTES = 64 * 1024

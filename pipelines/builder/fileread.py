@@ -10,9 +10,9 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import fsspec
-from mmae.pipelines.builder.connections import FetchError
-from mmae.pipelines.builder.schemes import family_of, scheme_of
-from mmae.pipelines.localfiles import NotARegularFile, read_regular_file
+from .connections import FetchError
+from .schemes import family_of, scheme_of
+from ..localfiles import NotARegularFile, read_regular_file
 
 
 class FileReader:

@@ -8,9 +8,9 @@ import hashlib
 from typing import Any, Iterator
 
 import apache_beam as beam
-from mmae.pipelines.builder.records import ChunkSummary
-from mmae.pipelines.builder.tokenizer import Tokenizer, special_ids
-from mmae.pipelines.shards import join, write_atomic, write_json
+from .records import ChunkSummary
+from .tokenizer import Tokenizer, special_ids
+from ..shards import join, write_atomic, write_json
 from mmae.schemas.config import DataConfig
 from mmae.schemas.shard import KINDS, SCHEMA_VERSION
 

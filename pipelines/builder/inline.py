@@ -14,7 +14,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mmae.pipelines.builder.fetch import FetchError, FetchResult
+from .fetch import FetchError, FetchResult
 
 # The image column is read in windows of WINDOW_ROWS rows, WINDOWS_KEPT kept per process: a
 # chunk's rows are consecutive and fetched roughly in order, so a forward reader per row group

@@ -23,10 +23,10 @@ from enum import Enum
 from typing import Any, Iterable
 
 import fsspec
-from mmae.pipelines.builder import replace
-from mmae.pipelines.outputs import location, within
-from mmae.pipelines.builder.staging import STAGING
-from mmae.pipelines.shards import join, write_json
+from . import replace
+from ..outputs import location, within
+from .staging import STAGING
+from ..shards import join, write_json
 from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")

@@ -35,10 +35,10 @@ from typing import Any, Optional
 import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
-from mmae.pipelines.builder.dedup import KEYS, FindDuplicates
-from mmae.pipelines.builder.download import CAPTIONS, DownloadChunks
-from mmae.pipelines.builder.finalize import Finalize
-from mmae.pipelines.builder.output import (
+from .dedup import KEYS, FindDuplicates
+from .download import CAPTIONS, DownloadChunks
+from .finalize import Finalize
+from .output import (
     BuildError,
     Mode,
     check_apart_from_inputs,
@@ -46,15 +46,15 @@ from mmae.pipelines.builder.output import (
     prepare_output,
     restore_previous,
 )
-from mmae.pipelines.builder.plan import BuildPlan, make_plan
-from mmae.pipelines.builder.progress import ProgressMonitor
-from mmae.pipelines.builder.read import ReadChunks
-from mmae.pipelines.builder.replace import is_build_file
-from mmae.pipelines.builder.sources import SourceError, input_folders
-from mmae.pipelines.builder.staging import STAGING
-from mmae.pipelines.builder.tokenizer import Tokenizer, TrainTokenizer
-from mmae.pipelines.builder.write import REJECTS, WriteShards
-from mmae.pipelines.shards import join, write_json
+from .plan import BuildPlan, make_plan
+from .progress import ProgressMonitor
+from .read import ReadChunks
+from .replace import is_build_file
+from .sources import SourceError, input_folders
+from .staging import STAGING
+from .tokenizer import Tokenizer, TrainTokenizer
+from .write import REJECTS, WriteShards
+from ..shards import join, write_json
 from mmae.schemas.config import Config, DataConfig
 from mmae.schemas.manifest import ManifestError, read_manifest
 

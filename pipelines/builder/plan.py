@@ -18,10 +18,10 @@ from typing import Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mmae.pipelines.builder import webdataset
-from mmae.pipelines.builder.lines import rows_per_chunk
-from mmae.pipelines.builder.records import ChunkKey, FileRef, Order, ReadUnit
-from mmae.pipelines.builder.sources import SourceError, SourceFile, expand_source, required_columns, row_cap
+from . import webdataset
+from .lines import rows_per_chunk
+from .records import ChunkKey, FileRef, Order, ReadUnit
+from .sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
 
 # Dedup hashes are grouped in buckets of about this many rows: the memory one dedup group needs.

@@ -9,9 +9,9 @@ import time
 from typing import Optional
 
 import fsspec
-from mmae.pipelines.builder.plan import BuildPlan, parse_chunk_name
-from mmae.pipelines.builder.staging import STAGING
-from mmae.pipelines.shards import join
+from .plan import BuildPlan, parse_chunk_name
+from .staging import STAGING
+from ..shards import join
 from mmae.schemas.config import DataConfig
 
 log = logging.getLogger("mmae.build")

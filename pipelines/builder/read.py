@@ -16,13 +16,13 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from mmae.pipelines.builder import staging
-from mmae.pipelines.builder.dedup import KEYS, HashPacker, text_key, url_key
-from mmae.pipelines.builder.plan import chunk_of, record_order
-from mmae.pipelines.builder.readers import read_source_file
-from mmae.pipelines.builder.records import ChunkKey, ChunkRows, Order, Packed, ReadUnit, is_reject, reject
-from mmae.pipelines.builder.sources import row_cap
-from mmae.pipelines.builder.text import clean_text, word_count
+from . import staging
+from .dedup import KEYS, HashPacker, text_key, url_key
+from .plan import chunk_of, record_order
+from .readers import read_source_file
+from .records import ChunkKey, ChunkRows, Order, Packed, ReadUnit, is_reject, reject
+from .sources import row_cap
+from .text import clean_text, word_count
 from mmae.schemas.config import DataConfig
 
 

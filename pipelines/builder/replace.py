@@ -26,8 +26,8 @@ import posixpath
 import re
 from typing import Any, Optional
 
-from mmae.pipelines.builder.staging import STAGING
-from mmae.pipelines.shards import join, write_json
+from .staging import STAGING
+from ..shards import join, write_json
 
 log = logging.getLogger("mmae.build")
 

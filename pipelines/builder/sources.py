@@ -14,10 +14,10 @@ from urllib.parse import urljoin, urlsplit
 
 import fsspec
 import pyarrow as pa
-from mmae.pipelines.builder.lines import default_cap
-from mmae.pipelines.builder.records import RowProblem
-from mmae.pipelines.builder.schemes import family_of
-from mmae.pipelines.builder.tablefiles import HeaderError, image_column_type_ok, open_parquet, read_header
+from .lines import default_cap
+from .records import RowProblem
+from .schemes import family_of
+from .tablefiles import HeaderError, image_column_type_ok, open_parquet, read_header
 from mmae.schemas.config import DataConfig, SourceConfig
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt")  # .txt: one text per line (kind: text)

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from mmae.pipelines.builder.plan import chunk_name
-from mmae.pipelines.builder.records import ChunkKey
-from mmae.pipelines.shards import join, rows_table, write_atomic, write_table_atomic
+from .plan import chunk_name
+from .records import ChunkKey
+from ..shards import join, rows_table, write_atomic, write_table_atomic
 from mmae.schemas.shard import SHARD_SCHEMA
 
 STAGING = "staging"

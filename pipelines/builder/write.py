@@ -23,12 +23,12 @@ from typing import Any, Iterable, Iterator, Optional
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mmae.pipelines.builder import staging
-from mmae.pipelines.builder.dedup import duplicates_of
-from mmae.pipelines.builder.memory import release_freed_memory
-from mmae.pipelines.builder.records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey
-from mmae.pipelines.builder.tokenizer import Tokenizer
-from mmae.pipelines.shards import join, parquet_options, shard_name, table_bytes, temporary_beside, write_atomic
+from . import staging
+from .dedup import duplicates_of
+from .memory import release_freed_memory
+from .records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey
+from .tokenizer import Tokenizer
+from ..shards import join, parquet_options, shard_name, table_bytes, temporary_beside, write_atomic
 from mmae.schemas.config import DataConfig
 from mmae.schemas.shard import REJECT_SCHEMA, SHARD_SCHEMA
 

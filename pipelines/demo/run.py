@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mmae.pipelines.demo.corpus import generate
-from mmae.pipelines.demo.serve import serve_directory
+from .corpus import generate
+from .serve import serve_directory
 
 
 def run_demo(out: str, config_path: str = "pipeline.yaml", beam_args: Optional[list[str]] = None,

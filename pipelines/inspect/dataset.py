@@ -8,7 +8,7 @@ from typing import Optional
 import fsspec
 import polars as pl
 import pyarrow.parquet as pq
-from mmae.pipelines.shards import join
+from ..shards import join
 from mmae.schemas.manifest import Manifest, ManifestError, read_manifest
 
 # Protocols polars reads natively (and lazily); anything else goes through fsspec.

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import fsspec
 import pyarrow.parquet as pq
-from mmae.pipelines.inspect.dataset import Dataset
+from .dataset import Dataset
 
 GALLERY_COLUMNS = ["id", "kind", "source", "caption", "tokens", "image", "image_format", "width", "height", "label"]
 MIME = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}

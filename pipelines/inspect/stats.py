@@ -14,7 +14,7 @@ import math
 from typing import Any, Optional
 
 import polars as pl
-from mmae.pipelines.inspect.dataset import Dataset, column_bytes, scan
+from .dataset import Dataset, column_bytes, scan
 from mmae.schemas.shard import KINDS
 
 IMAGE_SIZE_COLUMNS = ("width", "height", "original_width", "original_height")

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mmae.pipelines.inspect.dataset import Dataset
+from .dataset import Dataset
 from mmae.schemas.manifest import Manifest, ManifestError, load_manifest_json
 from mmae.schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 from PIL import Image

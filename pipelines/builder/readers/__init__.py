@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from mmae.pipelines.builder.readers.folders import read_image_file
-from mmae.pipelines.builder.readers.parquet import read_parquet
-from mmae.pipelines.builder.readers.tables import read_csv, read_jsonl, read_txt
-from mmae.pipelines.builder.readers.tars import read_tar
-from mmae.pipelines.builder.sources import SourceFile
+from .folders import read_image_file
+from .parquet import read_parquet
+from .tables import read_csv, read_jsonl, read_txt
+from .tars import read_tar
+from ..sources import SourceFile
 from mmae.schemas.config import SourceConfig
 
 

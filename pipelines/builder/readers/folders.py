@@ -9,9 +9,9 @@ import posixpath
 from typing import Any, Iterator
 
 import fsspec
-from mmae.pipelines.builder.records import new_record, reject
-from mmae.pipelines.builder.sources import SourceFile
-from mmae.pipelines.localfiles import NotARegularFile, inside, read_regular_file
+from ..records import new_record, reject
+from ..sources import SourceFile
+from ...localfiles import NotARegularFile, inside, read_regular_file
 from mmae.schemas.config import SourceConfig
 
 MAX_SIDECAR_BYTES = 1 << 20

@@ -9,10 +9,10 @@ from typing import Any, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-from mmae.pipelines.builder.readers.rows import error_text, record_from_row
-from mmae.pipelines.builder.records import new_record, reject
-from mmae.pipelines.builder.sources import SourceFile, required_columns
-from mmae.pipelines.builder.tablefiles import open_parquet
+from .rows import error_text, record_from_row
+from ..records import new_record, reject
+from ..sources import SourceFile, required_columns
+from ..tablefiles import open_parquet
 from mmae.schemas.config import SourceConfig
 
 

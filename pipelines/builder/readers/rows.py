@@ -9,8 +9,8 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any, Optional
 
-from mmae.pipelines.builder.records import RowProblem, new_record, reject, row_id
-from mmae.pipelines.builder.sources import SourceFile, resolve_url
+from ..records import RowProblem, new_record, reject, row_id
+from ..sources import SourceFile, resolve_url
 from mmae.schemas.config import SourceConfig
 from mmae.schemas.shard import reject_detail
 

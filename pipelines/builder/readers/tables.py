@@ -9,11 +9,11 @@ import json
 from typing import Any, Iterator
 
 import fsspec
-from mmae.pipelines.builder.lines import lines
-from mmae.pipelines.builder.readers.rows import error_text, record_from_row, too_long
-from mmae.pipelines.builder.records import new_record, reject
-from mmae.pipelines.builder.sources import SourceFile, required_columns
-from mmae.pipelines.builder.tablefiles import delimiter, read_header
+from ..lines import lines
+from .rows import error_text, record_from_row, too_long
+from ..records import new_record, reject
+from ..sources import SourceFile, required_columns
+from ..tablefiles import delimiter, read_header
 from mmae.schemas.config import SourceConfig
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Optional
 
-from mmae.pipelines.builder import webdataset
-from mmae.pipelines.builder.readers.rows import RowProblem, error_text, label_value
-from mmae.pipelines.builder.records import new_record, reject
-from mmae.pipelines.builder.sources import SourceFile
+from .. import webdataset
+from .rows import RowProblem, error_text, label_value
+from ..records import new_record, reject
+from ..sources import SourceFile
 from mmae.schemas.config import SourceConfig
 
 
