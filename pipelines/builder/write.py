@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from . import staging
 from .dedup import duplicates_of
 from .memory import release_freed_memory
-from .records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey
+from .records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey, failed
 from .tokenizer import Tokenizer
 from ..shards import join, parquet_options, shard_name, table_bytes, temporary_beside, write_atomic
 from mmae.schemas.config import DataConfig
@@ -231,9 +231,10 @@ class WriteRejectShardFn(beam.DoFn):
             url, indices, copies = piece_indices(self.config, piece, image_duplicates, rejects=True)
             for table in staging.read_tables(url, indices, columns=REJECT_SCHEMA.names):
                 rows.extend(table.to_pylist())
-            for row, index in zip(rows[len(rows) - len(indices):], indices):
-                if index in copies:
-                    row["reason"], row["detail"] = "duplicate", copies[index]
+            first = len(rows) - len(indices)
+            for offset, index in enumerate(indices):
+                if index in copies:  # a later copy of a stored image: a reject like any other
+                    rows[first + offset] = failed(rows[first + offset], "duplicate", copies[index])
         reasons: dict[str, dict[str, int]] = {}
         for row in rows:
             per_source = reasons.setdefault(row["source"], {})
