@@ -57,6 +57,12 @@ REJECT_REASONS = {
     "row_too_long": "the input line is longer than data.max_row_bytes (skipped without being held)",
     "empty_caption": "caption/text is empty after cleaning",
     "too_few_words": "fewer words than text.min_words",
+    "too_many_words": "more words than data.quality.max_words",
+    "repetitive": "one word is most of the text, or its word 3-grams repeat (data.quality)",
+    "low_alpha": "too few letters among the characters (data.quality.min_alpha_share)",
+    "file_name_caption": "the caption is a file or camera name, e.g. IMG_2041.JPG (data.quality.reject_file_names)",
+    "boilerplate": "the caption is page furniture, e.g. 'click here' (data.quality.boilerplate)",
+    "wrong_language": "identified as a language not in data.quality.languages",
     "duplicate": "same url within a source, same image (+caption), or same text",
     "bad_url": "the url is not text, holds control characters, or has no scheme we can fetch",
     "url_not_allowed": "the url names a local file or object store the source does not allow "

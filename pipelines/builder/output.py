@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 import fsspec
 from . import replace
+from .quality import is_default
 from ..outputs import location, within
 from .staging import STAGING
 from ..shards import join, write_json
@@ -59,6 +60,8 @@ def staging_settings(config: DataConfig) -> dict[str, Any]:
         "download": {key: dumped["download"][key] for key in STAGING_DOWNLOAD_KEYS},
         "chunk_rows": dumped["chunk_rows"],
         "max_row_bytes": dumped["max_row_bytes"],
+        # Only when set: an unfinished build from before the quality rules resumes unchanged.
+        **({} if is_default(config.quality) else {"quality": dumped["quality"]}),
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from . import staging
+from . import quality, staging
 from .dedup import KEYS, HashPacker, text_key, url_key
 from .plan import chunk_of, record_order
 from .readers import read_source_file
@@ -36,6 +36,10 @@ def clean_record(record: dict[str, Any], config: DataConfig) -> dict[str, Any]:
     words = word_count(text)
     if words < config.text.min_words:
         return reject(record, "too_few_words", f"{words} < {config.text.min_words}")
+    if quality.applies(config.quality, record["kind"]):
+        failed_rule = quality.problem(text, config.quality)
+        if failed_rule is not None:
+            return reject(record, *failed_rule)
     return {**record, "caption": text}
 
 

@@ -182,6 +182,7 @@ def render_html(stats: dict[str, Any], samples: list[dict[str, Any]], tokenizer_
         f" · duplicate rate {stats['duplicate_rate']:.2%}</p>",
         "<h2>Rows</h2>" + _table(rows_table) + _table(stats["rows_by_source"]),
         "<h2>Rejected</h2>" + _table(stats["rejected_by_source"]),
+        "<h2>What each rule removed</h2>" + _table(stats.get("reject_examples", [])),
         "<h2>Charts</h2><div class=charts>" + charts + "</div>",
         "<h2>Token lengths</h2>" + _table(token_rows),
         "<h2>Images</h2>" + _table(image_rows)

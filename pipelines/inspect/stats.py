@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 import polars as pl
 from .dataset import Dataset, column_bytes, scan
-from mmae.schemas.shard import KINDS
+from mmae.schemas.shard import KINDS, REJECT_REASONS
 
 IMAGE_SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 TOP_TOKENS = 20
+EXAMPLES = 3  # rejects shown per reason
 
 
 def _distribution_from_counts(values: list, counts: list) -> dict[str, Optional[float]]:
@@ -96,6 +97,11 @@ def _queries(data_urls: list[str], image_urls: list[str], text_urls: list[str],
             scan(reject_urls, ["source", "reason"]).group_by("source", "reason").agg(pl.len().alias("n"))
             .sort("source", "reason")
         )
+        # What each rule removed, by example: the first keys and details of every reason.
+        queries["reject_examples"] = (
+            scan(reject_urls, ["reason", "key", "detail"]).group_by("reason", maintain_order=True)
+            .agg(pl.col("key").head(EXAMPLES), pl.col("detail").head(EXAMPLES)).sort("reason")
+        )
     if text_urls:
         queries["lengths"] = (
             scan(text_urls, ["kind", "source", "tokens"])
@@ -135,6 +141,12 @@ def _row_figures(results: dict[str, pl.DataFrame]) -> dict[str, Any]:
     for row in figures["rejected_by_source"]:
         rejected[row["reason"]] = rejected.get(row["reason"], 0) + row["n"]
     figures["rejected"] = dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))
+    examples = results["reject_examples"].to_dicts() if "reject_examples" in results else []
+    figures["reject_examples"] = [
+        {"reason": row["reason"], "rows": rejected.get(row["reason"], 0), "meaning": REJECT_REASONS.get(
+            row["reason"], "HTTP status" if row["reason"].startswith("http_") else ""),
+         "examples": "; ".join(f"{key}: {detail}" if detail else key for key, detail in zip(row["key"], row["detail"]))}
+        for row in sorted(examples, key=lambda row: (-rejected.get(row["reason"], 0), row["reason"]))]
     figures["labels"] = (
         row_counts.filter(pl.col("label").is_not_null()).group_by("kind", "label").agg(pl.col("n").sum())
         .sort(["kind", "n", "label"], descending=[False, True, False]).to_dicts()
