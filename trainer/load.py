@@ -125,8 +125,10 @@ def trained_on(state: dict[str, Any]) -> list[str]:
 
 
 def stored_image_size(manifest) -> Optional[int]:
-    """The side of the images a build stored (its data.image.size), when its manifest says."""
-    size = (manifest.config.get("image") or {}).get("size") if isinstance(manifest.config, dict) else None
+    """The side of the images a build stored (its data.image.size), when its manifest says and the
+    build resized to it (`resize_mode: no` keeps every image's own size: nothing to compare)."""
+    image = (manifest.config.get("image") or {}) if isinstance(manifest.config, dict) else {}
+    size = image.get("size") if isinstance(image, dict) and image.get("resize_mode") != "no" else None
     return size if isinstance(size, int) else None
 
 
