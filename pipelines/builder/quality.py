@@ -46,6 +46,10 @@ def _identifier():
 
 def problem(text: str, quality: QualityConfig) -> Optional[tuple[str, str]]:
     """(reason, detail) of the first rule `text` fails, or None."""
+    word_rules = (quality.max_words, quality.max_top_word_share, quality.max_repeated_trigram_share)
+    if not (quality.reject_file_names or quality.reject_boilerplate or quality.languages
+            or quality.min_alpha_share is not None or any(rule is not None for rule in word_rules)):
+        return None  # every rule off (the default): nothing is computed per row
     stripped = text.strip()
     if quality.reject_file_names and any(p.search(stripped) for p in _compiled(tuple(quality.file_name_patterns))):
         return "file_name_caption", stripped[:80]
@@ -53,7 +57,7 @@ def problem(text: str, quality: QualityConfig) -> Optional[tuple[str, str]]:
         for pattern in _compiled(tuple(quality.boilerplate)):
             if pattern.search(stripped):
                 return "boilerplate", f"matches {pattern.pattern!r}"
-    words = [word.lower() for word in WORD.findall(text)]
+    words = [word.lower() for word in WORD.findall(text)] if any(rule is not None for rule in word_rules) else []
     if quality.max_words is not None and len(words) > quality.max_words:
         return "too_many_words", f"{len(words)} words > {quality.max_words}"
     if quality.max_top_word_share is not None and len(words) >= 4:
