@@ -230,7 +230,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         result = export(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite,
-                        tokenizer_from=args.tokenizer_from)
+                        tokenizer_from=args.tokenizer_from, allow_mismatch=args.allow_mismatch)
     except (ExportError, CheckpointNotFound) as error:
         print(f"mmae export: error: {error}", file=sys.stderr)
         return 2
@@ -380,6 +380,7 @@ def _model_commands(commands) -> None:
     exporting.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     exporting.add_argument("--tokenizer-from", metavar="DATASET",
                            help="safetensors: copy this dataset's tokenizer (default: the run's train.data)")
+    exporting.add_argument("--allow-mismatch", action="store_true", help=ALLOW_MISMATCH)
     exporting.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     embedding = commands.add_parser("embed", help="image/text embeddings of a dataset, image folder or text file")

@@ -403,6 +403,16 @@ def test_eval_and_embed_refuse_a_dataset_with_another_tokenizer_unless_told(trai
     assert "embed: rows 90/90, " in same.stderr and "ETA" in same.stderr  # progress without a terminal
 
 
+def test_export_refuses_another_datasets_tokenizer_unless_told(trained, tmp_path):
+    _, run = trained
+    other = with_tokenizer(write_dataset(tmp_path / "other", {"paired": [20]}, 16), sha256="o" * 64)
+    command = [sys.executable, "-m", "mmae.cli", "export", "--checkpoint", str(run), "--format", "safetensors",
+               "--out", str(tmp_path / "export"), "--tokenizer-from", str(other)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "does not belong with" in refused.stderr and "Traceback" not in refused.stderr
+    assert subprocess.run([*command, "--allow-mismatch"], capture_output=True, timeout=300).returncode == 0
+
+
 def test_the_probe_refuses_images_of_another_stored_size(trained, tmp_path):
     from mmae.trainer.load import Mismatch
     from mmae.trainer.evaluate import probe

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 from .checkpoint import resolve_checkpoint
-from .load import EXPORTED_CONFIG, EXPORTED_WEIGHTS, load_model, trained_on
+from .load import EXPORTED_CONFIG, EXPORTED_WEIGHTS, Mismatch, check_matches, load_model, trained_on
 from mmae.pipelines.outputs import OutputError, check_output
 from .model import CLS, IMAGE, MultimodalMAE
 from .transforms import MEAN, STD
@@ -97,7 +97,7 @@ def _prepare(out: str, overwrite: bool) -> None:
 
 
 def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = False,
-           tokenizer_from: Optional[str] = None) -> dict[str, Any]:
+           tokenizer_from: Optional[str] = None, allow_mismatch: bool = False) -> dict[str, Any]:
     if format not in FORMATS:
         raise ExportError(f"unknown --format {format!r} (choose from {', '.join(FORMATS)})")
     path = resolve_checkpoint(checkpoint)
@@ -105,7 +105,9 @@ def export(checkpoint: str, out: str, format: str = "timm", overwrite: bool = Fa
     dataset = tokenizer_from or next(iter(trained_on(state)), None)
     try:
         check_output(out, "--out", inputs=[str(path)], folders=[dataset or ""])
-    except OutputError as error:
+        if tokenizer_from and format == "safetensors":  # another dataset's tokenizer goes with this model
+            check_matches(state, str(path), tokenizer_from, images=False, allow=allow_mismatch)
+    except (OutputError, Mismatch) as error:
         raise ExportError(str(error)) from None
     _prepare(out, overwrite)
     written = []
