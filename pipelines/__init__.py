@@ -26,4 +26,15 @@ class _OptionalGcpNoise(logging.Filter):
         return not (record.name == "root" and "apitools not found" in str(record.msg))
 
 
+class _OwnRecordCoder(logging.Filter):
+    """Beam notes each time it encodes one of the build's typed records (records.py, NamedTuples)
+    with its deterministic fallback coder: the type's reference and its fields, which is what a
+    group key needs. About our own records that is the design, not a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Using fallback deterministic coder")
+                    and "mmae.pipelines.builder.records." in record.getMessage())
+
+
 logging.getLogger().addFilter(_OptionalGcpNoise())
+logging.getLogger("apache_beam.coders.coder_impl").addFilter(_OwnRecordCoder())
