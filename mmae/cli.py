@@ -185,11 +185,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {result['out']} ({result['samples']} samples: original | masked | reconstruction)")
             return 0
         if args.evaluation == "retrieval":
-            result = retrieval(args.checkpoint, args.data, limit=args.limit, holdout=args.holdout,
+            result = retrieval(args.checkpoint, args.data, limit=args.limit, split=args.split, holdout=args.holdout,
                                allow_mismatch=args.allow_mismatch)
         else:
             result = probe(args.checkpoint, args.data, pool=args.pool, epochs=args.epochs, seed=args.seed,
-                           allow_mismatch=args.allow_mismatch)
+                           allow_mismatch=args.allow_mismatch, test_data=args.test_data, of=args.features)
     except (DataError, ManifestError, Mismatch, FileNotFoundError) as error:
         print(f"mmae eval: error: {error}", file=sys.stderr)
         return 2
@@ -200,8 +200,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"R@5 {result['image_to_text']['r5']:.2%}; text->image R@1 {result['text_to_image']['r1']:.2%} "
               f"R@5 {result['text_to_image']['r5']:.2%}")
     else:
+        what = "images" if args.features == "image" else "texts"
         print(f"linear probe top-1 {result['top1']:.2%} ({result['classes']} classes; "
-              f"{result['n_train']} train / {result['n_test']} test images)")
+              f"{result['n_train']} train / {result['n_test']} test {what})")
     return 0
 
 
@@ -343,6 +344,11 @@ def _training_commands(commands) -> None:
                              help="a checkpoint file, `last` pointer, run folder or exported safetensors folder")
         command.add_argument("--allow-mismatch", action="store_true", help=ALLOW_MISMATCH)
     probe.add_argument("--data", required=True, help="a built dataset with a label column")
+    probe.add_argument("--test-data", metavar="DATASET",
+                       help="score on this dataset's labelled rows and train the probe on all of --data's "
+                            "(default: the deterministic 80/20 split by id of --data)")
+    probe.add_argument("--features", choices=["image", "text"], default="image",
+                       help="probe image features (default) or text-only features of each row's caption/text")
     probe.add_argument("--pool", choices=["cls", "mean"], default="cls",
                        help="features: the CLS token (default) or the mean of the patch tokens")
     probe.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier (default 100)")
@@ -354,6 +360,9 @@ def _training_commands(commands) -> None:
     rebuild.add_argument("--seed", type=int, default=0, help="the masks' seed")
     retrieve.add_argument("--data", required=True, help="a built dataset with paired rows")
     retrieve.add_argument("--limit", type=int, default=1000, help="paired rows scored (first by id)")
+    retrieve.add_argument("--split", choices=["test", "all"], default="test",
+                          help="test (default): the test side of the deterministic 80/20 split by id; all: every "
+                               "paired row (a held-out dataset the run never trained on)")
     retrieve.add_argument("--holdout", type=float, default=0.0, metavar="F",
                           help="score the rows a run with train.validation.holdout: F never trained on "
                                "(default: the test side of the deterministic 80/20 split by id)")

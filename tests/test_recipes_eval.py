@@ -88,6 +88,62 @@ def test_linear_probe_separates_what_is_separable(tmp_path):
     assert json.loads(cli.stdout) == result
 
 
+def labelled_dataset(root, count: int, start: int = 0, labels=("red", "green", "blue")):
+    """Images coloured by their label, and text rows whose tokens spell their label."""
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "grey": (120, 120, 120)}
+    images, texts = [], []
+    for index in range(start, start + count):
+        name = labels[index % len(labels)]
+        item = row("image", index)
+        item.update(image=solid(tuple(min(255, c + (index * 7) % 30) for c in colours[name])), label=name)
+        images.append(item)
+        text = row("text", index)
+        text.update(tokens=[3 + 2 * list(colours).index(name), 4 + 2 * list(colours).index(name)] * 2, label=name)
+        texts.append(text)
+    entries = [write_shard(str(root), "image", 0, 1, images, 32), write_shard(str(root), "text", 0, 1, texts, 32)]
+    (root / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"image": count, "text": count},
+                                                    "shards": entries, "rejects": []}))
+    return root
+
+
+def random_checkpoint(path):
+    from mmae.trainer.model import build_model
+
+    torch.manual_seed(0)
+    torch.save({"model": build_model("tiny", 16, 16, 16).state_dict(), "step": 0,
+                "model_spec": {"preset": "tiny", "vocab_size": 16, "image_size": 16, "max_text_tokens": 16}}, path)
+    return path
+
+
+def test_probe_tests_on_another_dataset_and_probes_texts(tmp_path):
+    """--test-data: every labelled row of --data trains, every one of the second dataset tests
+    (none of the 80/20 split); --features text probes text-only features of the rows' tokens."""
+    from mmae.trainer.evaluate import probe
+    from mmae.trainer.streams import DataError
+
+    checkpoint = str(random_checkpoint(tmp_path / "random.pt"))
+    train, test = labelled_dataset(tmp_path / "train", 90), labelled_dataset(tmp_path / "test", 30, start=1000)
+    images = probe(checkpoint, str(train), epochs=60, test_data=str(test))
+    assert (images["n_train"], images["n_test"], images["classes"]) == (90, 30, 3)
+    assert images["top1"] >= 0.9
+    texts = probe(checkpoint, str(train), epochs=60, test_data=str(test), of="text", pool="mean")
+    assert (texts["n_train"], texts["n_test"]) == (90, 30) and texts["top1"] >= 0.9
+    alone = probe(checkpoint, str(train), epochs=60, of="text")  # the 80/20 split of the text rows
+    assert alone["n_train"] + alone["n_test"] == 90 and alone["n_test"] < 40
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "probe", "--checkpoint", checkpoint, "--data",
+                          str(train), "--test-data", str(test), "--features", "text", "--pool", "mean",
+                          "--epochs", "60"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"{texts['top1']:.2%}" in cli.stdout and "90 train / 30 test texts" in cli.stdout
+    unseen = labelled_dataset(tmp_path / "unseen", 8, labels=("grey", "red"))
+    try:
+        probe(checkpoint, str(train), epochs=1, test_data=str(unseen))
+    except DataError as error:
+        assert "'grey' never occur in" in str(error)
+    else:
+        raise AssertionError("a test label the probe never saw must be an error")
+
+
 def test_probe_needs_labels(tmp_path):
     """A real checkpoint and a real dataset whose rows have no label: the error is about labels."""
     from mmae.trainer.model import build_model
@@ -183,8 +239,12 @@ def test_itc_itm_train_and_retrieval(dataset, tmp_path):  # noqa: F811
     entry = write_shard(str(same), "paired", 0, 1, rows, 16)
     (same / "manifest.json").write_text(json.dumps({"schema_version": "1", "rows": {"paired": 40},
                                                     "shards": [entry], "rejects": []}))
-    everything = retrieval(str(run / "checkpoints" / "step-0000004.pt"), str(same), split="all")
-    assert everything["n"] == 40
+    cli = subprocess.run([sys.executable, "-m", "mmae.cli", "eval", "retrieval", "--checkpoint",
+                          str(run / "checkpoints" / "step-0000004.pt"), "--data", str(same), "--split", "all",
+                          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    everything = json.loads(cli.stdout)
+    assert everything["n"] == 40 and everything["split"] == "all"
     assert everything["image_to_text"] == everything["text_to_image"] == {"r1": 1.0, "r5": 1.0}
     # A checkpoint without ITC says so.
     plain = tmp_path / "plain"

@@ -3,17 +3,20 @@
     mmae eval probe --checkpoint RUN/checkpoints/step-0001500.pt --data build/demo/shards [--json]
 
 Features are the CLS token of an unmasked, image-only forward (or the mean of the patch
-tokens with `--pool mean`) of each labelled image's deterministic centre view. The probe is
-BatchNorm without affine + a linear layer (MAE's protocol), trained with AdamW on the
-features; the split is deterministic by id (80/20), or the dataset's own `split` column when it
-has one. Prints top-1 accuracy (`--json`: {"top1", "n_train", "n_test", "classes"}).
+tokens with `--pool mean`) of each labelled image's deterministic centre view; with
+`--features text`, of a text-only forward of each labelled row's caption or text instead. The
+probe is BatchNorm without affine + a linear layer (MAE's protocol), trained with AdamW on the
+features. The split is deterministic by id (80/20), or the dataset's own `split` column when it
+has one; with `--test-data`, every labelled row of `--data` trains the probe and every labelled
+row of the second dataset tests it (ImageNet's train/val: the test images need never have been
+pretrained on). Prints top-1 accuracy (`--json`: {"top1", "n_train", "n_test", "classes"}).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import fsspec
 import torch
@@ -28,16 +31,26 @@ from .transforms import eval_view
 log = logging.getLogger("mmae.eval")
 
 
-def labelled_rows(dataset: str) -> list[dict[str, Any]]:
-    """id, image bytes, label (and split) of every row that has both an image and a label."""
+FEATURES = ("image", "text")
+
+
+def labelled_rows(dataset: str, features: str = "image") -> list[dict[str, Any]]:
+    """id, image bytes (or tokens), label (and split) of every row that has both an image (a
+    caption or text, for `features="text"`) and a label."""
     rows = []
-    for entry in read_manifest(dataset).entries("paired", "image"):
+    value = "image" if features == "image" else "tokens"
+    kinds = ("paired", "image") if features == "image" else ("paired", "text")
+    for entry in read_manifest(dataset).entries(*kinds):
         url = f"{dataset.rstrip('/')}/{entry.path}"
         with reading_shard(url) as parquet:
-            columns = [c for c in ("id", "image", "label", "split") if c in parquet.schema_arrow.names]
+            columns = [c for c in ("id", value, "label", "split") if c in parquet.schema_arrow.names]
             for row in parquet.read(columns=columns).to_pylist():
-                if row.get("label") is not None and row.get("image"):
+                if row.get("label") is not None and row.get(value):
                     rows.append(row)
+    if features == "text":
+        if not rows:
+            raise DataError(f"{dataset}: no rows with both a caption/text and a label (build with a label_column)")
+        return sorted(rows, key=lambda row: row["id"])
     undecodable = [row["id"] for row in rows if not _decodes(row["image"])]
     if undecodable:
         log.warning("%d image(s) do not decode and are left out of the evaluation: %s", len(undecodable),
@@ -70,15 +83,16 @@ def split_of(row: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def features(model, rows: list[dict[str, Any]], pool: str, batch_size: int = 256) -> torch.Tensor:
+def features(model, rows: list[dict[str, Any]], pool: str, batch_size: int = 256, of: str = "image") -> torch.Tensor:
     out = []
     for start in range(0, len(rows), batch_size):
-        images = torch.stack([eval_view(row["image"], model.image_size) for row in rows[start:start + batch_size]])
-        if pool == "cls":
-            out.append(model.encode_images(images))
+        chunk = rows[start:start + batch_size]
+        if of == "text":
+            out.append(model.encode_texts([torch.tensor(row["tokens"]) for row in chunk], pool=pool))
         else:
-            out.append(model.encode_images(images, pool="mean"))
-    return torch.cat(out)
+            out.append(model.encode_images(torch.stack([eval_view(row["image"], model.image_size) for row in chunk]),
+                                           pool=pool))
+    return torch.cat(out).float()
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -102,17 +116,29 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def probe(checkpoint: str, dataset: str, pool: str = "cls", epochs: int = 100, seed: int = 0,
-          allow_mismatch: bool = False) -> dict[str, Any]:
+          allow_mismatch: bool = False, test_data: Optional[str] = None, of: str = "image") -> dict[str, Any]:
+    """Top-1 of a linear probe on frozen `of` ("image" or "text") features; `test_data`: a
+    second dataset whose labelled rows are the test side (all of `dataset`'s then train)."""
+    if of not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, not {of!r}")
     model, state = load_model(checkpoint)
-    check_matches(state, str(checkpoint), dataset, tokens=False, allow=allow_mismatch)
-    rows = labelled_rows(dataset)
-    names = sorted({row["label"] for row in rows})
-    index = {name: number for number, name in enumerate(names)}
-    train_rows = [row for row in rows if split_of(row) == "train"]
-    test_rows = [row for row in rows if split_of(row) == "test"]
+    for data in (dataset, test_data) if test_data else (dataset,):
+        check_matches(state, str(checkpoint), data, tokens=of == "text", allow=allow_mismatch)
+    rows = labelled_rows(dataset, of)
+    if test_data:
+        train_rows, test_rows = rows, labelled_rows(test_data, of)
+        unseen = sorted({row["label"] for row in test_rows} - {row["label"] for row in train_rows})
+        if unseen:
+            raise DataError(f"{test_data}: label(s) {', '.join(map(repr, unseen[:5]))} never occur in {dataset}, "
+                            "so the probe cannot learn them")
+    else:
+        train_rows = [row for row in rows if split_of(row) == "train"]
+        test_rows = [row for row in rows if split_of(row) == "test"]
     if not train_rows or not test_rows:
         raise DataError(f"{dataset}: the split left {len(train_rows)} train and {len(test_rows)} test rows")
-    train_x, test_x = features(model, train_rows, pool), features(model, test_rows, pool)
+    names = sorted({row["label"] for row in train_rows})
+    index = {name: number for number, name in enumerate(names)}
+    train_x, test_x = features(model, train_rows, pool, of=of), features(model, test_rows, pool, of=of)
     train_y = torch.tensor([index[row["label"]] for row in train_rows])
     test_y = torch.tensor([index[row["label"]] for row in test_rows])
     top1 = linear_probe(train_x, train_y, test_x, test_y, len(names), epochs=epochs, seed=seed)
