@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,7 @@ def test_a_demo_says_which_earlier_run_it_replaces(tmp_path, capsys):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_multi_processing_runner_gives_identical_shards(tmp_path):
     """DoFns must pickle into worker processes, and the output must not depend on the runner mode."""
     single = mmae("demo", "--out", str(tmp_path / "a"), "--pairs", "30", "--config", str(ROOT / "pipeline.yaml"),

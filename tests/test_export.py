@@ -96,6 +96,7 @@ def test_timm_loads_the_exported_encoder_and_computes_mmaes_cls_features(tmp_pat
     assert theirs["mean"] == pytest.approx([0.485, 0.456, 0.406]) and theirs["std"] == pytest.approx([0.229, 0.224, 0.225])
 
 
+@pytest.mark.slow
 def test_safetensors_export_holds_the_whole_model_and_loads_back(tmp_path):
     dataset = write_dataset(tmp_path / "ds", {"paired": [20], "image": [10], "text": [10]}, rows_per_group=8)
     import sentencepiece as spm

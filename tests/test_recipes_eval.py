@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from mmae.pipelines.shards import write_shard
 from mmae.schemas.config import MaskingConfig
@@ -170,6 +171,7 @@ STAGES = ["--set", "train.stages=[{name: images, steps: 3, mix: {paired: 0, imag
           "--set", "train.checkpoint_every=2", "--set", "train.steps=9"]  # = the stages' sum (another is refused)
 
 
+@pytest.mark.slow
 def test_stages_switch_mix_and_resume_in_the_right_stage(dataset, tmp_path):  # noqa: F811
     straight = tmp_path / "straight"
     subprocess.run(train_command(dataset, straight, *STAGES), check=True, capture_output=True, timeout=300)

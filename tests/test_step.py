@@ -30,8 +30,8 @@ def test_every_recorded_case_trains_with_the_losses_of_the_per_sample_step(datas
     assert len(now) == len(recorded) == 6
     for step, (old, new) in enumerate(zip(recorded, now), start=1):
         assert old.keys() == new.keys(), step
-        for name in old:
-            assert math.isclose(new[name], old[name], rel_tol=1e-6, abs_tol=1e-7), (case, step, name, old[name],
+        for name in old:  # float32 after several updates: summation order alone moves the 7th digit
+            assert math.isclose(new[name], old[name], rel_tol=1e-5, abs_tol=1e-7), (case, step, name, old[name],
                                                                                    new[name])
 
 

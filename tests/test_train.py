@@ -264,6 +264,7 @@ def test_mmae_train_nproc_2_runs_ddp(dataset, tmp_path):
     assert [json.loads(line) for line in result.stdout.splitlines()] == [metrics[-1]]  # one summary, rank 0's
 
 
+@pytest.mark.slow
 def test_fsdp_run_checkpoints_full_weights_and_resumes_exactly(dataset, tmp_path):
     def train(run: Path, steps: int) -> subprocess.CompletedProcess:
         sets = train_command(dataset, run, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
@@ -503,6 +504,7 @@ def test_the_default_learning_rate_learns_and_long_warmups_are_named(dataset, tm
     assert result.returncode == 0 and "covers the whole run" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_and_the_same_command_resumes_exactly(dataset, tmp_path, signum, code):
     straight = tmp_path / "straight"
@@ -574,6 +576,7 @@ def test_resume_from_a_chosen_checkpoint_and_start_from_another_runs_weights(dat
     assert warm_losses[1] < expected[1]  # trained weights start lower than a fresh model
 
 
+@pytest.mark.slow
 def test_two_processes_resume_on_one_with_grad_accum_reading_the_same_samples(dataset, tmp_path):
     def mmae_train(run: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
         sets = train_command(dataset, run, "--set", "train.checkpoint_every=2", "--set", "train.num_workers=0",
