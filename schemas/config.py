@@ -201,11 +201,12 @@ class MixConfig(_Section):
 
 
 # The patch side of each model preset (trainer.model.PRESETS, checked against it by a test).
-PATCH_SIZES = {"tiny": 8, "small": 16, "base": 16, "large": 16}
+PATCH_SIZES = {"tiny": 8, "mini": 8, "small": 16, "base": 16, "large": 16}
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "small", "base", "large"] = Field("tiny", description="tiny runs on a laptop CPU")
+    preset: Literal["tiny", "mini", "small", "base", "large"] = Field(
+        "tiny", description="tiny and mini run on a laptop CPU (mini: twice as wide and deep, ~4x the compute)")
     norm_pix_loss: bool = Field(True, description="MSE on per-patch normalised pixels (MAE's best setting)")
 
 
@@ -305,7 +306,7 @@ class TrainConfig(_Section):
     prefetch_factor: int = Field(2, ge=1)
     shuffle_window: int = Field(1024, ge=1, le=10_000_000,
                                 description="rows permuted together (the bounded shuffle buffer)")
-    image_size: int = Field(64, ge=8, le=2048, description="a multiple of the preset's patch size (8 for tiny, 16 "
+    image_size: int = Field(64, ge=8, le=2048, description="a multiple of the preset's patch size (8 for tiny and mini, 16 "
                             "otherwise)")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range")
     max_text_tokens: int = Field(64, ge=1, le=8192)
