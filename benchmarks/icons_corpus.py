@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/icons_corpus.py [--out build/icons] [--package PATH.tgz] [--size 64]
 
-`@mdi/svg` (npm, Apache-2.0; version pinned below) ships ~7,400 icons drawn by its community,
+`@mdi/svg` (npm; package.json: Apache-2.0, LICENSE: the Pictogrammers Free License, icons under
+Apache 2.0; version pinned below) ships ~7,400 icons drawn by its community,
 each an SVG path with a name (`weather-lightning-rainy`), aliases and category tags
 (`Weather`). Each icon becomes one row:
 
@@ -67,6 +68,11 @@ def read_package(tarball: Path) -> tuple[dict, list[dict], dict[str, str]]:
     paths: dict[str, str] = {}
     with tarfile.open(tarball) as archive:
         package = json.load(archive.extractfile("package/package.json"))
+        try:  # the icons' own licence (the package.json field names the package's)
+            licence = archive.extractfile("package/LICENSE").read().decode().strip().splitlines()[0]
+            package["license_file"] = licence
+        except (KeyError, AttributeError, IndexError):
+            pass
         meta = json.load(archive.extractfile("package/meta.json"))
         for member in archive:
             if member.isfile() and member.name.startswith("package/svg/") and member.name.endswith(".svg"):
@@ -190,6 +196,7 @@ def main() -> None:
     labelled = {role: sum(1 for row in rows if row["label"]) for role, rows in lists.items()}
     record = {
         "package": PACKAGE, "version": package.get("version"), "license": package.get("license"),
+        "license_file": package.get("license_file"),
         "homepage": package.get("homepage"), "sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
         "icons": len(icons), "image_size": args.size, "classes": classes,
         "rows": {role: len(rows) for role, rows in lists.items()}, "labelled": labelled,
