@@ -52,6 +52,13 @@ class QualityConfig(Section):
     min_language_confidence: float = Field(0.8, gt=0, le=1)
     apply_to: Literal["all", "paired", "text"] = Field("all", description="captions of paired rows, text-only "
                                                        "rows, or both")
+    near_duplicate_texts: Optional[float] = Field(
+        None, gt=0, lt=1, description="a text-only row whose word 3-grams have about this Jaccard similarity (or "
+        "more) with an earlier text's is near_duplicate (MinHash + LSH; first in input order wins). 0.7 finds "
+        "one changed word in 40 about 9 times in 10; null = off")
+    near_duplicate_captions: bool = Field(
+        False, description="with near_duplicate_texts: paired rows whose captions are near-duplicates are "
+        "near_duplicate too, whatever their images (for captions that are templates, leave it off)")
 
     @field_validator("file_name_patterns", "boilerplate")
     @classmethod

@@ -64,6 +64,7 @@ REJECT_REASONS = {
     "boilerplate": "the caption is page furniture, e.g. 'click here' (data.quality.boilerplate)",
     "wrong_language": "identified as a language not in data.quality.languages",
     "duplicate": "same url within a source, same image (+caption), or same text",
+    "near_duplicate": "the text (or caption) is a near-duplicate of an earlier one (data.quality.near_duplicate_texts)",
     "bad_url": "the url is not text, holds control characters, or has no scheme we can fetch",
     "url_not_allowed": "the url names a local file or object store the source does not allow "
     "(allow_local_files, allow_object_stores)",

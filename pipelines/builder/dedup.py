@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
+from .neardup import NEAR
 from .records import ChunkKey, Packed
 
 KEYS = "keys"  # the tagged output that carries packed hashes
@@ -91,9 +92,9 @@ def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkK
     found: dict[int, Duplicates] = {}
     for position in np.flatnonzero(later):
         row, kept = order[position], first[position]
-        what = packs[ordinal[kept]].what
-        found.setdefault(int(ordinal[row]), []).append(
-            (int(entries["index"][row]), f"same {what} as {entries['id'][kept].tobytes().hex()}"))
+        what, first_id = packs[ordinal[kept]].what, entries["id"][kept].tobytes().hex()
+        detail = f"{what} of {first_id} (shares a MinHash band)" if what == NEAR else f"same {what} as {first_id}"
+        found.setdefault(int(ordinal[row]), []).append((int(entries["index"][row]), detail))
     for number in sorted(found):
         yield chunks[number], sorted(found[number])
 
@@ -114,5 +115,8 @@ def duplicates_of(side: Any, chunk: ChunkKey) -> dict[int, str]:
     found: dict[int, str] = {}
     for duplicates in side[chunk] if side is not None else ():
         for index, detail in duplicates:
-            found[index] = detail
+            # An exact copy says so even when its bands matched too; of several near matches
+            # the smallest detail is kept, so the answer does not depend on the runner's order.
+            if index not in found or (found[index].startswith(NEAR), found[index]) > (detail.startswith(NEAR), detail):
+                found[index] = detail
     return found

@@ -33,6 +33,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from . import staging
 from .dedup import KEYS, HashPacker, duplicates_of, image_key
+from .neardup import reason_of
 from .fetch import Fetcher, FetchError, FetchResult, is_transient
 from .images import ImageReject, process_image
 from .inline import InlineImages
@@ -240,7 +241,7 @@ class DownloadChunkFn(beam.DoFn):
         # already: never fetched.
         done: dict[int, dict[str, Any]] = {index: record for index, record in enumerate(records) if is_reject(record)}
         for index, detail in duplicates_of(duplicates, key).items():
-            done[index] = failed(records[index], "duplicate", detail)
+            done[index] = failed(records[index], reason_of(detail), detail)
         url = staging.chunk_url(self.config.output, source.name, key)
         digest = staging.records_digest(records)
         staged = staging.read_chunk(url, digest)

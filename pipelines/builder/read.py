@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from . import quality, staging
+from . import neardup, quality, staging
 from .dedup import KEYS, HashPacker, text_key, url_key
 from .plan import chunk_of, record_order
 from .readers import read_source_file
@@ -105,6 +105,15 @@ class ReadChunksFn(beam.DoFn):
                 packer.add(dedup_key(record), index, record["id"])
         for bucket, packed in packer.items():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, what, packed)))
+        threshold = self.config.quality.near_duplicate_texts
+        if threshold and (source.kind == "text" or (source.kind == "paired" and self.config.quality.near_duplicate_captions)):
+            near = HashPacker(self.buckets)
+            for index, record in enumerate(records):
+                if not is_reject(record):
+                    for band in neardup.band_keys(record["caption"], source.kind, threshold):
+                        near.add(band, index, record["id"])
+            for bucket, packed in near.items():
+                yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, neardup.NEAR, packed)))
 
 
 class ReadChunks(beam.PTransform):
