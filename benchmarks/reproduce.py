@@ -133,6 +133,11 @@ def summary(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
+def digits(metric: str) -> int:
+    """Retrieval near chance (0.07% R@1 on 1,534 pairs) needs two decimals of a percent."""
+    return 2 if metric.startswith("retrieval") else 1
+
+
 def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) -> tuple[str, dict]:
     per_run: dict[str, dict[str, tuple[float, float, int]]] = {}
     minutes: dict[str, float] = {}
@@ -146,8 +151,8 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
     lines = ["| run | recipe | seeds | " + " | ".join(METRICS.values()) + " | minutes/run |",
              "|---|---|---:|" + "---:|" * len(METRICS) + "---:|"]
     for name, metrics in per_run.items():
-        cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if (m, s) != (None, None) else "—"
-                 for m, s, _ in (metrics.get(metric, (None, None, 0)) for metric in METRICS)]
+        cells = [f"{100 * m:.{digits(metric)}f} ± {100 * s:.{digits(metric)}f}" if (m, s) != (None, None) else "—"
+                 for metric, (m, s, _) in ((metric, metrics.get(metric, (None, None, 0))) for metric in METRICS)]
         seeds = max(n for _, _, n in metrics.values())
         lines.append(f"| {name} | {RUNS[name][2]} | {seeds} | " + " | ".join(cells) + f" | {minutes[name]:.1f} |")
     verdicts: dict = {}
@@ -170,7 +175,7 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
             verdicts.setdefault(number, []).append({"a": a, "b": b, "metric": metric, "diff": diff, "se": se,
                                                     "verdict": verdict})
             lines.append(f"| {number}: {claim['title']} | {a} − {b} | {METRICS[metric]} | "
-                         f"{100 * diff:+.1f} ± {100 * se:.1f} | {verdict} |")
+                         f"{100 * diff:+.{digits(metric)}f} ± {100 * se:.{digits(metric)}f} | {verdict} |")
     return "\n".join(lines), {"runs": per_run, "claims": verdicts}
 
 
