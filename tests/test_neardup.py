@@ -62,6 +62,10 @@ def test_distinct_texts_share_no_band_and_one_changed_word_does():
                       set(neardup.band_keys(" ".join(changed), "text", 0.7)))
     assert found >= 180  # J ~ 0.86 with 40 words: found with probability ~0.98
     assert not set(neardup.band_keys(texts[0], "text", 0.7)) & set(neardup.band_keys(texts[0], "paired", 0.7))
+    # Texts without a single word (symbols, emoji) are not all one text.
+    symbols = ["!!!", "😀😀", "$$$ %%%", "→ ← ↑"]
+    keys = [set(neardup.band_keys(text, "text", 0.7)) for text in symbols]
+    assert all(not keys[i] & keys[j] for i in range(len(keys)) for j in range(i + 1, len(keys)))
 
 
 def test_a_build_rejects_later_near_duplicates_and_never_fetches_them(http_server, tmp_path):

@@ -40,6 +40,8 @@ def _permutations() -> tuple[np.ndarray, np.ndarray]:
 def shingles(text: str, size: int = 3) -> set[str]:
     """Lower-case word `size`-grams (the whole text when it is shorter)."""
     words = _WORD.findall(text.lower())
+    if not words:  # only symbols or emoji: the text itself, so unlike texts never collide
+        return {"\x00" + text}
     if len(words) <= size:
         return {" ".join(words)}
     return {" ".join(words[start:start + size]) for start in range(len(words) - size + 1)}
