@@ -25,8 +25,9 @@ FILE_NAMES = [
 
 
 class QualityConfig(Section):
-    """Rules a caption or text must pass (checked after cleaning, before anything is fetched);
-    each failed rule is a reject with its own reason. Every rule is off until set."""
+    """Rules a caption, text or image must pass (texts are checked after cleaning, before anything
+    is fetched; near-duplicate images once downloaded); each failed rule is a reject with its own
+    reason. Every rule is off until set."""
 
     max_words: Optional[int] = Field(None, ge=1, description="more words: too_many_words")
     max_top_word_share: Optional[float] = Field(
@@ -59,6 +60,12 @@ class QualityConfig(Section):
     near_duplicate_captions: bool = Field(
         False, description="with near_duplicate_texts: paired rows whose captions are near-duplicates are "
         "near_duplicate too, whatever their images (for captions that are templates, leave it off)")
+
+    near_duplicate_images: Optional[int] = Field(
+        None, ge=0, le=32, description="an image whose perceptual hash (64-bit DCT pHash of the stored pixels, "
+        "mirrored and 2.5%/5% centre crops too) is within this many bits of an earlier image's of the same kind "
+        "(and caption, for paired rows) is near_duplicate; also fills the image_phash column. 8 finds re-encoded, "
+        "resized, flipped and slightly cropped copies (docs/BENCHMARKS.md); null = off")
 
     @field_validator("file_name_patterns", "boilerplate")
     @classmethod

@@ -30,9 +30,15 @@ SHARD_SCHEMA = pa.schema(
         pa.field("original_height", pa.int32()),
         pa.field("image_sha256", pa.string()),  # of the stored bytes
         pa.field("label", pa.string()),  # only filled when the source names a label column
+        # 64-bit DCT perceptual hash of the stored pixels (mmae.pipelines.builder.neardup), filled
+        # when data.quality.near_duplicate_images is set. Added after v1's first datasets: a shard
+        # without it is still valid (OPTIONAL_COLUMNS).
+        pa.field("image_phash", pa.uint64()),
     ],
     metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
 )
+
+OPTIONAL_COLUMNS = frozenset({"image_phash"})
 
 # Every input row that does not become a shard row becomes one of these.
 REJECT_SCHEMA = pa.schema(
@@ -64,7 +70,8 @@ REJECT_REASONS = {
     "boilerplate": "the caption is page furniture, e.g. 'click here' (data.quality.boilerplate)",
     "wrong_language": "identified as a language not in data.quality.languages",
     "duplicate": "same url within a source, same image (+caption), or same text",
-    "near_duplicate": "the text (or caption) is a near-duplicate of an earlier one (data.quality.near_duplicate_texts)",
+    "near_duplicate": "the text (or caption) is a near-duplicate of an earlier one (data.quality.near_duplicate_texts), "
+    "or the image's perceptual hash is within data.quality.near_duplicate_images bits of an earlier image's",
     "bad_url": "the url is not text, holds control characters, or has no scheme we can fetch",
     "url_not_allowed": "the url names a local file or object store the source does not allow "
     "(allow_local_files, allow_object_stores)",

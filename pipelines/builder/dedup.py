@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
-from .neardup import NEAR
+from .neardup import IMAGE_NEAR, NEAR
 from .records import ChunkKey, Packed
 
 KEYS = "keys"  # the tagged output that carries packed hashes
@@ -69,44 +69,96 @@ class HashPacker:
 ENTRY_DTYPE = np.dtype([("key_high", ">u8"), ("key_low", ">u8"), ("index", "<u4"), ("id", "V10")])
 
 
-def later_copies(element: tuple[int, Iterable[Packed]]) -> Iterator[tuple[ChunkKey, Duplicates]]:
+def later_copies(element: tuple[int, Iterable[Packed]], max_distance: int = 0) -> Iterator[tuple[ChunkKey, Duplicates]]:
     """One bucket -> (chunk, [(index, "same url as <first id>"), ...]) for chunks with later copies.
 
-    The bucket is sorted as numpy arrays (42 bytes per row), not as Python objects."""
+    The bucket is sorted as numpy arrays (42 bytes per row), not as Python objects. Image band
+    keys (`neardup.IMAGE_NEAR`) match when their bands are equal and their hashes, the key's low
+    half, differ in at most `max_distance` bits."""
     _, packs = element
     packs = sorted(packs, key=lambda pack: pack.chunk)
     if not packs:
         return
-    chunks = [pack.chunk for pack in packs]
     entries = np.concatenate([np.frombuffer(pack.entries, ENTRY_DTYPE) for pack in packs])
     ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), [len(pack.entries) // ENTRY.size for pack in packs])
-    order = np.lexsort((entries["index"], ordinal, entries["key_low"], entries["key_high"]))
+    near_image = np.repeat(np.array([pack.what == IMAGE_NEAR for pack in packs]),
+                           [len(pack.entries) // ENTRY.size for pack in packs])
+    found: dict[int, Duplicates] = {}
+    for position, kept in _exact_matches(entries, ordinal, np.flatnonzero(~near_image)):
+        what, first_id = packs[ordinal[kept]].what, entries["id"][kept].tobytes().hex()
+        detail = f"{what} of {first_id} (shares a MinHash band)" if what == NEAR else f"same {what} as {first_id}"
+        found.setdefault(int(ordinal[position]), []).append((int(entries["index"][position]), detail))
+    # A row's variants and bands may match several times: the closest match (then the first) speaks.
+    closest: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    for position, kept, distance in _close_hashes(entries, ordinal, np.flatnonzero(near_image), max_distance):
+        row = (int(ordinal[position]), int(entries["index"][position]))
+        closest[row] = min(closest.get(row, (65, 0, 0, 0)), (distance, int(ordinal[kept]), int(entries["index"][kept]), kept))
+    for (number, index), (distance, _, _, kept) in closest.items():
+        detail = f"{NEAR} of {entries['id'][kept].tobytes().hex()} (image hash {distance} of 64 bits apart)"
+        found.setdefault(number, []).append((index, detail))
+    for number in sorted(found):
+        yield packs[number].chunk, sorted(set(found[number]))
+
+
+def _exact_matches(entries: np.ndarray, ordinal: np.ndarray, among: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(entry, the first entry in input order with the same 16-byte key) for every later copy."""
+    if len(among) < 2:
+        return
+    order = among[np.lexsort((entries["index"][among], ordinal[among], entries["key_low"][among],
+                              entries["key_high"][among]))]
     high, low = entries["key_high"][order], entries["key_low"][order]
     later = np.zeros(len(order), dtype=bool)
     later[1:] = (high[1:] == high[:-1]) & (low[1:] == low[:-1])
-    if not later.any():
-        return
     # For each row, the position (in sorted order) of the first row with its key.
     starts = np.where(later, 0, np.arange(len(order)))
     first = order[np.maximum.accumulate(starts)]
-    found: dict[int, Duplicates] = {}
     for position in np.flatnonzero(later):
-        row, kept = order[position], first[position]
-        what, first_id = packs[ordinal[kept]].what, entries["id"][kept].tobytes().hex()
-        detail = f"{what} of {first_id} (shares a MinHash band)" if what == NEAR else f"same {what} as {first_id}"
-        found.setdefault(int(ordinal[row]), []).append((int(entries["index"][row]), detail))
-    for number in sorted(found):
-        yield chunks[number], sorted(found[number])
+        yield int(order[position]), int(first[position])
+
+
+# At most this many earlier rows of one band group are compared with a row: a group that large
+# (a band value shared by that many images) costs GROUP_CAP comparisons per row, not its size.
+GROUP_CAP = 4096
+
+
+def _close_hashes(entries: np.ndarray, ordinal: np.ndarray, among: np.ndarray,
+                  max_distance: int) -> Iterator[tuple[int, int, int]]:
+    """(entry, the first earlier entry of another row in its band group whose hash is within
+    `max_distance` bits, the distance) for every entry that has one."""
+    if len(among) < 2:
+        return
+    order = among[np.lexsort((entries["index"][among], ordinal[among], entries["key_high"][among]))]
+    high = entries["key_high"][order]
+    starts = np.flatnonzero(np.r_[True, high[1:] != high[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        group = order[start:end]
+        hashes = entries["key_low"][group]
+        rows = ordinal[group].astype(np.uint64) << np.uint64(32) | entries["index"][group].astype(np.uint64)
+        earlier = min(len(group), GROUP_CAP)
+        for block in range(1, len(group), GROUP_CAP):  # block x GROUP_CAP distances at a time
+            here = np.arange(block, min(block + GROUP_CAP, len(group)))
+            distance = np.bitwise_count(hashes[here, None] ^ hashes[None, :earlier])
+            close = (distance <= max_distance) & (rows[here, None] != rows[None, :earlier])
+            close &= here[:, None] > np.arange(earlier)[None, :]  # earlier in input order
+            for offset in np.flatnonzero(close.any(axis=1)):
+                first = int(np.argmax(close[offset]))
+                yield int(group[here[offset]]), int(group[first]), int(distance[offset, first])
 
 
 class FindDuplicates(beam.PTransform):
-    """(bucket, packed entries) -> (chunk, duplicates): every row whose hash an earlier row has."""
+    """(bucket, packed entries) -> (chunk, duplicates): every row whose hash an earlier row has
+    (or, for image band keys, a hash within `max_distance` bits of an earlier row's)."""
+
+    def __init__(self, max_distance: int = 0) -> None:
+        super().__init__()
+        self.max_distance = max_distance
 
     def expand(self, packed):
         return (
             packed
             | "Group" >> beam.GroupByKey()
-            | "LaterCopies" >> beam.FlatMap(later_copies)
+            | "LaterCopies" >> beam.FlatMap(later_copies, self.max_distance)
         )
 
 

@@ -33,7 +33,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from . import staging
 from .dedup import KEYS, HashPacker, duplicates_of, image_key
-from .neardup import reason_of
+from .neardup import IMAGE_NEAR, image_band_keys, reason_of
 from .fetch import Fetcher, FetchError, FetchResult, is_transient
 from .images import ImageReject, process_image
 from .inline import InlineImages
@@ -73,6 +73,7 @@ class RowProcessor:
         self.config = config
         self.fetcher = Fetcher(config.download)
         self.inline = InlineImages(config.download.max_bytes)
+        self.hashes = config.quality.near_duplicate_images is not None
 
     def fetch(self, record: dict[str, Any]) -> FetchResult | dict[str, Any]:
         """The body, or the finished (rejected) row. An image already in the input (a tar
@@ -88,7 +89,7 @@ class RowProcessor:
 
     def decode(self, record: dict[str, Any], result: FetchResult) -> dict[str, Any]:
         try:
-            image = process_image(result.data, self.config.image)
+            image = process_image(result.data, self.config.image, hashes=self.hashes)
         except ImageReject as error:
             if error.reason == "decode_error" and _looks_like_text(result.content_type):
                 return failed(record, "not_image", f"Content-Type {result.content_type}")
@@ -97,7 +98,8 @@ class RowProcessor:
             return _failed(record, error)
         return kept(record, image=image.data, image_format=image.format, width=image.width, height=image.height,
                     original_width=image.original_width, original_height=image.original_height,
-                    image_sha256=image.sha256)
+                    image_sha256=image.sha256, image_phash=image.phashes[0] if image.phashes else None,
+                    image_phashes=image.phashes)
 
 
 @dataclass
@@ -365,6 +367,7 @@ class DownloadChunkFn(beam.DoFn):
     def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:
         stored = 0
         packer = HashPacker(self.buckets)
+        near = HashPacker(self.buckets) if self.config.quality.near_duplicate_images is not None else None
         for index, row in enumerate(rows):
             if row.get("reason"):
                 continue
@@ -373,9 +376,14 @@ class DownloadChunkFn(beam.DoFn):
                 self.sample = self.sampler.add_input(self.sample, row["caption"])
             if row["kind"] != "text":
                 packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
+                if near is not None and row.get("image_phashes"):
+                    for band in image_band_keys(row["image_phashes"], row["kind"], row.get("caption")):
+                        near.add(band, index, row["id"])
         yield ChunkSummary(key, len(rows), stored)
         for bucket, packed in packer.items():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))
+        for bucket, packed in near.items() if near is not None else ():
+            yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, packed)))
 
 
 def _windowed(output: Any) -> Any:

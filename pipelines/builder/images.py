@@ -24,9 +24,11 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import simplejpeg
+from . import neardup
 from mmae.schemas.config import ImageConfig
 from PIL import Image, ImageOps
 
@@ -54,6 +56,8 @@ class ProcessedImage:
     original_width: int
     original_height: int
     sha256: str
+    # neardup.image_hashes of the stored pixels, when asked for; None for a flat image
+    phashes: Optional[list[int]] = None
 
 
 class DecodeBudget:
@@ -293,7 +297,8 @@ def _resize_pixels(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
     return np.asarray(_resize(Image.fromarray(pixels, "RGB"), config))
 
 
-def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfig) -> tuple[bytes, int, int]:
+def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfig,
+                        hashes: bool = False) -> tuple[bytes, int, int, Optional[list[int]]]:
     """The common case without Pillow: the header from libjpeg, pixels decoded straight into a
     numpy array at the DCT scale, cropped by slicing, encoded from the same array. The same
     pixels and bytes as the general path (Pillow's conversions to and from arrays are exact),
@@ -304,10 +309,12 @@ def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfi
     with DecodeBudget.for_config(config).reserve(decoded_bytes(*(scaled or (width, height)))):
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **minimum)
         pixels = _resize_pixels(pixels, config)
-    return _encode(pixels, config), pixels.shape[1], pixels.shape[0]
+        phashes = neardup.image_hashes(pixels) if hashes else None
+    return _encode(pixels, config), pixels.shape[1], pixels.shape[0], phashes
 
 
-def _process_with_pillow(data: bytes, config: ImageConfig) -> tuple[bytes, int, int, int, int]:
+def _process_with_pillow(data: bytes, config: ImageConfig,
+                         hashes: bool = False) -> tuple[bytes, int, int, int, int, Optional[list[int]]]:
     """Every other image: any format and mode Pillow reads, EXIF orientation applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -326,20 +333,22 @@ def _process_with_pillow(data: bytes, config: ImageConfig) -> tuple[bytes, int, 
                 image = _transpose(image, orientation)  # a copy: only when there is something to turn
             image = _flatten(image)
             image = _resize(image, config)
-        return _encode(image, config), image.width, image.height, original_width, original_height
+            phashes = neardup.image_hashes(image) if hashes else None
+        return _encode(image, config), image.width, image.height, original_width, original_height, phashes
 
 
-def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
-    """Raise ImageReject(reason) for anything that must not become a shard row."""
+def process_image(data: bytes, config: ImageConfig, hashes: bool = False) -> ProcessedImage:
+    """Raise ImageReject(reason) for anything that must not become a shard row. `hashes`: also
+    the perceptual hashes of the stored pixels (`neardup.image_hashes`)."""
     if not data:
         raise ImageReject("decode_error", "zero bytes")
     try:
         plain = _plain_jpeg_size(data)
         if plain is not None:
-            encoded, width, height = _process_plain_jpeg(data, *plain, config)
+            encoded, width, height, phashes = _process_plain_jpeg(data, *plain, config, hashes)
             original_width, original_height = plain
         else:
-            encoded, width, height, original_width, original_height = _process_with_pillow(data, config)
+            encoded, width, height, original_width, original_height, phashes = _process_with_pillow(data, config, hashes)
     except ImageReject:
         raise
     except Image.DecompressionBombError as error:
@@ -354,4 +363,5 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
         original_width=original_width,
         original_height=original_height,
         sha256=hashlib.sha256(encoded).hexdigest(),
+        phashes=phashes,
     )

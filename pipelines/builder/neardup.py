@@ -1,5 +1,7 @@
-"""Near-duplicate texts (`data.quality.near_duplicate_texts`): MinHash over word 3-grams, with
-LSH banding, so that finding them costs what exact dedup costs.
+"""Near-duplicates, found with LSH banding so that finding them costs what exact dedup costs.
+
+Texts (`data.quality.near_duplicate_texts`): MinHash over word 3-grams. Images
+(`data.quality.near_duplicate_images`): a perceptual hash and the Hamming distance, below.
 
 A text's signature is the minimum of `PERMUTATIONS` universal hashes over its word 3-gram set
 (the standard MinHash; two signatures agree in a position with probability = the sets' Jaccard
@@ -21,8 +23,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PERMUTATIONS = 128
 _PRIME = (1 << 31) - 1  # h -> (a h + b) mod p, a, b, h < p: products stay below 2^62
@@ -89,3 +95,70 @@ def band_keys(text: str, kind: str, threshold: float) -> list[bytes]:
 def reason_of(detail: str) -> str:
     """The reject reason of a dedup detail: near_duplicate for band matches, else duplicate."""
     return "near_duplicate" if detail.startswith(NEAR) else "duplicate"
+
+
+# --- Near-duplicate images (`data.quality.near_duplicate_images`) ---------------------------------
+#
+# A 64-bit DCT perceptual hash (pHash: the grey image at 32 x 32, its 8 x 8 lowest frequencies,
+# each bit = coefficient above their median) of the pixels as stored, so a copy re-encoded at
+# another quality or resized to another size is hashed from the same pixels. Written with numpy
+# (two 8 x 32 matrix products) rather than imagehash, which needs scipy and PyWavelets for the
+# same transform and could not give the mirrored hash from the same coefficients.
+#
+# Each image has IMAGE_VARIANTS hashes: the whole image and centre crops of CROPS of each side,
+# each also mirrored (a horizontal flip negates the odd horizontal frequencies). A copy cropped
+# by up to ~5% a side is then close to one of them. Every hash is cut into IMAGE_BANDS bands of
+# 16 bits; each band is one 16-byte key, (8-byte hash of the band, 8-byte hash itself), so the
+# rows that share a band are grouped by the same packing as exact dedup, and within a group
+# the hashes themselves are compared: a row within `near_duplicate_images` bits of an earlier
+# row of the same kind (and caption, for paired rows) is near_duplicate. Two hashes within 3
+# bits always share a band; within 8, they almost always do (docs/BENCHMARKS.md).
+
+THUMBNAIL = 32
+CROPS = (0.0, 0.025, 0.05)
+IMAGE_VARIANTS = 2 * len(CROPS)
+IMAGE_BANDS = 4
+FLAT_STD = 2.0  # grey levels: a flat image (one colour, a faint gradient) has no hash worth comparing
+IMAGE_NEAR = "near-duplicate image"  # Packed.what of image band keys
+_MIRROR = np.where(np.arange(8) % 2 == 1, -1.0, 1.0)[None, :]
+
+
+@functools.lru_cache(maxsize=1)
+def _dct() -> np.ndarray:
+    """The 8 lowest rows of the 32-point DCT-II matrix."""
+    return np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(THUMBNAIL)[None, :] + 1) / (2 * THUMBNAIL))
+
+
+def _bits(coefficients: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(coefficients.ravel() > np.median(coefficients)).tobytes(), "big")
+
+
+def image_hashes(image: "np.ndarray | Image.Image") -> list[int] | None:
+    """The IMAGE_VARIANTS 64-bit hashes of an RGB image (pixels or a Pillow image), in the order
+    (whole, whole mirrored, crop 2.5%, mirrored, crop 5%, mirrored); None for a flat image."""
+    from PIL import Image
+
+    grey = (Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image).convert("L")
+    width, height = grey.size
+    dct, hashes = _dct(), []
+    for crop in CROPS:
+        left, top = int(width * crop), int(height * crop)
+        box = (left, top, max(left + 1, width - left), max(top + 1, height - top))
+        pixels = np.asarray(grey.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX, box=box), dtype=np.float64)
+        if crop == 0.0 and pixels.std() < FLAT_STD:
+            return None
+        coefficients = dct @ pixels @ dct.T  # [vertical, horizontal frequency]
+        hashes += [_bits(coefficients), _bits(coefficients * _MIRROR)]
+    return hashes
+
+
+def image_band_keys(hashes: list[int], kind: str, caption: Optional[str]) -> list[bytes]:
+    """One key per (variant, band), without repeats: (8-byte band hash, 8-byte pHash)."""
+    keys: dict[bytes, None] = {}
+    group = f"near-image:{kind}:{caption if kind == 'paired' and caption is not None else ''}:"
+    for value in hashes:
+        for band in range(IMAGE_BANDS):
+            bits = (value >> (16 * band)) & 0xFFFF
+            keys[hashlib.blake2b(f"{group}{band}:{bits}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+                 + value.to_bytes(8, "big")] = None
+    return list(keys)

@@ -68,7 +68,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan,
     read = pipeline | "ReadChunks" >> ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
     duplicates = read[KEYS] | "DuplicateUrlsAndTexts" >> FindDuplicates()
     staged = read.chunks | "DownloadChunks" >> DownloadChunks(config, duplicates, plan.buckets, retry_transient)
-    image_duplicates = staged[KEYS] | "DuplicateImages" >> FindDuplicates()
+    image_duplicates = staged[KEYS] | "DuplicateImages" >> FindDuplicates(config.quality.near_duplicate_images or 0)
     model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
     written = staged.summaries | "WriteShards" >> WriteShards(config, image_duplicates, model)
     pipeline | "Finalize" >> Finalize(config, staged.summaries, written["shards"], written[REJECTS], model)

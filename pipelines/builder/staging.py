@@ -36,6 +36,8 @@ STAGING_SCHEMA = pa.schema(
         pa.field("key", pa.string()),
         pa.field("reason", pa.string()),  # null: the row succeeded
         pa.field("detail", pa.string()),
+        # neardup.image_hashes: every variant's hash, for the band keys (image_phash is the first)
+        pa.field("image_phashes", pa.list_(pa.uint64())),
     ]
 )
 META_COLUMNS = [name for name in STAGING_SCHEMA.names if name != "image"]

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from . import staging
 from .dedup import duplicates_of
+from .neardup import reason_of
 from .memory import release_freed_memory
 from .records import ChunkCount, ChunkKey, ChunkSummary, Piece, ShardKey, failed
 from .tokenizer import Tokenizer
@@ -234,7 +235,7 @@ class WriteRejectShardFn(beam.DoFn):
             first = len(rows) - len(indices)
             for offset, index in enumerate(indices):
                 if index in copies:  # a later copy of a stored image: a reject like any other
-                    rows[first + offset] = failed(rows[first + offset], "duplicate", copies[index])
+                    rows[first + offset] = failed(rows[first + offset], reason_of(copies[index]), copies[index])
         reasons: dict[str, dict[str, int]] = {}
         for row in rows:
             per_source = reasons.setdefault(row["source"], {})

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from .dataset import Dataset
 from mmae.schemas.manifest import Manifest, ManifestError, load_manifest_json
-from mmae.schemas.shard import KINDS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
+from mmae.schemas.shard import KINDS, OPTIONAL_COLUMNS, REJECT_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SHARD_SCHEMA
 from PIL import Image
 from pydantic import ValidationError
 
@@ -54,6 +54,8 @@ def _check_schema(where: str, schema: pa.Schema, expected: pa.Schema, report: Re
     ok = True
     for expected_field in expected:
         if expected_field.name not in schema.names:
+            if expected_field.name in OPTIONAL_COLUMNS:
+                continue
             report.add(where, f"missing column {expected_field.name!r}")
             ok = False
         elif not schema.field(expected_field.name).type.equals(expected_field.type):
