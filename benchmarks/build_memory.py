@@ -9,6 +9,7 @@ largest single process (getrusage) and the peak of the whole process tree's summ
 The tokenizer's training sample is such a constant (at most `tokenizer.sample_size` texts, 5,000
 here so that it is full at every size; `--sample-size 200000` measures the default).
 `--peer` adds img2dataset (same URLs, output size and resize mode) at each size, side by side.
+`--quality` turns every data.quality rule on (build_throughput.QUALITY_ON), near-duplicates included.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mmae.pipelines.demo.serve import WebBehaviour, serve_weblike  # noqa: E402
+
+from benchmarks.build_throughput import QUALITY_ON  # noqa: E402
 
 
 def make_images(folder: Path, count: int, side: int = 320, seed: int = 0) -> None:
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 80000])
     parser.add_argument("--output-size", type=int, default=256)
     parser.add_argument("--runners", nargs="+", default=["default", "2-process"], choices=["default", "2-process"])
+    parser.add_argument("--quality", action="store_true", help="every data.quality rule on (QUALITY_ON)")
     parser.add_argument("--peer", action="store_true", help="also measure img2dataset, 1 and 2 processes as the runners")
     parser.add_argument("--work", default=str(ROOT / "build" / "bench_memory"))
     parser.add_argument("--rows-per-shard", type=int, default=1000,
@@ -157,6 +161,7 @@ def main() -> None:
                     "image": {"size": args.output_size, "resize_mode": "center_crop"},
                     "tokenizer": {"sample_size": args.sample_size},
                     "shards": {"rows_per_shard": args.rows_per_shard},
+                    **({"quality": QUALITY_ON} if args.quality else {}),
                 }}))
                 command = [str(Path(sys.executable).parent / "mmae"), "build", "--config", str(config)]
                 if runner == "2-process":

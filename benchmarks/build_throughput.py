@@ -10,6 +10,8 @@ with the same mode, and write Parquet with the same number of processes. Two ser
 Both tools use a 3 s timeout and no retries. mmae also cleans and tokenizes captions (training
 a SentencePiece model), deduplicates, stages chunks for resume, and writes schema'd shards,
 rejects, a manifest and a report. Times are whole-command wall clock, startup included.
+`--quality` turns every data.quality rule on for mmae (`QUALITY_ON`: near-duplicate images and
+captions, file-name and boilerplate captions, length, repetition, letter share, language).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def make_images(folder: Path, count: int, side: int, seed: int = 0) -> list[dict
         image.save(folder / name, quality=90)
         rows.append({"url": name, "caption": f"a picture number {index} with {rng.randint(1, 9)} round shapes"})
     return rows
+
+
+# Every data.quality rule on, at the values the README documents (benchmarks/build_memory.py too).
+QUALITY_ON = {"near_duplicate_images": 8, "near_duplicate_texts": 0.7, "near_duplicate_captions": True,
+              "reject_file_names": True, "reject_boilerplate": True, "max_words": 200, "max_top_word_share": 0.5,
+              "max_repeated_trigram_share": 0.5, "min_alpha_share": 0.5, "languages": ["en"]}
 
 
 def run(command: list[str], log: Path) -> float:
@@ -123,6 +131,7 @@ def run_mmae(work: Path, bin_dir: Path, size: int, processes: int, args) -> tupl
                      "allowed_networks": ["127.0.0.1/32"]},
         "image": {"size": size, "resize_mode": "center_crop", "format": "jpeg", "quality": 90},
         "shards": {"rows_per_shard": 1000},
+        **({"quality": QUALITY_ON} if args.quality else {}),
     }}))
     beam_args = []
     if processes > 1:
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument("--quality", action="store_true", help="mmae with every data.quality rule on (QUALITY_ON)")
     parser.add_argument("--single", action="store_true", help="also time mmae's default one-process runner")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each tool per mode and size, alternating; the median time counts "
@@ -193,7 +203,8 @@ def main() -> None:
                       flush=True)
 
     print(f"\n{args.images} URLs, {args.side}px JPEGs -> center_crop, JPEG q90, {args.threads} threads, "
-          f"timeout {args.timeout}s, no retries, {args.processes} processes each, median of {args.repeats} runs")
+          f"timeout {args.timeout}s, no retries, {args.processes} processes each, median of {args.repeats} runs"
+          + (", mmae with every data.quality rule on" if args.quality else ""))
     print(f"{'server':<8} {'size':>5} {'i2d ok':>7} {'i2d s':>7} {'i2d img/s':>10} {'mmae ok':>8} {'mmae s':>7} "
           f"{'mmae img/s':>11} {'ratio':>6}" + ("  mmae 1-proc img/s (ratio)" if args.single else ""))
     for line in results:

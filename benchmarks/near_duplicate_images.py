@@ -130,6 +130,8 @@ def main() -> None:
     for image in pictures:
         originals.append(jpeg(image, 92))
         made.append(copies(image, draw))
+    if not originals:
+        sys.exit(f"no stored images in {args.originals}/paired or /image")
     args.count = len(originals)
     print(f"{args.count} originals, {args.count * 6} copies made in {time.perf_counter() - started:.0f} s")
 
