@@ -29,7 +29,7 @@ def _config(config: Optional[str], overrides: Optional[Sequence[str]]):
 # The commands' errors name their flags; from Python the same advice names the parameters.
 _PYTHON_WORDS = (("pass --overwrite", "pass overwrite=True"), ("rebuild with --overwrite", "rebuild with overwrite=True"),
                  ("rerun with --overwrite", "rerun with overwrite=True"), ("--retry-transient", "retry_transient=True"),
-                 ("--overwrite", "overwrite=True"), ("--set ", "overrides: "), ("--allow-mismatch", "allow_mismatch=True"))
+                 ("--overwrite", "overwrite=True"), ("--append", "append=True"), ("--set ", "overrides: "), ("--allow-mismatch", "allow_mismatch=True"))
 
 
 def _in_python(error: Exception) -> Exception:
@@ -45,15 +45,16 @@ def _in_python(error: Exception) -> Exception:
 
 def build(config: Optional[str] = "pipeline.yaml", overrides: Optional[Sequence[str]] = None,
           beam_args: Optional[Sequence[str]] = None, overwrite: bool = False,
-          retry_transient: bool = False) -> dict[str, Any]:
+          retry_transient: bool = False, append: bool = False) -> dict[str, Any]:
     """Build (or resume building) the dataset of the config's `data:` section; the build report.
-    `overwrite`: replace a finished build; `retry_transient`: fetch its transient failures again."""
+    `overwrite`: replace a finished build; `retry_transient`: fetch its transient failures again;
+    `append`: add only what is new in the sources to a finished build."""
     from mmae.pipelines.builder.pipeline import BuildError, run
     from mmae.schemas.config import ConfigError
 
     try:
         return run(_config(config, overrides), list(beam_args or []), overwrite=overwrite,
-                   retry_transient=retry_transient)
+                   retry_transient=retry_transient, append=append)
     except (BuildError, ConfigError) as error:
         raise _in_python(error) from None
 

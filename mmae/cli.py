@@ -2,7 +2,7 @@
 is instant and the data side never imports torch.
 
     mmae demo-data OUT_DIR                       write the synthetic demo corpus
-    mmae build [--config F] [--set k=v]... [--overwrite | --retry-transient] [-- BEAM_OPTIONS...]
+    mmae build [--config F] [--set k=v]... [--overwrite | --retry-transient | --append] [-- BEAM_OPTIONS...]
     mmae demo [--out build/demo]                 corpus -> loopback HTTP -> build -> report
     mmae stats DATASET [--json] [--html F] [--samples N]
     mmae validate DATASET [--no-decode]
@@ -85,7 +85,8 @@ def _cmd_build(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     try:
         config = load_config(args.config, args.set)
-        report = run(config, beam_args, overwrite=args.overwrite, retry_transient=args.retry_transient)
+        report = run(config, beam_args, overwrite=args.overwrite, retry_transient=args.retry_transient,
+                     append=args.append)
     except (ConfigError, BuildError) as error:
         print(f"mmae build: error: {error}", file=sys.stderr)
         return 2
@@ -305,6 +306,10 @@ def _data_commands(commands) -> None:
     build.add_argument("--retry-transient", action="store_true",
                        help="on a finished build: fetch again only its timeouts, connection errors, 5xx and 429, "
                        "and rewrite the shards with the new successes")
+    build.add_argument("--append", action="store_true",
+                       help="on a finished build: read and fetch only what is new in the sources (new sources, new "
+                       "files, rows added at the end of .jsonl/.txt/.csv/.tsv files), dedup it against the dataset, "
+                       "and add it as new shards; old shards stay as they are")
 
     demo = commands.add_parser("demo", help="generate the demo corpus, serve it on loopback HTTP, build, inspect "
                                "and train on it")

@@ -5,7 +5,7 @@ marks a finished build)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from .records import ChunkSummary
@@ -69,8 +69,10 @@ def build_report(config: DataConfig, read: dict[str, int], shards: list[dict], r
 
 
 class FinalizeFn(beam.DoFn):
-    def __init__(self, config: DataConfig) -> None:
+    def __init__(self, config: DataConfig, inputs: Optional[dict[str, Any]] = None, allow_empty: bool = False) -> None:
         self.config = config
+        self.inputs = inputs or {}
+        self.allow_empty = allow_empty  # `--append`: additions that were all rejected still finish
 
     def process(self, _, shards, reject_shards, read_counts, model) -> Iterator[dict[str, Any]]:
         shards = sorted(shards, key=lambda entry: entry["path"])
@@ -87,7 +89,7 @@ class FinalizeFn(beam.DoFn):
                 "special_ids": special_ids(model),
             }
         write_json(join(self.config.output, "build_report.json"), report)
-        if report["balanced"] and sum(report["written"].values()) > 0:
+        if report["balanced"] and (sum(report["written"].values()) > 0 or self.allow_empty):
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "rows": report["written"],
@@ -97,6 +99,8 @@ class FinalizeFn(beam.DoFn):
                 "tokenizer": tokenizer,
                 "sources": {source.name: source.kind for source in self.config.sources},
                 "config": self.config.model_dump(mode="json"),
+                # What was read, file by file (size, sha256, last row): what `--append` compares.
+                "inputs": self.inputs,
             }
             write_json(join(self.config.output, "manifest.json"), manifest)
         yield report
@@ -105,9 +109,10 @@ class FinalizeFn(beam.DoFn):
 class Finalize(beam.PTransform):
     """Chunk summaries (rows read), shard and rejects entries (rows written and rejected), model."""
 
-    def __init__(self, config: DataConfig, summaries, shards, reject_shards, model) -> None:
+    def __init__(self, config: DataConfig, summaries, shards, reject_shards, model,
+                 inputs: Optional[dict[str, Any]] = None, allow_empty: bool = False) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.inputs, self.allow_empty = config, inputs, allow_empty
         self.summaries, self.shards, self.reject_shards, self.model = summaries, shards, reject_shards, model
 
     def expand(self, pipeline):
@@ -120,7 +125,7 @@ class Finalize(beam.PTransform):
             pipeline
             | "Once" >> beam.Create([None])
             | "Finalize" >> beam.ParDo(
-                FinalizeFn(self.config),
+                FinalizeFn(self.config, self.inputs, self.allow_empty),
                 beam.pvalue.AsList(self.shards),
                 beam.pvalue.AsList(self.reject_shards),
                 beam.pvalue.AsList(read_counts),

@@ -35,6 +35,8 @@ from typing import Any, Optional
 import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
+from . import append as appending
+from .append import ExistingKeys
 from .dedup import KEYS, FindDuplicates
 from .download import CAPTIONS, DownloadChunks
 from .finalize import Finalize
@@ -64,14 +66,26 @@ log = logging.getLogger("mmae.build")
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: DataConfig, plan: BuildPlan, given_model: Optional[bytes],
-                   retry_transient: bool = False) -> None:
+                   retry_transient: bool = False, inputs: Optional[dict[str, Any]] = None,
+                   existing: Optional[tuple[str, dict[str, Any]]] = None) -> None:
+    """`existing`: (dataset folder, manifest) whose rows come first in every dedup group
+    (`mmae build --append`)."""
     read = pipeline | "ReadChunks" >> ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
-    duplicates = read[KEYS] | "DuplicateUrlsAndTexts" >> FindDuplicates()
+    read_keys, image_keys = read[KEYS], None
+    if existing is not None:
+        old = pipeline | "ExistingKeys" >> ExistingKeys(config, *existing, plan.buckets)
+        read_keys = (read[KEYS], old.read) | "WithExistingRows" >> beam.Flatten()
+        image_keys = old.image
+    duplicates = read_keys | "DuplicateUrlsAndTexts" >> FindDuplicates()
     staged = read.chunks | "DownloadChunks" >> DownloadChunks(config, duplicates, plan.buckets, retry_transient)
-    image_duplicates = staged[KEYS] | "DuplicateImages" >> FindDuplicates(config.quality.near_duplicate_images or 0)
+    if image_keys is not None:
+        image_keys = (staged[KEYS], image_keys) | "WithExistingImages" >> beam.Flatten()
+    image_duplicates = ((image_keys if image_keys is not None else staged[KEYS])
+                        | "DuplicateImages" >> FindDuplicates(config.quality.near_duplicate_images or 0))
     model = staged[CAPTIONS] | "Tokenizer" >> TrainTokenizer(config.tokenizer, given_model)
     written = staged.summaries | "WriteShards" >> WriteShards(config, image_duplicates, model)
-    pipeline | "Finalize" >> Finalize(config, staged.summaries, written["shards"], written[REJECTS], model)
+    pipeline | "Finalize" >> Finalize(config, staged.summaries, written["shards"], written[REJECTS], model,
+                                      inputs, allow_empty=existing is not None)
 
 
 def _load_tokenizer(data: DataConfig) -> Optional[bytes]:
@@ -127,11 +141,19 @@ def _empty_build_message(report: dict[str, Any]) -> str:
 
 
 def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = False,
-        retry_transient: bool = False) -> dict[str, Any]:
-    """Plan, run (or resume) the pipeline, and return the build report (with timing)."""
+        retry_transient: bool = False, append: bool = False) -> dict[str, Any]:
+    """Plan, run (or resume) the pipeline, and return the build report (with timing).
+    `append`: add what is new in the sources to the finished build (`append`)."""
     data = config.data
     if data is None:
         raise BuildError("the config has no data: section (sources, output, ...) to build")
+    if append:
+        if overwrite or retry_transient:
+            raise BuildError("--append adds to a finished build; it does not go with --overwrite or --retry-transient")
+        return _append(data, beam_args)
+    if retry_transient and appending.has_appends(data):
+        raise BuildError(f"{data.output} has had rows appended; --retry-transient redoes a build from its staging, "
+                         "which holds only the first build's rows: rebuild with --overwrite to retry them all")
     try:
         plan = make_plan(data, log)
     except SourceError as error:
@@ -141,7 +163,7 @@ def run(config: Config, beam_args: list[str] | None = None, overwrite: bool = Fa
     given_model = _load_tokenizer(data)
     mode = prepare_output(data, overwrite=overwrite, retry_transient=retry_transient)
     try:
-        report = _run_pipeline(data, plan, given_model, mode, beam_args)
+        report = _run_pipeline(data, plan, given_model, mode, beam_args, appending.describe_inputs(data, plan))
     except BaseException as error:
         if restore_previous(data):
             log.warning("the build failed; the build it was replacing is back in %s", data.output)
@@ -169,8 +191,34 @@ def _disk_full(error: BaseException) -> Optional[str]:
     return None
 
 
+def _append(data: DataConfig, beam_args: list[str] | None) -> dict[str, Any]:
+    """`--append`: build what is new into OUT/.append (resumable like any build), then merge."""
+    started = time.monotonic()
+    if appending.pending_merge(data):  # an earlier --append was killed while merging: finish it
+        log.info("finishing the interrupted append into %s", data.output)
+        return appending.merge(data, None)
+    wanted = appending.plan_append(data)
+    increment = appending.increment_config(data, wanted)
+    try:
+        plan = make_plan(increment, log, append=wanted)
+    except SourceError as error:
+        raise BuildError(str(error)) from None
+    if not plan.files:
+        raise BuildError(f"--append: nothing to add to {data.output}: every source file is as it was built")
+    log.info("appending to %s (%s rows there): %s new input rows", data.output, f"{wanted.existing_rows:,}",
+             f"{plan.total_rows:,}")
+    mode = prepare_output(increment)
+    _run_pipeline(increment, plan, _load_tokenizer(increment), mode, beam_args,
+                  appending.describe_inputs(increment, plan), existing=(data.output, wanted.old))
+    report = appending.merge(data, wanted)
+    report["mode"] = "append"
+    report["wall_time_s"] = round(time.monotonic() - started, 3)
+    return report
+
+
 def _run_pipeline(data: DataConfig, plan: BuildPlan, given_model: Optional[bytes], mode: Mode,
-                  beam_args: list[str] | None) -> dict[str, Any]:
+                  beam_args: list[str] | None, inputs: Optional[dict[str, Any]] = None,
+                  existing: Optional[tuple[str, dict[str, Any]]] = None) -> dict[str, Any]:
     log.info("building %s (%s): %s input rows in %s chunks of %s rows from %d file(s)", data.output, mode.value,
              f"{plan.total_rows:,}", f"{plan.total_chunks:,}", f"{data.chunk_rows:,}", len(plan.files))
 
@@ -178,7 +226,8 @@ def _run_pipeline(data: DataConfig, plan: BuildPlan, given_model: Optional[bytes
     started = time.monotonic()
     with ProgressMonitor(data, plan) as progress:
         with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, data, plan, given_model, retry_transient=mode is Mode.RETRY)
+            build_pipeline(pipeline, data, plan, given_model, retry_transient=mode is Mode.RETRY, inputs=inputs,
+                           existing=existing)
         log.info(progress.line())
     wall = time.monotonic() - started
 
@@ -187,7 +236,7 @@ def _run_pipeline(data: DataConfig, plan: BuildPlan, given_model: Optional[bytes
         report = json.load(handle)
     if report["problems"]:
         raise BuildError("rows were lost: " + "; ".join(report["problems"]))
-    if sum(report["written"].values()) == 0:
+    if sum(report["written"].values()) == 0 and existing is None:
         raise BuildError(_empty_build_message(report))
     with fsspec.open(join(data.output, "manifest.json"), "r") as handle:
         _remove_stale_files(data, json.load(handle))

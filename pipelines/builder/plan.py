@@ -46,6 +46,7 @@ class PlannedFile:
     number: int  # position among its source's files
     file: SourceFile
     rows: int  # input rows (non-blank lines of a text table); image files count 1
+    skip: int = 0  # `--append`: rows numbered up to this are in the dataset already
 
 
 @dataclass
@@ -53,6 +54,7 @@ class BuildPlan:
     files: list[PlannedFile]
     chunk_rows: int
     chunk_input_rows: dict[ChunkKey, int] = field(default_factory=dict)
+    existing_rows: int = 0  # `--append`: the dataset's rows, whose dedup keys join the groups
 
     @property
     def total_rows(self) -> int:
@@ -65,7 +67,7 @@ class BuildPlan:
     @property
     def buckets(self) -> int:
         """How many groups the dedup hashes are spread over (~ROWS_PER_BUCKET rows each)."""
-        return max(1, math.ceil(self.total_rows / ROWS_PER_BUCKET))
+        return max(1, math.ceil((self.total_rows + self.existing_rows) / ROWS_PER_BUCKET))
 
     def units(self) -> list[ReadUnit]:
         """What the pipeline's reader is given: one unit per table file, one per chunk of an
@@ -78,7 +80,7 @@ class BuildPlan:
             else:
                 unit = units.setdefault(("table", planned.source_index, planned.number),
                                         ReadUnit(planned.source_index, []))
-            unit.files.append(FileRef(planned.number, planned.file))
+            unit.files.append(FileRef(planned.number, planned.file, planned.skip))
         return list(units.values())
 
 
@@ -99,18 +101,27 @@ def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int, c
     return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))]
 
 
-def make_plan(config: DataConfig, log=None) -> BuildPlan:
-    """Expand every source (SourceError names the problem) and count its rows into chunks."""
-    plan = BuildPlan(files=[], chunk_rows=config.chunk_rows)
+def make_plan(config: DataConfig, log=None, append=None) -> BuildPlan:
+    """Expand every source (SourceError names the problem) and count its rows into chunks.
+    `append` (`append.AppendPlan`): only the files it wants, from the row after the old ones."""
+    plan = BuildPlan(files=[], chunk_rows=config.chunk_rows, existing_rows=append.existing_rows if append else 0)
     for source_index, source in enumerate(config.sources):
         source_files = expand_source(source)
         columns = required_columns(source)
         for number, source_file in enumerate(source_files):
+            if append is not None and not append.wants(source_index, source_file.relative):
+                continue
+            skip = append.skip(source_index, source_file.relative) if append is not None else 0
             try:
                 counts = chunk_counts(source_file, columns, config.chunk_rows, row_cap(config, source))
             except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException, tarfile.TarError) as error:
                 raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
-            plan.files.append(PlannedFile(source_index, number, source_file, sum(counts)))
+            if skip:  # the rows before are the dataset's (their count is exact when rows are lines)
+                whole, counts = skip // config.chunk_rows, list(counts)
+                counts[:whole] = [0] * min(whole, len(counts))
+                if whole < len(counts):
+                    counts[whole] = max(0, counts[whole] - skip % config.chunk_rows)
+            plan.files.append(PlannedFile(source_index, number, source_file, sum(counts), skip))
             if source_file.format == "image":
                 key = chunk_of(record_order(source_index, number, source_file, ""), config.chunk_rows)
                 plan.chunk_input_rows[key] = plan.chunk_input_rows.get(key, 0) + 1

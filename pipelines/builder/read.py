@@ -72,14 +72,16 @@ class ReadChunksFn(beam.DoFn):
         source = self.config.sources[unit.source]
         current: Optional[ChunkKey] = None
         records: list[dict[str, Any]] = []
-        for file_number, source_file in unit.files:
+        for file_number, source_file, skip in unit.files:
             last_row = 0
             for record in read_source_file(source, source_file, row_cap(self.config, source)):
-                self.rows_read.inc()
                 order = record_order(unit.source, file_number, source_file, record["key"])
                 if order.row <= last_row:  # rows without a number in their key (tar samples) follow the one before
                     order = Order(order.source, order.file, last_row + 1)
                 last_row = order.row
+                if order.row <= skip:  # `--append`: a row the dataset has already
+                    continue
+                self.rows_read.inc()
                 field = _unencodable(record)
                 if field is not None:
                     safe = {**record, "url": (record.get("url") or "").encode("utf-8", "replace").decode() or None}

@@ -36,6 +36,7 @@ class ChunkKey(NamedTuple):
 class FileRef(NamedTuple):
     number: int  # among its source's files
     file: Any  # sources.SourceFile
+    skip: int = 0  # rows numbered up to this are already in the dataset (`mmae build --append`)
 
 
 class ReadUnit(NamedTuple):

@@ -36,7 +36,7 @@ JOURNAL = "journal.json"
 KIND_FOLDERS = ("paired", "image", "text", "rejects")
 BUILD_FILES = ("build_report.json", "tokenizer.model")  # beside the manifest
 # Names an mmae build gives the files it writes in the kind folders (shards and their temporaries).
-_SHARD = re.compile(r"^part-\d{5}-of-\d{5}\.parquet$")
+_SHARD = re.compile(r"^part-(a\d{3}-)?\d{5}-of-\d{5}\.parquet$")  # a001-: added by `--append` number 1
 _TEMPORARY = re.compile(r"^\.tmp-[0-9a-f]{32}-")
 
 

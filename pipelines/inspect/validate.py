@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -149,6 +150,16 @@ def _check_file(dataset: Dataset, entry: dict[str, Any], vocab_size: Optional[in
     report.shards += 1
 
 
+def _merging(fs, base: str) -> set[str]:
+    """Shards an interrupted `mmae build --append` has moved in but not yet listed (rerunning it
+    lists them): the dataset is still the one its manifest describes."""
+    journal = posixpath.join(base, ".append", "merge.json")
+    try:
+        return {target for _, target in json.loads(fs.cat_file(journal))["renames"]} if fs.exists(journal) else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def validate(root: str, decode_images: bool = True) -> Report:
     report = Report()
     try:
@@ -195,7 +206,7 @@ def validate(root: str, decode_images: bool = True) -> Report:
         listed = sum(entry.rows for entry in manifest.shards if entry.kind == kind)
         if manifest.rows.get(kind, 0) != listed:
             report.add("manifest.json", f"rows.{kind} is {manifest.rows.get(kind, 0)}, its {kind} shards hold {listed}")
-    listed_paths = {entry["path"] for entry in entries}
+    listed_paths = {entry["path"] for entry in entries} | _merging(fs, base)
     for folder in (*KINDS, "rejects"):
         folder_path = posixpath.join(base, folder)
         if not fs.exists(folder_path):
