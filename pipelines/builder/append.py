@@ -221,6 +221,7 @@ class ExistingKeysFn(beam.DoFn):
         read = {what: HashPacker(self.buckets) for what in ("url", "text", neardup.NEAR)}
         stored = {what: HashPacker(self.buckets) for what in ("image", neardup.IMAGE_NEAR)}
         rows = table.to_pylist()
+        hashes = self._image_hashes(rows)
         for index, row in enumerate(rows):
             kind = entry["kind"]
             if kind == "text":
@@ -235,17 +236,27 @@ class ExistingKeysFn(beam.DoFn):
                     read[neardup.NEAR].add(band, index, row["id"])
             if kind != "text":
                 stored["image"].add(image_key(kind, row["image_sha256"], row.get("caption")), index, row["id"])
-                if row.get("image") is not None:
-                    from PIL import Image
-
-                    with Image.open(io.BytesIO(row["image"])) as image:
-                        hashes = neardup.image_hashes(image.convert("RGB"))
-                    for band in neardup.image_band_keys(hashes or [], kind, row.get("caption")):
-                        stored[neardup.IMAGE_NEAR].add(band, index, row["id"])
+                for band in neardup.image_band_keys(hashes.get(index) or [], kind, row.get("caption")):
+                    stored[neardup.IMAGE_NEAR].add(band, index, row["id"])
         for tag, packers in (("read", read), ("image", stored)):
             for what, packer in packers.items():
                 for bucket, packed in packer.items():
                     yield beam.pvalue.TaggedOutput(tag, (bucket, Packed(chunk, what, packed)))
+
+
+    @staticmethod
+    def _image_hashes(rows: list[dict[str, Any]]) -> dict[int, Optional[list[int]]]:
+        """Perceptual hashes of the stored images (decoded again: shards keep only the first), one
+        batch per file."""
+        from PIL import Image
+
+        indices, thumbnails = [], []
+        for index, row in enumerate(rows):
+            if row.get("image") is not None:
+                with Image.open(io.BytesIO(row["image"])) as image:
+                    thumbnails.append(neardup.grey_thumbnail(image.convert("RGB")))
+                indices.append(index)
+        return dict(zip(indices, neardup.hashes_of_thumbnails(thumbnails)))
 
 
 class ExistingKeys(beam.PTransform):

@@ -33,7 +33,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from . import staging
 from .dedup import KEYS, HashPacker, duplicates_of, image_key
-from .neardup import IMAGE_NEAR, image_band_keys, reason_of
+from .neardup import IMAGE_NEAR, hashes_of_thumbnails, image_band_keys, reason_of
 from .fetch import Fetcher, FetchError, FetchResult, is_transient
 from .images import ImageReject, process_image
 from .inline import InlineImages
@@ -98,8 +98,7 @@ class RowProcessor:
             return _failed(record, error)
         return kept(record, image=image.data, image_format=image.format, width=image.width, height=image.height,
                     original_width=image.original_width, original_height=image.original_height,
-                    image_sha256=image.sha256, image_phash=image.phashes[0] if image.phashes else None,
-                    image_phashes=image.phashes)
+                    image_sha256=image.sha256, image_thumbnail=image.thumbnail)
 
 
 @dataclass
@@ -304,6 +303,7 @@ class DownloadChunkFn(beam.DoFn):
 
     @staticmethod
     def _save(chunk: _OpenChunk) -> None:
+        _hash_images(chunk.rows[index] for index in chunk.unsaved)
         table = staging.part_table((index, chunk.rows[index]) for index in chunk.unsaved)
         part = staging.part_url(chunk.url, len(chunk.parts))
         staging.write_part(part, table, chunk.digest)
@@ -360,6 +360,7 @@ class DownloadChunkFn(beam.DoFn):
         self.fetched.inc()
         if chunk.remaining == 0:
             del self.window.open_chunks[chunk.key]
+            _hash_images(chunk.rows[index] for index in chunk.unsaved)
             tables = chunk.tables + [staging.part_table((index, chunk.rows[index]) for index in chunk.unsaved)]
             self._commit(chunk.url, tables, len(chunk.rows), chunk.digest, chunk.parts)
             yield from self._outputs(chunk.key, chunk.rows)
@@ -384,6 +385,16 @@ class DownloadChunkFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))
         for bucket, packed in near.items() if near is not None else ():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, packed)))
+
+
+def _hash_images(rows: Iterator[dict[str, Any]]) -> None:
+    """The perceptual hashes of rows decoded since the last save, as one batch (numpy over all
+    of them at once, in this thread, instead of per image in the decoding threads, where small
+    numpy calls would hold the GIL); their grey thumbnails go once hashed."""
+    waiting = [row for row in rows if row.get("image_thumbnail") is not None]
+    thumbnails = [row.pop("image_thumbnail") for row in waiting]
+    for row, hashes in zip(waiting, hashes_of_thumbnails(thumbnails)):
+        row["image_phashes"], row["image_phash"] = hashes, hashes[0] if hashes else None
 
 
 def _windowed(output: Any) -> Any:

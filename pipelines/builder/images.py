@@ -56,8 +56,13 @@ class ProcessedImage:
     original_width: int
     original_height: int
     sha256: str
-    # neardup.image_hashes of the stored pixels, when asked for; None for a flat image
-    phashes: Optional[list[int]] = None
+    # neardup.grey_thumbnail of the stored pixels, when asked for: what its hashes are made of
+    thumbnail: Optional[bytes] = None
+
+    @property
+    def phashes(self) -> Optional[list[int]]:
+        """neardup.image_hashes of the stored pixels (None: not asked for, or a flat image)."""
+        return neardup.hashes_of_thumbnails([self.thumbnail])[0] if self.thumbnail is not None else None
 
 
 class DecodeBudget:
@@ -298,7 +303,7 @@ def _resize_pixels(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
 
 
 def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfig,
-                        hashes: bool = False) -> tuple[bytes, int, int, Optional[list[int]]]:
+                        hashes: bool = False) -> tuple[bytes, int, int, Optional[bytes]]:
     """The common case without Pillow: the header from libjpeg, pixels decoded straight into a
     numpy array at the DCT scale, cropped by slicing, encoded from the same array. The same
     pixels and bytes as the general path (Pillow's conversions to and from arrays are exact),
@@ -309,12 +314,12 @@ def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfi
     with DecodeBudget.for_config(config).reserve(decoded_bytes(*(scaled or (width, height)))):
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **minimum)
         pixels = _resize_pixels(pixels, config)
-        phashes = neardup.image_hashes(pixels) if hashes else None
-    return _encode(pixels, config), pixels.shape[1], pixels.shape[0], phashes
+        thumbnail = neardup.grey_thumbnail(pixels) if hashes else None
+    return _encode(pixels, config), pixels.shape[1], pixels.shape[0], thumbnail
 
 
 def _process_with_pillow(data: bytes, config: ImageConfig,
-                         hashes: bool = False) -> tuple[bytes, int, int, int, int, Optional[list[int]]]:
+                         hashes: bool = False) -> tuple[bytes, int, int, int, int, Optional[bytes]]:
     """Every other image: any format and mode Pillow reads, EXIF orientation applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -333,22 +338,22 @@ def _process_with_pillow(data: bytes, config: ImageConfig,
                 image = _transpose(image, orientation)  # a copy: only when there is something to turn
             image = _flatten(image)
             image = _resize(image, config)
-            phashes = neardup.image_hashes(image) if hashes else None
-        return _encode(image, config), image.width, image.height, original_width, original_height, phashes
+            thumbnail = neardup.grey_thumbnail(image) if hashes else None
+        return _encode(image, config), image.width, image.height, original_width, original_height, thumbnail
 
 
 def process_image(data: bytes, config: ImageConfig, hashes: bool = False) -> ProcessedImage:
     """Raise ImageReject(reason) for anything that must not become a shard row. `hashes`: also
-    the perceptual hashes of the stored pixels (`neardup.image_hashes`)."""
+    the grey thumbnail of the stored pixels that their perceptual hashes are made from."""
     if not data:
         raise ImageReject("decode_error", "zero bytes")
     try:
         plain = _plain_jpeg_size(data)
         if plain is not None:
-            encoded, width, height, phashes = _process_plain_jpeg(data, *plain, config, hashes)
+            encoded, width, height, thumbnail = _process_plain_jpeg(data, *plain, config, hashes)
             original_width, original_height = plain
         else:
-            encoded, width, height, original_width, original_height, phashes = _process_with_pillow(data, config, hashes)
+            encoded, width, height, original_width, original_height, thumbnail = _process_with_pillow(data, config, hashes)
     except ImageReject:
         raise
     except Image.DecompressionBombError as error:
@@ -363,5 +368,5 @@ def process_image(data: bytes, config: ImageConfig, hashes: bool = False) -> Pro
         original_width=original_width,
         original_height=original_height,
         sha256=hashlib.sha256(encoded).hexdigest(),
-        phashes=phashes,
+        thumbnail=thumbnail,
     )
