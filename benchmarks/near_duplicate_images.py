@@ -108,8 +108,7 @@ def rejected(hashes: list[list[int] | None], distance: int) -> dict[int, str]:
     ids = [f"{number:020x}" for number in range(len(hashes))]
     for number, found in enumerate(hashes):
         if found is not None:
-            for key in neardup.image_band_keys(found, "image", None):
-                packer.add(key, number, ids[number])
+            packer.add_keys(*neardup.image_band_keys(found, "image", None), number, ids[number])
     packs = [Packed(ChunkKey(0, 0, 0), neardup.IMAGE_NEAR, packed) for _, packed in packer.items()]
     return {index: detail for _, found in later_copies((0, packs), distance) for index, detail in found}
 
@@ -158,7 +157,7 @@ def main() -> None:
     print(f"{'all but watermark':<16}{found_all:>8}{total_all:>7}{found_all / total_all:>9.1%}")
     print(f"\nfalse positives: {len(wrong)} of {args.count} different originals rejected ({len(wrong) / args.count:.2%})")
     print(f"hashing: {per_image_ms:.2f} ms per image (decode + store + 6 hashes), "
-          f"{len(neardup.image_band_keys(original_hashes[0] or [0] * 6, 'image', None))} band keys of 30 bytes")
+          f"{len(neardup.image_band_keys(original_hashes[0] or [0] * 6, 'image', None)[0])} band keys of 30 bytes")
 
 
 if __name__ == "__main__":

@@ -197,8 +197,7 @@ def test_find_duplicates_compares_image_hashes_within_a_band_group():
     for chunk, rows in ((0, [(original, ids[0]), (far, ids[1])]), (1, [(close, ids[2]), (original, ids[3])])):
         packer = HashPacker(1)
         for index, (hashes, row_id) in enumerate(rows):
-            for key in neardup.image_band_keys(hashes, "image", None):
-                packer.add(key, index, row_id)
+            packer.add_keys(*neardup.image_band_keys(hashes, "image", None), index, row_id)
         elements += [(bucket, Packed(ChunkKey(0, 0, chunk), neardup.IMAGE_NEAR, packed)) for bucket, packed in packer.items()]
     with TestPipeline() as pipeline:
         found = pipeline | beam.Create(elements) | FindDuplicates(max_distance=8)

@@ -236,8 +236,9 @@ class ExistingKeysFn(beam.DoFn):
                     read[neardup.NEAR].add(band, index, row["id"])
             if kind != "text":
                 stored["image"].add(image_key(kind, row["image_sha256"], row.get("caption")), index, row["id"])
-                for band in neardup.image_band_keys(hashes.get(index) or [], kind, row.get("caption")):
-                    stored[neardup.IMAGE_NEAR].add(band, index, row["id"])
+                if hashes.get(index):
+                    stored[neardup.IMAGE_NEAR].add_keys(*neardup.image_band_keys(hashes[index], kind, row.get("caption")),
+                                                        index, row["id"])
         for tag, packers in (("read", read), ("image", stored)):
             for what, packer in packers.items():
                 for bucket, packed in packer.items():

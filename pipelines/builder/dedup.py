@@ -61,6 +61,16 @@ class HashPacker:
         bucket = int.from_bytes(key[:8], "little") % self.buckets
         self.parts.setdefault(bucket, bytearray()).extend(ENTRY.pack(key, index, bytes.fromhex(row_id)))
 
+    def add_keys(self, high: np.ndarray, low: np.ndarray, index: int, row_id: str) -> None:
+        """Many keys of one row at once, as two uint64 arrays (the key's first and last 8 bytes,
+        big-endian), bucketed as `add` buckets them."""
+        entries = np.zeros(len(high), ENTRY_DTYPE)
+        entries["key_high"], entries["key_low"], entries["index"] = high, low, index
+        entries["id"] = np.frombuffer(bytes.fromhex(row_id), "V10")[0]
+        buckets = high.byteswap() % np.uint64(self.buckets)  # the first 8 bytes read little-endian, as in add
+        for bucket in np.unique(buckets):
+            self.parts.setdefault(int(bucket), bytearray()).extend(entries[buckets == bucket].tobytes())
+
     def items(self) -> Iterator[tuple[int, bytes]]:
         for bucket in sorted(self.parts):
             yield bucket, bytes(self.parts[bucket])
@@ -116,34 +126,43 @@ def _exact_matches(entries: np.ndarray, ordinal: np.ndarray, among: np.ndarray) 
         yield int(order[position]), int(first[position])
 
 
-# At most this many earlier rows of one band group are compared with a row: a group that large
+# A row is compared with at most this many rows before it in its band group: a group that large
 # (a band value shared by that many images) costs GROUP_CAP comparisons per row, not its size.
 GROUP_CAP = 4096
 
 
 def _close_hashes(entries: np.ndarray, ordinal: np.ndarray, among: np.ndarray,
                   max_distance: int) -> Iterator[tuple[int, int, int]]:
-    """(entry, the first earlier entry of another row in its band group whose hash is within
-    `max_distance` bits, the distance) for every entry that has one."""
+    """(entry, the closest earlier entry of another row in its band group whose hash is within
+    `max_distance` bits (of equally close ones, the first), the distance) for every entry that
+    has one. Vectorised over all groups at once: pass k compares every entry with the entry k
+    places before it in its group, for k up to the largest group (at most GROUP_CAP)."""
     if len(among) < 2:
         return
     order = among[np.lexsort((entries["index"][among], ordinal[among], entries["key_high"][among]))]
-    high = entries["key_high"][order]
+    high, low = entries["key_high"][order], entries["key_low"][order]
+    rows = ordinal[order].astype(np.uint64) << np.uint64(32) | entries["index"][order].astype(np.uint64)
     starts = np.flatnonzero(np.r_[True, high[1:] != high[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-        group = order[start:end]
-        hashes = entries["key_low"][group]
-        rows = ordinal[group].astype(np.uint64) << np.uint64(32) | entries["index"][group].astype(np.uint64)
-        earlier = min(len(group), GROUP_CAP)
-        for block in range(1, len(group), GROUP_CAP):  # block x GROUP_CAP distances at a time
-            here = np.arange(block, min(block + GROUP_CAP, len(group)))
-            distance = np.bitwise_count(hashes[here, None] ^ hashes[None, :earlier])
-            close = (distance <= max_distance) & (rows[here, None] != rows[None, :earlier])
-            close &= here[:, None] > np.arange(earlier)[None, :]  # earlier in input order
-            for offset in np.flatnonzero(close.any(axis=1)):
-                first = int(np.argmax(close[offset]))
-                yield int(group[here[offset]]), int(group[first]), int(distance[offset, first])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    candidates = np.flatnonzero(np.arange(len(order)) - group_start >= 1)
+    later, earlier, distances = [], [], []
+    offset = 1
+    while len(candidates) and offset <= GROUP_CAP:
+        before = candidates - offset
+        distance = np.bitwise_count(low[candidates] ^ low[before])
+        close = (distance <= max_distance) & (rows[candidates] != rows[before])
+        later.append(candidates[close])
+        earlier.append(before[close])
+        distances.append(distance[close])
+        offset += 1
+        candidates = candidates[candidates - group_start[candidates] >= offset]
+    later, earlier, distances = np.concatenate(later), np.concatenate(earlier), np.concatenate(distances)
+    if not len(later):
+        return
+    pick = np.lexsort((earlier, distances, later))
+    first = pick[np.r_[True, later[pick][1:] != later[pick][:-1]]]
+    for position in first:
+        yield int(order[later[position]]), int(order[earlier[position]]), int(distances[position])
 
 
 class FindDuplicates(beam.PTransform):

@@ -378,8 +378,7 @@ class DownloadChunkFn(beam.DoFn):
             if row["kind"] != "text":
                 packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
                 if near is not None and row.get("image_phashes"):
-                    for band in image_band_keys(row["image_phashes"], row["kind"], row.get("caption")):
-                        near.add(band, index, row["id"])
+                    near.add_keys(*image_band_keys(row["image_phashes"], row["kind"], row.get("caption")), index, row["id"])
         yield ChunkSummary(key, len(rows), stored)
         for bucket, packed in packer.items():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))

@@ -175,13 +175,24 @@ def image_hashes(image: "np.ndarray | Image.Image") -> list[int] | None:
     return hashes_of_thumbnails([grey_thumbnail(image)])[0]
 
 
-def image_band_keys(hashes: list[int], kind: str, caption: Optional[str]) -> list[bytes]:
-    """One key per (variant, band), without repeats: (8-byte band hash, 8-byte pHash)."""
-    keys: dict[bytes, None] = {}
-    group = f"near-image:{kind}:{caption if kind == 'paired' and caption is not None else ''}:"
-    for value in hashes:
-        for band in range(IMAGE_BANDS):
-            bits = (value >> (16 * band)) & 0xFFFF
-            keys[hashlib.blake2b(f"{group}{band}:{bits}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-                 + value.to_bytes(8, "big")] = None
-    return list(keys)
+def image_band_keys(hashes: list[int], kind: str, caption: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One key per (variant, band), without repeats, as (first 8 bytes, last 8 bytes) uint64
+    arrays: a hash of (kind, caption for paired rows, band, the band's 16 bits), and the pHash."""
+    group = f"near-image:{kind}:{caption if kind == 'paired' and caption is not None else ''}"
+    seed = np.uint64(int.from_bytes(hashlib.blake2b(group.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big"))
+    values = np.array(hashes, dtype=np.uint64)
+    bands = np.arange(IMAGE_BANDS, dtype=np.uint64)
+    bits = (values[:, None] >> (np.uint64(16) * bands[None, :])) & np.uint64(0xFFFF)
+    high = _mix(seed ^ (bands[None, :] << np.uint64(16) | bits)).ravel()
+    low = np.repeat(values, IMAGE_BANDS)
+    _, unique = np.unique(np.stack([high, low]), axis=1, return_index=True)
+    unique.sort()
+    return high[unique], low[unique]
+
+
+def _mix(value: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of a 64-bit value, vectorised."""
+    with np.errstate(over="ignore"):
+        value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return value ^ (value >> np.uint64(31))
