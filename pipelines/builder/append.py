@@ -32,10 +32,9 @@ from typing import Any, Iterator, Optional
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
-from . import neardup
+from . import neardup, staging
 from .dedup import KEYS, HashPacker, image_key, text_key, url_key
 from .output import BuildError, _changed_keys, staging_settings
-from .plan import ROWS_PER_BUCKET
 from .records import ChunkKey, Packed
 from .sources import SourceError, expand_source
 from ..shards import join, write_json
@@ -241,7 +240,12 @@ class ExistingKeysFn(beam.DoFn):
                                                         index, row["id"])
         for tag, packers in (("read", read), ("image", stored)):
             for what, packer in packers.items():
-                for bucket, packed in packer.items():
+                if what in (neardup.NEAR, neardup.IMAGE_NEAR):  # many per row: staged, as in a build
+                    slug = "existing-near-text" if what == neardup.NEAR else "existing-near-image"
+                    places = packer.spill(staging.keys_url(self.config.output, "dataset", chunk, slug))
+                else:
+                    places = packer.items()
+                for bucket, packed in places:
                     yield beam.pvalue.TaggedOutput(tag, (bucket, Packed(chunk, what, packed)))
 
 
@@ -275,10 +279,6 @@ class ExistingKeys(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "Keys" >> beam.ParDo(ExistingKeysFn(self.config, self.root, self.buckets)).with_outputs("read", "image")
         )
-
-
-def buckets_for(new_rows: int, plan: AppendPlan) -> int:
-    return max(1, -(-(new_rows + plan.existing_rows) // ROWS_PER_BUCKET))
 
 
 # --- merging the additions into the dataset ----------------------------------------------------

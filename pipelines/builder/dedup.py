@@ -19,9 +19,11 @@ import struct
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
+import fsspec
 import numpy as np
 from .neardup import IMAGE_NEAR, NEAR
-from .records import ChunkKey, Packed
+from .records import ChunkKey, KeyFile, Packed
+from ..shards import write_atomic
 
 KEYS = "keys"  # the tagged output that carries packed hashes
 ENTRY = struct.Struct("<16sI10s")
@@ -75,6 +77,28 @@ class HashPacker:
         for bucket in sorted(self.parts):
             yield bucket, bytes(self.parts[bucket])
 
+    def spill(self, url: str) -> Iterator[tuple[int, KeyFile]]:
+        """Write every bucket's entries to one file and give, per bucket, where its part lies:
+        near-duplicate keys (14-24 per row) stay out of the shuffle, which on the embedded
+        runner is held in memory; only these references (a few per chunk) cross it."""
+        if not self.parts:
+            return
+        data, places = bytearray(), []
+        for bucket in sorted(self.parts):
+            places.append((bucket, KeyFile(url, len(data), len(self.parts[bucket]))))
+            data.extend(self.parts[bucket])
+        write_atomic(url, bytes(data))
+        yield from places
+
+
+def entries_of(pack: Packed) -> bytes:
+    """A pack's entries, read from its key file when it was spilled."""
+    if not isinstance(pack.entries, KeyFile):
+        return pack.entries
+    with fsspec.open(pack.entries.url, "rb") as handle:
+        handle.seek(pack.entries.offset)
+        return handle.read(pack.entries.length)
+
 
 ENTRY_DTYPE = np.dtype([("key_high", ">u8"), ("key_low", ">u8"), ("index", "<u4"), ("id", "V10")])
 
@@ -89,10 +113,12 @@ def later_copies(element: tuple[int, Iterable[Packed]], max_distance: int = 0) -
     packs = sorted(packs, key=lambda pack: pack.chunk)
     if not packs:
         return
-    entries = np.concatenate([np.frombuffer(pack.entries, ENTRY_DTYPE) for pack in packs])
-    ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), [len(pack.entries) // ENTRY.size for pack in packs])
-    near_image = np.repeat(np.array([pack.what == IMAGE_NEAR for pack in packs]),
-                           [len(pack.entries) // ENTRY.size for pack in packs])
+    loaded = [entries_of(pack) for pack in packs]
+    entries = np.concatenate([np.frombuffer(data, ENTRY_DTYPE) for data in loaded])
+    sizes = [len(data) // ENTRY.size for data in loaded]
+    del loaded
+    ordinal = np.repeat(np.arange(len(packs), dtype=np.uint32), sizes)
+    near_image = np.repeat(np.array([pack.what == IMAGE_NEAR for pack in packs]), sizes)
     found: dict[int, Duplicates] = {}
     for position, kept in _exact_matches(entries, ordinal, np.flatnonzero(~near_image)):
         what, first_id = packs[ordinal[kept]].what, entries["id"][kept].tobytes().hex()

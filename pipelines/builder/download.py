@@ -382,8 +382,10 @@ class DownloadChunkFn(beam.DoFn):
         yield ChunkSummary(key, len(rows), stored)
         for bucket, packed in packer.items():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))
-        for bucket, packed in near.items() if near is not None else ():
-            yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, packed)))
+        if near is not None:
+            url = staging.keys_url(self.config.output, self.config.sources[key.source].name, key, "near-image")
+            for bucket, place in near.spill(url):
+                yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, place)))
 
 
 def _hash_images(rows: Iterator[dict[str, Any]]) -> None:

@@ -18,13 +18,14 @@ from typing import Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from . import webdataset
+from . import neardup, webdataset
 from .lines import rows_per_chunk
 from .records import ChunkKey, FileRef, Order, ReadUnit
 from .sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
 
-# Dedup hashes are grouped in buckets of about this many rows: the memory one dedup group needs.
+# Dedup hashes are grouped in buckets of about this many entries (30 bytes each, one per row for
+# exact dedup, one per band for near-duplicates): the memory one dedup group needs.
 ROWS_PER_BUCKET = 250_000
 
 
@@ -55,6 +56,7 @@ class BuildPlan:
     chunk_rows: int
     chunk_input_rows: dict[ChunkKey, int] = field(default_factory=dict)
     existing_rows: int = 0  # `--append`: the dataset's rows, whose dedup keys join the groups
+    keys_per_row: int = 1  # dedup entries one row puts in one grouping (more with near-duplicates)
 
     @property
     def total_rows(self) -> int:
@@ -66,8 +68,8 @@ class BuildPlan:
 
     @property
     def buckets(self) -> int:
-        """How many groups the dedup hashes are spread over (~ROWS_PER_BUCKET rows each)."""
-        return max(1, math.ceil((self.total_rows + self.existing_rows) / ROWS_PER_BUCKET))
+        """How many groups the dedup hashes are spread over (~ROWS_PER_BUCKET entries each)."""
+        return max(1, math.ceil((self.total_rows + self.existing_rows) * self.keys_per_row / ROWS_PER_BUCKET))
 
     def units(self) -> list[ReadUnit]:
         """What the pipeline's reader is given: one unit per table file, one per chunk of an
@@ -101,10 +103,19 @@ def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int, c
     return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))]
 
 
+def keys_per_row(config: DataConfig) -> int:
+    """The most dedup entries one row adds to one grouping: the exact hash, plus the MinHash bands
+    of its text or the (variant, band) keys of its image."""
+    near_texts = neardup.bands_for(config.quality.near_duplicate_texts)[0] if config.quality.near_duplicate_texts else 0
+    near_images = neardup.IMAGE_VARIANTS * neardup.IMAGE_BANDS if config.quality.near_duplicate_images is not None else 0
+    return 1 + max(near_texts, near_images)
+
+
 def make_plan(config: DataConfig, log=None, append=None) -> BuildPlan:
     """Expand every source (SourceError names the problem) and count its rows into chunks.
     `append` (`append.AppendPlan`): only the files it wants, from the row after the old ones."""
-    plan = BuildPlan(files=[], chunk_rows=config.chunk_rows, existing_rows=append.existing_rows if append else 0)
+    plan = BuildPlan(files=[], chunk_rows=config.chunk_rows, existing_rows=append.existing_rows if append else 0,
+                     keys_per_row=keys_per_row(config))
     for source_index, source in enumerate(config.sources):
         source_files = expand_source(source)
         columns = required_columns(source)

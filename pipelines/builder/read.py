@@ -114,8 +114,8 @@ class ReadChunksFn(beam.DoFn):
                 if not is_reject(record):
                     for band in neardup.band_keys(record["caption"], source.kind, threshold):
                         near.add(band, index, record["id"])
-            for bucket, packed in near.items():
-                yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, neardup.NEAR, packed)))
+            for bucket, place in near.spill(staging.keys_url(self.config.output, source.name, key, "near-text")):
+                yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, neardup.NEAR, place)))
 
 
 class ReadChunks(beam.PTransform):

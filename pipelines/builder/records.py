@@ -62,12 +62,20 @@ class ChunkSummary(NamedTuple):
     stored: int  # rows stored with their image or text (the rest are rejects)
 
 
+class KeyFile(NamedTuple):
+    """Where one bucket's packed entries of one chunk lie in a staged key file (`dedup.spill`)."""
+
+    url: str
+    offset: int
+    length: int
+
+
 class Packed(NamedTuple):
-    """One chunk's dedup hashes of one bucket, packed (see dedup.pack)."""
+    """One chunk's dedup hashes of one bucket, packed (see dedup.pack), or where they are staged."""
 
     chunk: ChunkKey
-    what: str  # what is compared: url | text | image
-    entries: bytes
+    what: str  # what is compared: url | text | image | near-duplicate | near-duplicate image
+    entries: "bytes | KeyFile"
 
 
 class ChunkCount(NamedTuple):

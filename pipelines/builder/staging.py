@@ -47,6 +47,11 @@ def chunk_url(output: str, source_name: str, key: ChunkKey) -> str:
     return join(output, STAGING, "chunks", source_name, chunk_name(key) + ".parquet")
 
 
+def keys_url(output: str, source_name: str, key: ChunkKey, what: str) -> str:
+    """A chunk's near-duplicate keys of one kind (`dedup.HashPacker.spill`)."""
+    return join(output, STAGING, "keys", what, source_name, chunk_name(key) + ".bin")
+
+
 def input_url(output: str, source_name: str, key: ChunkKey) -> str:
     return join(output, STAGING, "inputs", source_name, chunk_name(key) + ".jsonl.gz")
 
