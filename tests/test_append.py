@@ -187,3 +187,41 @@ def test_a_merge_cut_short_leaves_the_old_dataset_and_the_same_command_finishes_
     assert manifest["rows"]["text"] == 7 and len(manifest["appends"]) == 1 and not (out / ".append").exists()
     texts = [row["caption"] for entry in manifest["shards"] for row in pq.read_table(out / entry["path"]).to_pylist()]
     assert texts == [caption(number) for number in range(7)]  # input order, the new rows after the old
+
+
+@pytest.mark.parametrize("change, message", [
+    ("edit", "changed since it was built"),
+    ("extend_last_line", "its last row was extended"),
+    ("gzip", "uncompressed"),
+    ("damaged_shard", "cannot be read"),
+])
+def test_an_append_that_cannot_be_told_apart_is_refused_naming_the_file(tmp_path, change, message):
+    import gzip
+
+    name = "texts.txt.gz" if change == "gzip" else "texts.txt"
+    body = "".join(caption(number) + "\n" for number in range(4))
+    if change == "extend_last_line":
+        body = body.rstrip("\n")  # no line break after the last row
+    write = (lambda text: (tmp_path / name).write_bytes(gzip.compress(text.encode()))) if change == "gzip" else \
+        (lambda text: (tmp_path / name).write_text(text))
+    write(body)
+    sources = [{"name": "texts", "kind": "text", "path": str(tmp_path / name)}]
+    config = config_file(tmp_path, tmp_path / "out", sources)
+    api.build(str(config))
+    out = tmp_path / "out"
+    if change == "edit":
+        write(body.replace(caption(1), caption(1).upper()) + caption(9) + "\n")
+    elif change == "extend_last_line":
+        write(body + " more words\n" + caption(9) + "\n")
+    elif change == "gzip":  # a second gzip member: how rows are added to a .gz file
+        with open(tmp_path / name, "ab") as handle:
+            handle.write(gzip.compress((caption(9) + "\n").encode()))
+    else:
+        write(body + caption(9) + "\n")
+        shard = next((out / "text").glob("part-*.parquet"))
+        shard.write_bytes(shard.read_bytes()[:-40])
+    before = files_of(out)
+    with pytest.raises(Exception, match=message) as refused:
+        api.build(str(config), append=True)
+    assert "part-" in str(refused.value) if change == "damaged_shard" else name in str(refused.value)
+    assert {key: value for key, value in files_of(out).items() if not key.startswith(".append/")} == before

@@ -33,7 +33,7 @@ import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 from . import neardup, staging
-from .dedup import KEYS, HashPacker, image_key, text_key, url_key
+from .dedup import HashPacker, image_key, text_key, url_key
 from .output import BuildError, _changed_keys, staging_settings
 from .records import ChunkKey, Packed
 from .sources import SourceError, expand_source
@@ -55,12 +55,17 @@ def _scan(path: str, fmt: str, rows: int) -> dict[str, Any]:
     """Size, sha256 and last row number of one input file (rows numbered as the reader numbers
     them: by line for .jsonl/.txt, by row otherwise)."""
     digest, size, lines, last = hashlib.sha256(), 0, 0, b"\n"
-    with fsspec.open(path, "rb") as handle:
+    compressed = fsspec.utils.infer_compression(path) is not None
+    with fsspec.open(path, "rb") as handle:  # one read: the hash, and the lines of a plain file
         while block := handle.read(1 << 20):
             digest.update(block)
             size += len(block)
             last = block[-1:]
-    if fmt in BY_LINE:
+            if fmt in BY_LINE and not compressed:
+                lines += block.count(b"\n")
+    if fmt in BY_LINE and not compressed:
+        lines += size > 0 and last != b"\n"
+    elif fmt in BY_LINE:  # a compressed file counts its lines decompressed
         with fsspec.open(path, "rb", compression="infer") as handle:
             tail = b"\n"
             while block := handle.read(1 << 20):
@@ -181,7 +186,8 @@ def plan_append(config: DataConfig) -> AppendPlan:
 
 def _grown_from(source: str, found, before: dict[str, Any]) -> Optional[int]:
     """None: the file is as it was built; else the last old row (new rows follow it)."""
-    size = fsspec.core.url_to_fs(found.path)[0].size(fsspec.core.url_to_fs(found.path)[1])
+    fs, local = fsspec.core.url_to_fs(found.path)
+    size = fs.size(local)
     if size == before["bytes"] and _prefix_sha256(found.path, size) == before["sha256"]:
         return None
     where = f"--append: source {source!r}: {found.path}"
@@ -214,8 +220,13 @@ class ExistingKeysFn(beam.DoFn):
         columns = ["id", "source", "url"] + ([] if entry["kind"] == "rejects" else
                                              ["caption", "image_sha256"] + (["image"] if entry["kind"] != "text" and
                                                                             quality.near_duplicate_images is not None else []))
-        with fsspec.open(f"{self.root.rstrip('/')}/{entry['path']}", "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
+        path = f"{self.root.rstrip('/')}/{entry['path']}"
+        try:
+            with fsspec.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=columns)
+        except (OSError, ValueError) as error:  # pyarrow's errors are both
+            raise BuildError(f"--append: {path} of the dataset cannot be read ({error}); check it with mmae validate "
+                             "before appending") from None
         chunk = ChunkKey(EXISTING_SOURCE, number, 0)
         read = {what: HashPacker(self.buckets) for what in ("url", "text", neardup.NEAR)}
         stored = {what: HashPacker(self.buckets) for what in ("image", neardup.IMAGE_NEAR)}
