@@ -218,3 +218,51 @@ def test_a_chunk_committed_from_part_tables_is_in_input_order(tmp_path):
         with pytest.raises(ValueError, match="positions"):
             staging.write_chunk(str(tmp_path / "broken.parquet"), broken, 5, "digest")
     assert not (tmp_path / "broken.parquet").exists()
+
+
+def test_a_big_uncompressed_table_is_read_in_spans_that_give_its_rows_once(tmp_path):
+    """Spans start at chunk boundaries (every plan.SPAN_CHUNKS chunks) and keep the file's line
+    and row numbers, blank and over-long lines included; a gzip is read whole."""
+    import gzip
+
+    from mmae.pipelines.builder.plan import SPAN_CHUNKS
+    from mmae.pipelines.builder.readers import read_source_file
+    from mmae.pipelines.builder.sources import expand_source
+
+    lines = []
+    for number in range(1, 60):
+        lines.append(f'{{"url": "{number}.jpg", "caption": "caption number {number}"}}')
+        if number % 7 == 0:
+            lines.append("")  # blank: not a row, but a line
+        if number == 23:
+            lines.append('{"url": "long.jpg", "caption": "' + "x" * 3000 + '"}')  # over the cap below
+    csv_lines = ["url,caption"] + [f"{n}.jpg,caption {n}" if n % 9 else "" for n in range(1, 50)]
+    files = {"p.jsonl": "\n".join(lines) + "\n", "p.txt": "\n".join(f"text {n}" if n % 5 else "" for n in range(60)),
+             "p.csv": "\n".join(csv_lines) + "\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(files["p.jsonl"].encode()))
+    for name in files.keys() | {"p.jsonl.gz"}:
+        kind = "text" if name.endswith(".txt") else "paired"
+        config = data_config(tmp_path, sources=[{"name": "p", "kind": kind, "path": str(tmp_path / name)}],
+                             text={"max_chars": 64})
+        plan = make_plan(config)
+        source, (planned,) = config.sources[0], plan.files
+        whole = [(row["key"], row.get("reason")) for row in read_source_file(source, expand_source(source)[0], 2048)]
+        if name.endswith(".gz"):
+            assert planned.spans == () and len(plan.units()) == 1
+            continue
+        assert len(planned.spans) == -(-plan.total_chunks // SPAN_CHUNKS) > 1, name
+        pieces = [[(row["key"], row.get("reason")) for row in read_source_file(source, planned.file, 2048, span)]
+                  for span in planned.spans]
+        assert [row for piece in pieces for row in piece] == whole, name
+        assert len(plan.units()) == len(planned.spans)
+        with beam_pipeline() as pipeline:
+            read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)
+            assert_that(read.chunks | beam.Map(lambda chunk: (tuple(chunk.chunk), chunk.rows)),
+                        equal_to([(tuple(key), rows) for key, rows in plan.chunk_input_rows.items()]))
+        staged = [row["key"] for path in sorted((tmp_path / "out" / "staging" / "inputs" / "p").glob("*.jsonl.gz"))
+                  for row in staging.read_input(str(path))]
+        assert staged == [key for key, _ in whole], name
+        import shutil
+        shutil.rmtree(tmp_path / "out")

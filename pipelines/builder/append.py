@@ -22,7 +22,6 @@ the new manifest is in place, OUT is the old dataset, and old shards are never r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -31,9 +30,10 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from . import neardup, staging
-from .dedup import HashPacker, image_key, text_key, url_key
+from .dedup import HashPacker, ids_of, image_key, text_key, url_key
 from .output import BuildError, _changed_keys, staging_settings
 from .records import ChunkKey, Packed
 from .sources import SourceError, expand_source
@@ -232,6 +232,8 @@ class ExistingKeysFn(beam.DoFn):
         stored = {what: HashPacker(self.buckets) for what in ("image", neardup.IMAGE_NEAR)}
         rows = table.to_pylist()
         hashes = self._image_hashes(rows)
+        texts: list[int] = []  # rows whose near-duplicate text keys and image keys are made below, at once
+        images: list[int] = []
         for index, row in enumerate(rows):
             kind = entry["kind"]
             if kind == "text":
@@ -242,13 +244,22 @@ class ExistingKeysFn(beam.DoFn):
                 continue
             if quality.near_duplicate_texts and row.get("caption") is not None and (
                     kind == "text" or (kind == "paired" and quality.near_duplicate_captions)):
-                for band in neardup.band_keys(row["caption"], kind, quality.near_duplicate_texts):
-                    read[neardup.NEAR].add(band, index, row["id"])
+                texts.append(index)
             if kind != "text":
                 stored["image"].add(image_key(kind, row["image_sha256"], row.get("caption")), index, row["id"])
                 if hashes.get(index):
-                    stored[neardup.IMAGE_NEAR].add_keys(*neardup.image_band_keys(hashes[index], kind, row.get("caption")),
-                                                        index, row["id"])
+                    images.append(index)
+        if texts:
+            high, low, owner = neardup.text_band_keys([rows[index]["caption"] for index in texts], entry["kind"],
+                                                      quality.near_duplicate_texts)
+            read[neardup.NEAR].add_many(high, low, np.array(texts, dtype=np.intp)[owner],
+                                        ids_of([rows[index]["id"] for index in texts])[owner])
+        if images:
+            high, low, owner = neardup.images_band_keys(
+                [hashes[index] for index in images],
+                [neardup.image_group(entry["kind"], rows[index].get("caption")) for index in images])
+            stored[neardup.IMAGE_NEAR].add_many(high, low, np.array(images, dtype=np.intp)[owner],
+                                                ids_of([rows[index]["id"] for index in images])[owner])
         for tag, packers in (("read", read), ("image", stored)):
             for what, packer in packers.items():
                 if what in (neardup.NEAR, neardup.IMAGE_NEAR):  # many per row: staged, as in a build
@@ -264,13 +275,10 @@ class ExistingKeysFn(beam.DoFn):
     def _image_hashes(rows: list[dict[str, Any]]) -> dict[int, Optional[list[int]]]:
         """Perceptual hashes of the stored images (decoded again: shards keep only the first), one
         batch per file."""
-        from PIL import Image
-
         indices, thumbnails = [], []
         for index, row in enumerate(rows):
             if row.get("image") is not None:
-                with Image.open(io.BytesIO(row["image"])) as image:
-                    thumbnails.append(neardup.grey_thumbnail(image.convert("RGB")))
+                thumbnails.append(neardup.stored_thumbnail(row["image"]))
                 indices.append(index)
         return dict(zip(indices, neardup.hashes_of_thumbnails(thumbnails)))
 

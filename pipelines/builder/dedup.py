@@ -66,12 +66,21 @@ class HashPacker:
     def add_keys(self, high: np.ndarray, low: np.ndarray, index: int, row_id: str) -> None:
         """Many keys of one row at once, as two uint64 arrays (the key's first and last 8 bytes,
         big-endian), bucketed as `add` buckets them."""
+        self.add_many(high, low, np.full(len(high), index), ids_of([row_id])[np.zeros(len(high), dtype=np.intp)])
+
+    def add_many(self, high: np.ndarray, low: np.ndarray, indices: np.ndarray, ids: np.ndarray) -> None:
+        """Keys of many rows at once: per key, its halves, its row's index in the chunk and id
+        (`ids_of`)."""
+        if not len(high):
+            return
         entries = np.zeros(len(high), ENTRY_DTYPE)
-        entries["key_high"], entries["key_low"], entries["index"] = high, low, index
-        entries["id"] = np.frombuffer(bytes.fromhex(row_id), "V10")[0]
-        buckets = high.byteswap() % np.uint64(self.buckets)  # the first 8 bytes read little-endian, as in add
-        for bucket in np.unique(buckets):
-            self.parts.setdefault(int(bucket), bytearray()).extend(entries[buckets == bucket].tobytes())
+        entries["key_high"], entries["key_low"], entries["index"], entries["id"] = high, low, indices, ids
+        buckets = high.astype(np.uint64).byteswap() % np.uint64(self.buckets)  # the first 8 bytes little-endian, as in add
+        order = np.argsort(buckets, kind="stable")
+        buckets, entries = buckets[order], entries[order]
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(buckets)]):
+            self.parts.setdefault(int(buckets[start]), bytearray()).extend(entries[start:stop].tobytes())
 
     def items(self) -> Iterator[tuple[int, bytes]]:
         for bucket in sorted(self.parts):
@@ -89,6 +98,14 @@ class HashPacker:
             data.extend(self.parts[bucket])
         write_atomic(url, bytes(data))
         yield from places
+
+
+def ids_of(row_ids: list[str]) -> np.ndarray:
+    """Row ids (20 hex digits) as the packed entries hold them, one 10-byte value each."""
+    data = bytes.fromhex("".join(row_ids))
+    if len(data) != 10 * len(row_ids):
+        raise ValueError(f"row ids must be 20 hex digits: {row_ids[:3]}")
+    return np.frombuffer(data, "V10")
 
 
 def entries_of(pack: Packed) -> bytes:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
+import numpy as np
 from mmae import faults
 import pyarrow as pa
 from apache_beam.metrics import Metrics
@@ -32,8 +33,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from . import staging
-from .dedup import KEYS, HashPacker, duplicates_of, image_key
-from .neardup import IMAGE_NEAR, hashes_of_thumbnails, image_band_keys, reason_of
+from .dedup import KEYS, HashPacker, duplicates_of, ids_of, image_key
+from .neardup import IMAGE_NEAR, hashes_of_thumbnails, image_group, images_band_keys, reason_of
 from .fetch import Fetcher, FetchError, FetchResult, is_transient
 from .images import ImageReject, process_image
 from .inline import InlineImages
@@ -368,7 +369,7 @@ class DownloadChunkFn(beam.DoFn):
     def _outputs(self, key: ChunkKey, rows: list[dict[str, Any]]) -> Iterator[Any]:
         stored = 0
         packer = HashPacker(self.buckets)
-        near = HashPacker(self.buckets) if self.config.quality.near_duplicate_images is not None else None
+        hashed: list[int] = []  # rows with perceptual hashes
         for index, row in enumerate(rows):
             if row.get("reason"):
                 continue
@@ -377,12 +378,18 @@ class DownloadChunkFn(beam.DoFn):
                 self.sample = self.sampler.add_input(self.sample, row["caption"])
             if row["kind"] != "text":
                 packer.add(image_key(row["kind"], row["image_sha256"], row.get("caption")), index, row["id"])
-                if near is not None and row.get("image_phashes"):
-                    near.add_keys(*image_band_keys(row["image_phashes"], row["kind"], row.get("caption")), index, row["id"])
+                if row.get("image_phashes"):
+                    hashed.append(index)
         yield ChunkSummary(key, len(rows), stored)
         for bucket, packed in packer.items():
             yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, "image", packed)))
-        if near is not None:
+        if self.config.quality.near_duplicate_images is not None:
+            near = HashPacker(self.buckets)
+            high, low, owner = images_band_keys([rows[index]["image_phashes"] for index in hashed],
+                                                [image_group(rows[index]["kind"], rows[index].get("caption"))
+                                                 for index in hashed])
+            near.add_many(high, low, np.array(hashed, dtype=np.intp)[owner],
+                          ids_of([rows[index]["id"] for index in hashed])[owner])
             url = staging.keys_url(self.config.output, self.config.sources[key.source].name, key, "near-image")
             for bucket, place in near.spill(url):
                 yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, place)))

@@ -56,7 +56,7 @@ class ProcessedImage:
     original_width: int
     original_height: int
     sha256: str
-    # neardup.grey_thumbnail of the stored pixels, when asked for: what its hashes are made of
+    # neardup.stored_thumbnail of the stored image, when asked for: what its hashes are made of
     thumbnail: Optional[bytes] = None
 
     @property
@@ -314,8 +314,9 @@ def _process_plain_jpeg(data: bytes, width: int, height: int, config: ImageConfi
     with DecodeBudget.for_config(config).reserve(decoded_bytes(*(scaled or (width, height)))):
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **minimum)
         pixels = _resize_pixels(pixels, config)
-        thumbnail = neardup.grey_thumbnail(pixels) if hashes else None
-    return _encode(pixels, config), pixels.shape[1], pixels.shape[0], thumbnail
+        encoded = _encode(pixels, config)
+        thumbnail = neardup.stored_thumbnail(encoded, pixels) if hashes else None
+    return encoded, pixels.shape[1], pixels.shape[0], thumbnail
 
 
 def _process_with_pillow(data: bytes, config: ImageConfig,
@@ -338,8 +339,9 @@ def _process_with_pillow(data: bytes, config: ImageConfig,
                 image = _transpose(image, orientation)  # a copy: only when there is something to turn
             image = _flatten(image)
             image = _resize(image, config)
-            thumbnail = neardup.grey_thumbnail(image) if hashes else None
-        return _encode(image, config), image.width, image.height, original_width, original_height, thumbnail
+            encoded = _encode(image, config)
+            thumbnail = neardup.stored_thumbnail(encoded, image) if hashes else None
+        return encoded, image.width, image.height, original_width, original_height, thumbnail
 
 
 def process_image(data: bytes, config: ImageConfig, hashes: bool = False) -> ProcessedImage:

@@ -19,7 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from . import neardup, webdataset
-from .lines import rows_per_chunk
+from .lines import Span, rows_per_chunk
 from .records import ChunkKey, FileRef, Order, ReadUnit
 from .sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
@@ -27,6 +27,10 @@ from mmae.schemas.config import DataConfig
 # Dedup hashes are grouped in buckets of about this many entries (30 bytes each, one per row for
 # exact dedup, one per band for near-duplicates): the memory one dedup group needs.
 ROWS_PER_BUCKET = 250_000
+# An uncompressed line table (JSONL, text, CSV, TSV) is read in spans of this many chunks, by
+# as many readers as there are workers: one file of millions of rows is common, and its reading
+# (parsing, cleaning, the quality rules) would otherwise hold up every download on one core.
+SPAN_CHUNKS = 4
 
 
 def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:
@@ -48,6 +52,7 @@ class PlannedFile:
     file: SourceFile
     rows: int  # input rows (non-blank lines of a text table); image files count 1
     skip: int = 0  # `--append`: rows numbered up to this are in the dataset already
+    spans: tuple[Span, ...] = ()  # where its readers start, when it is read in pieces
 
 
 @dataclass
@@ -79,6 +84,11 @@ class BuildPlan:
             if planned.file.format == "image":
                 chunk = planned.number // self.chunk_rows
                 unit = units.setdefault(("image", planned.source_index, chunk), ReadUnit(planned.source_index, []))
+            elif planned.spans:
+                for index, span in enumerate(planned.spans):
+                    units[("span", planned.source_index, planned.number, index)] = ReadUnit(
+                        planned.source_index, [FileRef(planned.number, planned.file, planned.skip, span)])
+                continue
             else:
                 unit = units.setdefault(("table", planned.source_index, planned.number),
                                         ReadUnit(planned.source_index, []))
@@ -86,21 +96,26 @@ class BuildPlan:
         return list(units.values())
 
 
-def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int, cap: int) -> list[int]:
+def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int,
+                 cap: int) -> tuple[list[int], list[Span]]:
     """Input rows per chunk of one file, read once by the driver (cheap next to downloading
-    them): the same rows the reader will yield (blank lines are not rows)."""
+    them): the same rows the reader will yield (blank lines are not rows). And the spans it is
+    read in, for an uncompressed line table of more than one span (none otherwise)."""
     if source_file.format == "image":
-        return [1]
+        return [1], []
     if source_file.format == "tar":
         rows = webdataset.count_samples(source_file.path)
     elif source_file.format == "parquet":
         with fsspec.open(source_file.path, "rb") as handle, pq.ParquetFile(handle) as parquet:
             rows = parquet.metadata.num_rows
     else:
+        by_line = source_file.format in ("jsonl", "txt")
+        seekable = fsspec.utils.infer_compression(source_file.path) is None
         with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-            by_line = source_file.format in ("jsonl", "txt")
-            return rows_per_chunk(handle, cap, chunk_rows, header=not by_line, numbered_by_line=by_line)
-    return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))]
+            counts, spans = rows_per_chunk(handle, cap, chunk_rows, header=not by_line, numbered_by_line=by_line,
+                                           span_chunks=SPAN_CHUNKS if seekable else 0)
+        return counts, spans if len(spans) > 1 else []
+    return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))], []
 
 
 def keys_per_row(config: DataConfig) -> int:
@@ -124,7 +139,7 @@ def make_plan(config: DataConfig, log=None, append=None) -> BuildPlan:
                 continue
             skip = append.skip(source_index, source_file.relative) if append is not None else 0
             try:
-                counts = chunk_counts(source_file, columns, config.chunk_rows, row_cap(config, source))
+                counts, spans = chunk_counts(source_file, columns, config.chunk_rows, row_cap(config, source))
             except (OSError, EOFError, zlib.error, ValueError, pa.ArrowException, tarfile.TarError) as error:
                 raise SourceError(f"source {source.name!r}: cannot read {source_file.path}: {error}") from None
             if skip:  # the rows before are the dataset's (their count is exact when rows are lines)
@@ -132,7 +147,7 @@ def make_plan(config: DataConfig, log=None, append=None) -> BuildPlan:
                 counts[:whole] = [0] * min(whole, len(counts))
                 if whole < len(counts):
                     counts[whole] = max(0, counts[whole] - skip % config.chunk_rows)
-            plan.files.append(PlannedFile(source_index, number, source_file, sum(counts), skip))
+            plan.files.append(PlannedFile(source_index, number, source_file, sum(counts), skip, tuple(spans)))
             if source_file.format == "image":
                 key = chunk_of(record_order(source_index, number, source_file, ""), config.chunk_rows)
                 plan.chunk_input_rows[key] = plan.chunk_input_rows.get(key, 0) + 1

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 from . import neardup, quality, staging
-from .dedup import KEYS, HashPacker, text_key, url_key
+from .dedup import KEYS, HashPacker, ids_of, text_key, url_key
 from .plan import chunk_of, record_order
 from .readers import read_source_file
 from .records import ChunkKey, ChunkRows, Order, Packed, ReadUnit, is_reject, reject
@@ -72,9 +73,9 @@ class ReadChunksFn(beam.DoFn):
         source = self.config.sources[unit.source]
         current: Optional[ChunkKey] = None
         records: list[dict[str, Any]] = []
-        for file_number, source_file, skip in unit.files:
+        for file_number, source_file, skip, span in unit.files:
             last_row = 0
-            for record in read_source_file(source, source_file, row_cap(self.config, source)):
+            for record in read_source_file(source, source_file, row_cap(self.config, source), span):
                 order = record_order(unit.source, file_number, source_file, record["key"])
                 if order.row <= last_row:  # rows without a number in their key (tar samples) follow the one before
                     order = Order(order.source, order.file, last_row + 1)
@@ -110,10 +111,10 @@ class ReadChunksFn(beam.DoFn):
         threshold = self.config.quality.near_duplicate_texts
         if threshold and (source.kind == "text" or (source.kind == "paired" and self.config.quality.near_duplicate_captions)):
             near = HashPacker(self.buckets)
-            for index, record in enumerate(records):
-                if not is_reject(record):
-                    for band in neardup.band_keys(record["caption"], source.kind, threshold):
-                        near.add(band, index, record["id"])
+            kept = [index for index, record in enumerate(records) if not is_reject(record)]
+            high, low, owner = neardup.text_band_keys([records[index]["caption"] for index in kept], source.kind, threshold)
+            indices = np.array(kept, dtype=np.intp)[owner]
+            near.add_many(high, low, indices, ids_of([records[index]["id"] for index in kept])[owner])
             for bucket, place in near.spill(staging.keys_url(self.config.output, source.name, key, "near-text")):
                 yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, neardup.NEAR, place)))
 

@@ -37,6 +37,7 @@ class FileRef(NamedTuple):
     number: int  # among its source's files
     file: Any  # sources.SourceFile
     skip: int = 0  # rows numbered up to this are already in the dataset (`mmae build --append`)
+    span: Any = None  # lines.Span: only this piece of the file (a big uncompressed table)
 
 
 class ReadUnit(NamedTuple):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import fsspec
-from ..lines import lines
+from ..lines import Span, lines
 from .rows import error_text, record_from_row, too_long
 from ..records import new_record, reject
 from ..sources import SourceFile, required_columns
@@ -17,11 +17,12 @@ from ..tablefiles import delimiter, read_header
 from mmae.schemas.config import SourceConfig
 
 
-def _line_rows(source: SourceConfig, source_file: SourceFile, cap: int, row) -> Iterator[dict[str, Any]]:
+def _line_rows(source: SourceConfig, source_file: SourceFile, cap: int, row,
+               span: Optional[Span] = None) -> Iterator[dict[str, Any]]:
     """One record per non-blank line (`row(key, line_number, raw_line)`); a line over the cap is
     `row_too_long` without being held. Keys are lines."""
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
-        for line_number, raw_line in lines(handle, cap):
+        for line_number, raw_line in lines(handle, cap, span):
             key = f"{source_file.relative}:{line_number}"
             if raw_line is None:
                 yield too_long(source, key, line_number, cap)
@@ -29,12 +30,14 @@ def _line_rows(source: SourceConfig, source_file: SourceFile, cap: int, row) -> 
                 yield row(key, line_number, raw_line)
 
 
-def read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+def read_jsonl(source: SourceConfig, source_file: SourceFile, cap: int,
+               span: Optional[Span] = None) -> Iterator[dict[str, Any]]:
     return _line_rows(source, source_file, cap,
-                      lambda key, number, raw: jsonl_record(source, source_file, key, number, raw))
+                      lambda key, number, raw: jsonl_record(source, source_file, key, number, raw), span)
 
 
-def read_txt(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+def read_txt(source: SourceConfig, source_file: SourceFile, cap: int,
+             span: Optional[Span] = None) -> Iterator[dict[str, Any]]:
     """A plain text corpus: every non-blank line is one text (the most common format of text
     corpora)."""
     def text_row(key: str, line_number: int, raw_line: bytes) -> dict[str, Any]:
@@ -45,7 +48,7 @@ def read_txt(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterato
             return reject(record, "invalid_utf8", f"line {line_number}: {error}")
         return record
 
-    return _line_rows(source, source_file, cap, text_row)
+    return _line_rows(source, source_file, cap, text_row, span)
 
 
 def jsonl_record(source: SourceConfig, source_file: SourceFile, key: str, line_number: int,
@@ -72,7 +75,8 @@ def csv_quoted(source: SourceConfig, source_file: SourceFile) -> bool:
     return source_file.format == "csv"
 
 
-def read_csv(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterator[dict[str, Any]]:
+def read_csv(source: SourceConfig, source_file: SourceFile, cap: int,
+             span: Optional[Span] = None) -> Iterator[dict[str, Any]]:
     """One row per non-blank line after the header: a quote never spans lines, so an unclosed
     one costs its own line (a bad_row), never the lines after it."""
     columns = required_columns(source)
@@ -81,8 +85,8 @@ def read_csv(source: SourceConfig, source_file: SourceFile, cap: int) -> Iterato
     with fsspec.open(source_file.path, "rb", compression="infer") as handle:
         names = read_header(handle, source_file)
         where = {name: names.index(name) for name in columns}
-        row_number = 0
-        for line_number, raw_line in lines(handle, cap):
+        row_number = span.rows_before if span is not None else 0
+        for line_number, raw_line in lines(handle, cap, span, header_lines=1):
             line_number += 1  # the header was line 1
             if raw_line is not None and not raw_line.strip():
                 continue  # blank lines are not rows
