@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import os
 import struct
 import threading
 import time
@@ -12,6 +13,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# Caches mmae keeps for the user (the unpacked language model) go to a folder of this run's own;
+# Beam's worker processes inherit it.
+if "MMAE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmae-test-cache-")
 
 
 def jpeg_bytes(width: int = 96, height: int = 96, colour=(200, 30, 30), quality: int = 90) -> bytes:

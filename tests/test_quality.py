@@ -93,3 +93,30 @@ def test_apply_to_limits_the_rules_to_one_kind():
     from mmae.pipelines.builder.quality import applies
 
     assert applies(QualityConfig(apply_to="text"), "text") and not applies(QualityConfig(apply_to="text"), "paired")
+
+
+def test_the_language_model_is_unpacked_once_into_the_cache_and_mapped_after(tmp_path, monkeypatch):
+    from mmae.pipelines.builder import quality
+
+    monkeypatch.setenv("MMAE_CACHE_DIR", str(tmp_path / "cache"))
+    texts = ["a small dog runs on the beach", "un petit chien court sur la plage", "ein kleiner Hund am Strand"]
+    quality._identifier.cache_clear()
+    try:
+        first = [quality._identifier().classify(text) for text in texts]
+        (folder,) = (tmp_path / "cache").iterdir()
+        assert (folder / "done").exists() and sorted(path.name for path in folder.glob("*.npy")) == sorted(
+            f"{name}.npy" for name in quality.MODEL_ARRAYS)
+        quality._identifier.cache_clear()
+        assert [quality._identifier().classify(text) for text in texts] == first
+        assert [language for language, _ in first] == ["en", "fr", "de"]
+        # A damaged cache is not trusted: the model is loaded from the wheel as py3langid loads it.
+        (folder / "ptc.npy").write_bytes(b"not an array")
+        quality._identifier.cache_clear()
+        assert [quality._identifier().classify(text) for text in texts] == first
+        # A cache that cannot be written is no error either.
+        monkeypatch.setenv("MMAE_CACHE_DIR", str(tmp_path / "file"))
+        (tmp_path / "file").write_text("in the way")
+        quality._identifier.cache_clear()
+        assert [quality._identifier().classify(text) for text in texts] == first
+    finally:
+        quality._identifier.cache_clear()
