@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pyarrow.parquet as pq
 import pytest
 from mmae.pipelines.builder.quality import problem
@@ -96,7 +98,10 @@ def test_apply_to_limits_the_rules_to_one_kind():
 
 
 def test_the_language_model_is_unpacked_once_into_the_cache_and_mapped_after(tmp_path, monkeypatch):
+    from pathlib import Path
+
     from mmae.pipelines.builder import quality
+    from py3langid.langid import MODEL_DIR, MODEL_FILE
 
     monkeypatch.setenv("MMAE_CACHE_DIR", str(tmp_path / "cache"))
     texts = ["a small dog runs on the beach", "un petit chien court sur la plage", "ein kleiner Hund am Strand"]
@@ -111,6 +116,11 @@ def test_the_language_model_is_unpacked_once_into_the_cache_and_mapped_after(tmp
         assert [language for language, _ in first] == ["en", "fr", "de"]
         # A damaged cache is not trusted: the model is loaded from the wheel as py3langid loads it.
         (folder / "ptc.npy").write_bytes(b"not an array")
+        quality._identifier.cache_clear()
+        assert [quality._identifier().classify(text) for text in texts] == first
+        # Nor one whose arrays do not fit together (a valid .npy of the wrong shape).
+        np.save(folder / "ptc.npy", np.zeros((3, 2), dtype=np.float16))
+        assert quality._cached_model(Path(MODEL_DIR) / MODEL_FILE) is None
         quality._identifier.cache_clear()
         assert [quality._identifier().classify(text) for text in texts] == first
         # A cache that cannot be written is no error either.

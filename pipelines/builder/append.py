@@ -30,10 +30,9 @@ from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
-import numpy as np
 import pyarrow.parquet as pq
 from . import neardup, staging
-from .dedup import HashPacker, ids_of, image_key, text_key, url_key
+from .dedup import HashPacker, image_key, text_key, url_key
 from .output import BuildError, _changed_keys, staging_settings
 from .records import ChunkKey, Packed
 from .sources import SourceError, expand_source
@@ -252,14 +251,12 @@ class ExistingKeysFn(beam.DoFn):
         if texts:
             high, low, owner = neardup.text_band_keys([rows[index]["caption"] for index in texts], entry["kind"],
                                                       quality.near_duplicate_texts)
-            read[neardup.NEAR].add_many(high, low, np.array(texts, dtype=np.intp)[owner],
-                                        ids_of([rows[index]["id"] for index in texts])[owner])
+            read[neardup.NEAR].add_many(high, low, owner, texts, [rows[index]["id"] for index in texts])
         if images:
             high, low, owner = neardup.images_band_keys(
                 [hashes[index] for index in images],
                 [neardup.image_group(entry["kind"], rows[index].get("caption")) for index in images])
-            stored[neardup.IMAGE_NEAR].add_many(high, low, np.array(images, dtype=np.intp)[owner],
-                                                ids_of([rows[index]["id"] for index in images])[owner])
+            stored[neardup.IMAGE_NEAR].add_many(high, low, owner, images, [rows[index]["id"] for index in images])
         for tag, packers in (("read", read), ("image", stored)):
             for what, packer in packers.items():
                 if what in (neardup.NEAR, neardup.IMAGE_NEAR):  # many per row: staged, as in a build

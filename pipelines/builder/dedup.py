@@ -66,15 +66,18 @@ class HashPacker:
     def add_keys(self, high: np.ndarray, low: np.ndarray, index: int, row_id: str) -> None:
         """Many keys of one row at once, as two uint64 arrays (the key's first and last 8 bytes,
         big-endian), bucketed as `add` buckets them."""
-        self.add_many(high, low, np.full(len(high), index), ids_of([row_id])[np.zeros(len(high), dtype=np.intp)])
+        self.add_many(high, low, np.zeros(len(high), dtype=np.intp), [index], [row_id])
 
-    def add_many(self, high: np.ndarray, low: np.ndarray, indices: np.ndarray, ids: np.ndarray) -> None:
-        """Keys of many rows at once: per key, its halves, its row's index in the chunk and id
-        (`ids_of`)."""
+    def add_many(self, high: np.ndarray, low: np.ndarray, owner: np.ndarray, indices: list[int],
+                 row_ids: list[str]) -> None:
+        """Keys of many rows at once: the keys' halves, and per key which of the rows (`indices`
+        in the chunk, `row_ids`) it is of. One sort puts them in their buckets."""
         if not len(high):
             return
         entries = np.zeros(len(high), ENTRY_DTYPE)
-        entries["key_high"], entries["key_low"], entries["index"], entries["id"] = high, low, indices, ids
+        entries["key_high"], entries["key_low"] = high, low
+        entries["index"] = np.asarray(indices, dtype=np.uint32)[owner]
+        entries["id"] = _ids(row_ids)[owner]
         buckets = high.astype(np.uint64).byteswap() % np.uint64(self.buckets)  # the first 8 bytes little-endian, as in add
         order = np.argsort(buckets, kind="stable")
         buckets, entries = buckets[order], entries[order]
@@ -100,7 +103,7 @@ class HashPacker:
         yield from places
 
 
-def ids_of(row_ids: list[str]) -> np.ndarray:
+def _ids(row_ids: list[str]) -> np.ndarray:
     """Row ids (20 hex digits) as the packed entries hold them, one 10-byte value each."""
     data = bytes.fromhex("".join(row_ids))
     if len(data) != 10 * len(row_ids):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
-import numpy as np
 from mmae import faults
 import pyarrow as pa
 from apache_beam.metrics import Metrics
@@ -33,7 +32,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from . import staging
-from .dedup import KEYS, HashPacker, duplicates_of, ids_of, image_key
+from .dedup import KEYS, HashPacker, duplicates_of, image_key
 from .neardup import IMAGE_NEAR, hashes_of_thumbnails, image_group, images_band_keys, reason_of
 from .fetch import Fetcher, FetchError, FetchResult, is_transient
 from .images import ImageReject, process_image
@@ -388,8 +387,7 @@ class DownloadChunkFn(beam.DoFn):
             high, low, owner = images_band_keys([rows[index]["image_phashes"] for index in hashed],
                                                 [image_group(rows[index]["kind"], rows[index].get("caption"))
                                                  for index in hashed])
-            near.add_many(high, low, np.array(hashed, dtype=np.intp)[owner],
-                          ids_of([rows[index]["id"] for index in hashed])[owner])
+            near.add_many(high, low, owner, hashed, [rows[index]["id"] for index in hashed])
             url = staging.keys_url(self.config.output, self.config.sources[key.source].name, key, "near-image")
             for bucket, place in near.spill(url):
                 yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, IMAGE_NEAR, place)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import re
 from typing import TYPE_CHECKING, Optional
 
@@ -211,8 +212,6 @@ def stored_thumbnail(data: bytes, image: "np.ndarray | Image.Image | None" = Non
             grey = Image.fromarray(np.ascontiguousarray(luma), "L")
             return grey.resize((GREY, GREY), Image.Resampling.BOX).tobytes()
     if image is None:
-        import io
-
         with Image.open(io.BytesIO(data)) as opened:
             return grey_thumbnail(opened.convert("RGB"))
     return grey_thumbnail(image)

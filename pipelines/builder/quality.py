@@ -76,9 +76,13 @@ def _cached_model(source: Path) -> Optional[dict[str, np.ndarray]]:
         folder = cache_dir() / f"langid-{stat.st_size}-{int(stat.st_mtime)}"
         if not (folder / "done").exists():
             _unpack(source, folder)
-        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in MODEL_ARRAYS}
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in MODEL_ARRAYS}
     except (OSError, ValueError, KeyError):
         return None
+    classes, states = len(arrays["classes"]), len(arrays["nextmove_row"])
+    consistent = (arrays["ptc"].ndim == 2 and arrays["ptc"].shape[1] == classes == len(arrays["pc"])
+                  and len(arrays["out_feat"]) == states and arrays["nextmove"].size % 256 == 0)
+    return arrays if consistent else None  # a cache cut short or changed is not used
 
 
 def _unpack(source: Path, folder: Path) -> None:

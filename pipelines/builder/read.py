@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 from . import neardup, quality, staging
-from .dedup import KEYS, HashPacker, ids_of, text_key, url_key
+from .dedup import KEYS, HashPacker, text_key, url_key
 from .plan import chunk_of, record_order
 from .readers import read_source_file
 from .records import ChunkKey, ChunkRows, Order, Packed, ReadUnit, is_reject, reject
@@ -113,8 +112,7 @@ class ReadChunksFn(beam.DoFn):
             near = HashPacker(self.buckets)
             kept = [index for index, record in enumerate(records) if not is_reject(record)]
             high, low, owner = neardup.text_band_keys([records[index]["caption"] for index in kept], source.kind, threshold)
-            indices = np.array(kept, dtype=np.intp)[owner]
-            near.add_many(high, low, indices, ids_of([records[index]["id"] for index in kept])[owner])
+            near.add_many(high, low, owner, kept, [records[index]["id"] for index in kept])
             for bucket, place in near.spill(staging.keys_url(self.config.output, source.name, key, "near-text")):
                 yield beam.pvalue.TaggedOutput(KEYS, (bucket, Packed(key, neardup.NEAR, place)))
 
