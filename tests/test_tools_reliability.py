@@ -305,6 +305,28 @@ def test_patch_sizes_the_config_checks_are_the_models():
     assert PATCH_SIZES == {name: size.patch_size for name, size in PRESETS.items()}
 
 
+def test_a_patch_size_override_builds_that_model_and_its_spec_rebuilds_it():
+    from mmae.schemas.config import ConfigError
+    from mmae.schemas.loading import load_config
+    from mmae.trainer.load import build_checked
+    from mmae.trainer.model import ModelSpec
+
+    config = load_config(None, ["train.model.preset=mini", "train.image_size=32", "train.model.patch_size=4"]).train
+    spec = ModelSpec.of(config, vocab_size=100, alignment=False)
+    model = spec.build()
+    assert (model.patch_size, model.num_patches) == (4, 64) and model.patch_embed.in_features == 48
+    saved = spec.to_dict()
+    assert saved["patch_size"] == 4
+    shapes = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    assert build_checked(saved, shapes, "here").num_patches == 64
+    # a spec without the key (every checkpoint saved before it existed) is the preset's patch
+    assert "patch_size" not in ModelSpec.of(load_config(None, ["train.model.preset=mini"]).train, 100, False).to_dict()
+    with pytest.raises(Exception, match="weights do not match"):
+        build_checked({**saved, "patch_size": 8}, shapes, "here")
+    with pytest.raises(ConfigError, match="train.model.patch_size"):
+        load_config(None, ["train.image_size=30", "train.model.patch_size=4"])
+
+
 @pytest.mark.parametrize("override, named", [
     ("train.image_size=100000", "train.image_size"), ("train.grad_accum=1000000", "train.grad_accum"),
     ("train.image_size=12", "patches"), ("train.optimizer.lr=.inf", "train.optimizer.lr"),

@@ -25,7 +25,7 @@ and reads no device value back. Loss functions and every collective they need ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -303,10 +303,12 @@ class MultimodalMAE(nn.Module):
 
 
 def build_model(preset: str, vocab_size: int, image_size: int, max_text_tokens: int,
-                norm_pix_loss: bool = True, alignment: bool = False) -> MultimodalMAE:
+                norm_pix_loss: bool = True, alignment: bool = False, patch_size: Optional[int] = None) -> MultimodalMAE:
+    """`patch_size`: another patch side than the preset's (None: the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return MultimodalMAE(PRESETS[preset], vocab_size, image_size, max_text_tokens, norm_pix_loss, alignment)
+    size = PRESETS[preset] if patch_size is None else replace(PRESETS[preset], patch_size=patch_size)
+    return MultimodalMAE(size, vocab_size, image_size, max_text_tokens, norm_pix_loss, alignment)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ class ModelSpec:
     max_text_tokens: int
     norm_pix_loss: bool = True
     alignment: bool = False  # ITC/ITM heads
+    patch_size: Optional[int] = None  # train.model.patch_size; None: the preset's
 
     REQUIRED = {"preset": str, "vocab_size": int, "image_size": int, "max_text_tokens": int}
 
@@ -327,7 +330,7 @@ class ModelSpec:
     def of(cls, config, vocab_size: int, alignment: bool) -> "ModelSpec":
         """The model a TrainConfig trains (a vocabulary of at least 8 ids: image-only runs too)."""
         return cls(config.model.preset, max(vocab_size, 8), config.image_size, config.max_text_tokens,
-                   config.model.norm_pix_loss, alignment)
+                   config.model.norm_pix_loss, alignment, config.model.patch_size)
 
     @classmethod
     def from_dict(cls, spec: Any) -> "ModelSpec":
@@ -336,18 +339,26 @@ class ModelSpec:
                                              for key, kind in cls.REQUIRED.items()):
             raise ValueError(f"the model spec is missing or incomplete (needs {', '.join(cls.REQUIRED)}); got "
                              f"{str(spec)[:200]}")
+        patch = spec.get("patch_size")
+        if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
+            raise ValueError(f"the model spec's patch_size must be a positive integer, not {patch!r}")
         return cls(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
-                   bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)))
+                   bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)), patch)
 
     def to_dict(self) -> dict[str, Any]:
-        """As checkpoints record it (`alignment` only when set, as checkpoints always have)."""
+        """As checkpoints record it (`alignment` and `patch_size` only when set, so the specs of
+        checkpoints saved before they existed compare equal)."""
         spec = {"preset": self.preset, "vocab_size": self.vocab_size, "image_size": self.image_size,
                 "max_text_tokens": self.max_text_tokens, "norm_pix_loss": self.norm_pix_loss}
-        return {**spec, "alignment": True} if self.alignment else spec
+        if self.alignment:
+            spec["alignment"] = True
+        if self.patch_size is not None:
+            spec["patch_size"] = self.patch_size
+        return spec
 
     def build(self) -> MultimodalMAE:
         return build_model(self.preset, self.vocab_size, self.image_size, self.max_text_tokens, self.norm_pix_loss,
-                           self.alignment)
+                           self.alignment, self.patch_size)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -87,6 +87,7 @@ def initial_weights(config: TrainConfig, model_spec: dict) -> tuple[str, dict[st
 SPEC_WORDS = {"vocab_size": "vocabulary (the dataset's tokenizer)", "image_size": "image size (train.image_size)",
               "max_text_tokens": "text length (train.max_text_tokens)", "preset": "preset (train.model.preset)",
               "norm_pix_loss": "pixel targets (train.model.norm_pix_loss)",
+              "patch_size": "patch size (train.model.patch_size)",
               "alignment": "ITC/ITM heads (train.loss_weights.itc/itm)"}
 
 
