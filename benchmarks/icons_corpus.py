@@ -83,10 +83,11 @@ def read_package(tarball: Path) -> tuple[dict, list[dict], dict[str, str]]:
     return package, meta, paths
 
 
-def caption_of(icon: dict) -> str:
+def caption_of(icon: dict, aliases: bool = True) -> str:
     words = icon["name"].replace("-", " ")
-    aliases = [alias.replace("-", " ") for alias in icon.get("aliases", [])[:3]]
-    return ", ".join([words, *aliases])
+    if not aliases:
+        return words
+    return ", ".join([words, *(alias.replace("-", " ") for alias in icon.get("aliases", [])[:3])])
 
 
 class Renderer:
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--package", help=f"a {PACKAGE} tarball (default: npm pack {PACKAGE}@{VERSION})")
     parser.add_argument("--size", type=int, default=64, help="rendered side in pixels (default 64)")
     parser.add_argument("--min-class", type=int, default=50, help="icons a category needs to be a label")
+    parser.add_argument("--captions", choices=("aliases", "name"), default="aliases",
+                        help="the name's words and up to 3 aliases (default), or the name's words only")
     args = parser.parse_args()
     out = Path(args.out)
     tarball = Path(args.package) if args.package else fetch_package(out / "package")
@@ -176,7 +179,7 @@ def main() -> None:
                 image.write_bytes(renderer.png(name, paths[name]))
             row["url"] = f"images/{name}.png"
         if role != "image":
-            row["caption" if role != "text" else "text"] = caption_of(icon)
+            row["caption" if role != "text" else "text"] = caption_of(icon, args.captions == "aliases")
         lists[role].append(row)
         if number % 1000 == 999:
             print(f"  {number + 1:,} / {len(icons):,} icons ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
@@ -200,7 +203,7 @@ def main() -> None:
         "homepage": package.get("homepage"), "sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
         "icons": len(icons), "image_size": args.size, "classes": classes,
         "rows": {role: len(rows) for role, rows in lists.items()}, "labelled": labelled,
-        "renderer": "matplotlib + svgpath2mpl",
+        "renderer": "matplotlib + svgpath2mpl", "captions": args.captions,
     }
     (out / "CORPUS.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{PACKAGE} {record['version']} ({record['license']}): {len(icons):,} icons, {len(classes)} categories; "

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/icons_corpus.py                      # the corpus (build/icons)
     .venv/bin/mmae build --config build/icons/pretrain.yaml
     .venv/bin/mmae build --config build/icons/heldout.yaml
-    .venv/bin/python benchmarks/reproduce.py --claims 1               # one claim (its runs, 3 seeds)
-    .venv/bin/python benchmarks/reproduce.py                          # every claim, then the table
+    .venv/bin/python benchmarks/reproduce.py --claims 1 --steps 6000  # claim 1 as recorded (32 min)
+    .venv/bin/python benchmarks/reproduce.py --claims 2               # one claim (its runs, 3 seeds)
+    .venv/bin/python benchmarks/reproduce.py                          # every claim at 1,000 steps, then the table
 
 Each claim compares runs that differ in one recipe setting only; every run is trained with
 `mmae train` (same data, preset, steps, batch) for each seed, then scored in this process:
@@ -23,6 +24,10 @@ the difference, sqrt(se_a^2 + se_b^2) with each run's standard error over its se
   5 MoMo vs the specialists          image probe vs MAE, text probe vs M3AE, retrieval vs MaskVLM:
                                      "competitive" = no worse than -2 SE on each
 
+Every run that trains on text is also scored on how much its image helps predict its caption
+(the held-out pairs' masked-caption loss with another pair's image minus with its own, nats):
+the path by which text could teach M3AE's image features.
+
 Results are kept in OUT/results.json per run and seed, keyed by the run's settings: a killed
 study (or one rerun with more seeds) trains only what is missing; `mmae train` itself resumes a
 run killed midway. `--set KEY=VALUE` goes to every run (e.g. `--set train.model.preset=small
@@ -36,6 +41,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +79,9 @@ CLAIMS: dict[int, dict[str, Any]] = {
                   ("momo", "maskvlm", "retrieval_r1", "competitive")]},
 }
 METRICS = {"image_cls": "image probe, CLS", "image_mean": "image probe, mean", "text_mean": "text probe, mean",
-           "retrieval_r1": "retrieval R@1", "retrieval_r5": "retrieval R@5"}
+           "retrieval_r1": "retrieval R@1", "retrieval_r5": "retrieval R@5",
+           "image_gain": "caption loss: image's gain (nats)"}
+NATS = {"image_gain"}  # shown as they are, not as a percentage
 
 
 def stage_overrides(config: str, steps: int) -> list[str]:
@@ -102,7 +110,34 @@ def train(name: str, seed: int, args: argparse.Namespace, run: Path) -> float:
     return time.perf_counter() - started
 
 
-def score(run: Path, args: argparse.Namespace) -> dict[str, float]:
+def image_gain(model, dataset: str, limit: int = 1024, draws: int = 3) -> float:
+    """How much the image helps predict its caption: the held-out pairs' masked-caption loss
+    (masks 0.75/0.75, `draws` mask seeds) with the images shuffled among the pairs, minus the
+    loss with its own image, in nats. ~0: the model predicts captions from their own visible
+    words alone, so text supervision has no path into the image features (M3AE's mechanism)."""
+    import torch
+
+    from mmae.schemas.config import MaskingConfig
+    from mmae.trainer.batch import Inputs
+    from mmae.trainer.evaluate import paired_rows
+    from mmae.trainer.transforms import eval_view
+
+    model.eval()
+    rows = paired_rows(dataset, limit, split="all")
+    images = torch.stack([eval_view(row["image"], model.image_size) for row in rows])
+    tokens = [torch.tensor(row["tokens"][: model.max_text_tokens]) for row in rows]
+    swapped = images[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+
+    def loss(pixels, seed: int) -> float:
+        inputs = Inputs(pixels, torch.arange(len(rows)), torch.cat(tokens), torch.tensor([len(t) for t in tokens]),
+                        [row["id"] for row in rows])
+        with torch.no_grad():
+            return float(model.forward_loss(inputs, model.layout(inputs, MaskingConfig(), seed)).text_loss)
+
+    return sum(loss(swapped, seed) - loss(images, seed) for seed in range(draws)) / draws
+
+
+def score(run: Path, args: argparse.Namespace, uses_text: bool = True) -> dict[str, float]:
     from mmae.trainer.evaluate import probe, retrieval
     from mmae.trainer.load import load_model
 
@@ -112,7 +147,10 @@ def score(run: Path, args: argparse.Namespace) -> dict[str, float]:
         "image_mean": probe(checkpoint, data, pool="mean", test_data=heldout)["top1"],
         "text_mean": probe(checkpoint, data, pool="mean", test_data=heldout, of="text")["top1"],
     }
-    if load_model(checkpoint)[0].alignment:
+    model = load_model(checkpoint)[0]
+    if uses_text:
+        scores["image_gain"] = image_gain(model, heldout)
+    if model.alignment:
         found = retrieval(checkpoint, heldout, limit=args.retrieval_limit, split="all")
         scores["retrieval_r1"] = (found["image_to_text"]["r1"] + found["text_to_image"]["r1"]) / 2
         scores["retrieval_r5"] = (found["image_to_text"]["r5"] + found["text_to_image"]["r5"]) / 2
@@ -135,7 +173,11 @@ def summary(values: list[float]) -> tuple[float, float]:
 
 def digits(metric: str) -> int:
     """Retrieval near chance (0.07% R@1 on 1,534 pairs) needs two decimals of a percent."""
-    return 2 if metric.startswith("retrieval") else 1
+    return 3 if metric in NATS else 2 if metric.startswith("retrieval") else 1
+
+
+def scale(metric: str) -> float:
+    return 1.0 if metric in NATS else 100.0
 
 
 def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) -> tuple[str, dict]:
@@ -151,7 +193,7 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
     lines = ["| run | recipe | seeds | " + " | ".join(METRICS.values()) + " | minutes/run |",
              "|---|---|---:|" + "---:|" * len(METRICS) + "---:|"]
     for name, metrics in per_run.items():
-        cells = [f"{100 * m:.{digits(metric)}f} ± {100 * s:.{digits(metric)}f}" if (m, s) != (None, None) else "—"
+        cells = [f"{scale(metric) * m:.{digits(metric)}f} ± {scale(metric) * s:.{digits(metric)}f}" if (m, s) != (None, None) else "—"
                  for metric, (m, s, _) in ((metric, metrics.get(metric, (None, None, 0))) for metric in METRICS)]
         seeds = max(n for _, _, n in metrics.values())
         lines.append(f"| {name} | {RUNS[name][2]} | {seeds} | " + " | ".join(cells) + f" | {minutes[name]:.1f} |")
@@ -175,7 +217,7 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
             verdicts.setdefault(number, []).append({"a": a, "b": b, "metric": metric, "diff": diff, "se": se,
                                                     "verdict": verdict})
             lines.append(f"| {number}: {claim['title']} | {a} − {b} | {METRICS[metric]} | "
-                         f"{100 * diff:+.{digits(metric)}f} ± {100 * se:.{digits(metric)}f} | {verdict} |")
+                         f"{scale(metric) * diff:+.{digits(metric)}f} ± {scale(metric) * se:.{digits(metric)}f} | {verdict} |")
     return "\n".join(lines), {"runs": per_run, "claims": verdicts}
 
 
@@ -201,7 +243,7 @@ def plot(summaries: dict, claims: list[int], folder: Path) -> list[Path]:
         axes.set_xticks([index + width * (len(runs) - 1) / 2 for index in range(len(metrics))],
                         [METRICS[metric] for metric in metrics])
         axes.set_ylabel("% (mean ± SE over seeds)")
-        axes.set_title(f"claim {number}: {claim['title']}", fontsize=9)
+        axes.set_title(textwrap.fill(f"claim {number}: {claim['title']}", 44), fontsize=9)
         axes.legend(fontsize=8)
         figure.tight_layout()
         path = folder / f"claim{number}.png"
@@ -238,12 +280,12 @@ def main() -> None:
         run.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{done + 1}/{len(todo)}] {name} seed {seed}: training {args.steps} steps ...", file=sys.stderr, flush=True)
         seconds = train(name, seed, args, run)
-        scores = score(run, args)
+        scores = score(run, args, uses_text="use_text: false" not in (ROOT / RUNS[name][0]).read_text())
         results[key_of(name, seed, args)] = {"run": name, "seed": seed, "seconds": round(seconds, 1), **scores}
         temporary = results_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(results, indent=1))
         temporary.replace(results_path)
-        print(f"    {name} seed {seed}: " + ", ".join(f"{METRICS[m]} {100 * v:.1f}%" for m, v in scores.items())
+        print(f"    {name} seed {seed}: " + ", ".join(f"{METRICS[m]} {scale(m) * v:.{digits(m)}f}" for m, v in scores.items())
               + f" ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
     text, summaries = table(results, args, args.claims)
     print(text)

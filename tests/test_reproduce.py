@@ -117,3 +117,50 @@ def test_icon_corpus_from_a_package_tarball(tmp_path):
     pretrain, heldout = load_config(str(out / "pretrain.yaml")), load_config(str(out / "heldout.yaml"))
     assert [source.kind for source in pretrain.data.sources] == ["paired", "image", "text"]
     assert heldout.data.tokenizer.model == pretrain.data.output  # the held-out icons share the tokenizer
+
+
+def test_the_images_gain_is_the_caption_loss_with_shuffled_images_minus_with_their_own(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    def png(level: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (level * 25,) * 3).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [{"id": f"r{level}", "image": png(level), "tokens": [level]} for level in range(10)]
+    monkeypatch.setattr("mmae.trainer.evaluate.paired_rows", lambda dataset, limit, split: rows)
+
+    class Model:
+        """A caption 'loss' that is 0 when each image's brightness matches its own token."""
+        image_size, max_text_tokens = 8, 4
+
+        def __init__(self, looks: bool):
+            self.looks = looks
+
+        def eval(self):
+            return self
+
+        def layout(self, inputs, masking, seed):
+            return None
+
+        def forward_loss(self, inputs, layout):
+            brightness = inputs.images.mean(dim=(1, 2, 3))
+            rank = brightness.argsort().argsort().float()  # 0..9 in brightness order
+            loss = (rank - inputs.tokens.float()).abs().mean() if self.looks else torch.tensor(2.0)
+            return SimpleNamespace(text_loss=loss)
+
+    assert reproduce.image_gain(Model(looks=True), "unused") > 1.0
+    assert reproduce.image_gain(Model(looks=False), "unused") == 0.0
+
+
+def test_nats_are_shown_as_they_are_and_probes_as_percentages():
+    args = study_args()
+    results = results_of({"m3ae": [0.30, 0.31, 0.32]}, args=args)
+    for key in results:
+        results[key]["image_gain"] = 0.037
+    text, _ = reproduce.table(results, args, [1])
+    assert "0.037 ± 0.000" in text and "31.0 ± 0.6" in text
