@@ -137,7 +137,7 @@ def image_gain(model, dataset: str, limit: int = 1024, draws: int = 3) -> float:
     return sum(loss(swapped, seed) - loss(images, seed) for seed in range(draws)) / draws
 
 
-def score(run: Path, args: argparse.Namespace, uses_text: bool = True) -> dict[str, float]:
+def score(run: Path, args: argparse.Namespace) -> dict[str, float]:
     from mmae.trainer.evaluate import probe, retrieval
     from mmae.trainer.load import load_model
 
@@ -147,8 +147,8 @@ def score(run: Path, args: argparse.Namespace, uses_text: bool = True) -> dict[s
         "image_mean": probe(checkpoint, data, pool="mean", test_data=heldout)["top1"],
         "text_mean": probe(checkpoint, data, pool="mean", test_data=heldout, of="text")["top1"],
     }
-    model = load_model(checkpoint)[0]
-    if uses_text:
+    model, state = load_model(checkpoint)
+    if state.get("config", {}).get("use_text", True):  # as the run trained (MAE: captions dropped)
         scores["image_gain"] = image_gain(model, heldout)
     if model.alignment:
         found = retrieval(checkpoint, heldout, limit=args.retrieval_limit, split="all")
@@ -180,6 +180,12 @@ def scale(metric: str) -> float:
     return 1.0 if metric in NATS else 100.0
 
 
+def shown(metric: str, value: float, se: float, sign: str = "") -> str:
+    """`value ± se` in the metric's unit (percent, or nats as they are) and digits."""
+    k, d = scale(metric), digits(metric)
+    return f"{k * value:{sign}.{d}f} ± {k * se:.{d}f}"
+
+
 def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) -> tuple[str, dict]:
     per_run: dict[str, dict[str, tuple[float, float, int]]] = {}
     minutes: dict[str, float] = {}
@@ -193,7 +199,7 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
     lines = ["| run | recipe | seeds | " + " | ".join(METRICS.values()) + " | minutes/run |",
              "|---|---|---:|" + "---:|" * len(METRICS) + "---:|"]
     for name, metrics in per_run.items():
-        cells = [f"{scale(metric) * m:.{digits(metric)}f} ± {scale(metric) * s:.{digits(metric)}f}" if (m, s) != (None, None) else "—"
+        cells = [shown(metric, m, s) if (m, s) != (None, None) else "—"
                  for metric, (m, s, _) in ((metric, metrics.get(metric, (None, None, 0))) for metric in METRICS)]
         seeds = max(n for _, _, n in metrics.values())
         lines.append(f"| {name} | {RUNS[name][2]} | {seeds} | " + " | ".join(cells) + f" | {minutes[name]:.1f} |")
@@ -217,7 +223,7 @@ def table(results: dict[str, Any], args: argparse.Namespace, claims: list[int]) 
             verdicts.setdefault(number, []).append({"a": a, "b": b, "metric": metric, "diff": diff, "se": se,
                                                     "verdict": verdict})
             lines.append(f"| {number}: {claim['title']} | {a} − {b} | {METRICS[metric]} | "
-                         f"{scale(metric) * diff:+.{digits(metric)}f} ± {scale(metric) * se:.{digits(metric)}f} | {verdict} |")
+                         f"{shown(metric, diff, se, sign='+')} | {verdict} |")
     return "\n".join(lines), {"runs": per_run, "claims": verdicts}
 
 
@@ -280,12 +286,13 @@ def main() -> None:
         run.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{done + 1}/{len(todo)}] {name} seed {seed}: training {args.steps} steps ...", file=sys.stderr, flush=True)
         seconds = train(name, seed, args, run)
-        scores = score(run, args, uses_text="use_text: false" not in (ROOT / RUNS[name][0]).read_text())
+        scores = score(run, args)
         results[key_of(name, seed, args)] = {"run": name, "seed": seed, "seconds": round(seconds, 1), **scores}
         temporary = results_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(results, indent=1))
         temporary.replace(results_path)
-        print(f"    {name} seed {seed}: " + ", ".join(f"{METRICS[m]} {scale(m) * v:.{digits(m)}f}" for m, v in scores.items())
+        print(f"    {name} seed {seed}: " + ", ".join(f"{METRICS[m]} {scale(m) * v:.{digits(m)}f}"
+                                                   for m, v in scores.items())
               + f" ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
     text, summaries = table(results, args, args.claims)
     print(text)

@@ -321,6 +321,9 @@ def test_a_patch_size_override_builds_that_model_and_its_spec_rebuilds_it():
     assert build_checked(saved, shapes, "here").num_patches == 64
     # a spec without the key (every checkpoint saved before it existed) is the preset's patch
     assert "patch_size" not in ModelSpec.of(load_config(None, ["train.model.preset=mini"]).train, 100, False).to_dict()
+    own = load_config(None, ["train.model.preset=mini", "train.model.patch_size=8"]).train  # the preset's own side
+    assert ModelSpec.of(own, 100, False).to_dict() == ModelSpec.of(load_config(None, ["train.model.preset=mini"]).train,
+                                                                   100, False).to_dict()
     with pytest.raises(Exception, match="weights do not match"):
         build_checked({**saved, "patch_size": 8}, shapes, "here")
     with pytest.raises(ConfigError, match="train.model.patch_size"):

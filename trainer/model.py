@@ -330,7 +330,7 @@ class ModelSpec:
     def of(cls, config, vocab_size: int, alignment: bool) -> "ModelSpec":
         """The model a TrainConfig trains (a vocabulary of at least 8 ids: image-only runs too)."""
         return cls(config.model.preset, max(vocab_size, 8), config.image_size, config.max_text_tokens,
-                   config.model.norm_pix_loss, alignment, config.model.patch_size)
+                   config.model.norm_pix_loss, alignment, _other_patch(config.model.preset, config.model.patch_size))
 
     @classmethod
     def from_dict(cls, spec: Any) -> "ModelSpec":
@@ -343,7 +343,8 @@ class ModelSpec:
         if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
             raise ValueError(f"the model spec's patch_size must be a positive integer, not {patch!r}")
         return cls(spec["preset"], spec["vocab_size"], spec["image_size"], spec["max_text_tokens"],
-                   bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)), patch)
+                   bool(spec.get("norm_pix_loss", True)), bool(spec.get("alignment", False)),
+                   _other_patch(spec["preset"], patch))
 
     def to_dict(self) -> dict[str, Any]:
         """As checkpoints record it (`alignment` and `patch_size` only when set, so the specs of
@@ -359,6 +360,13 @@ class ModelSpec:
     def build(self) -> MultimodalMAE:
         return build_model(self.preset, self.vocab_size, self.image_size, self.max_text_tokens, self.norm_pix_loss,
                            self.alignment, self.patch_size)
+
+
+def _other_patch(preset: str, patch_size: Optional[int]) -> Optional[int]:
+    """None when `patch_size` is the preset's own: `patch_size: 8` on mini builds the model a run
+    without the setting built, so their specs (and resumes between them) must agree."""
+    own = PRESETS[preset].patch_size if preset in PRESETS else None
+    return None if patch_size == own else patch_size
 
 
 def count_parameters(model: nn.Module) -> int:
