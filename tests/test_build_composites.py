@@ -220,12 +220,13 @@ def test_a_chunk_committed_from_part_tables_is_in_input_order(tmp_path):
     assert not (tmp_path / "broken.parquet").exists()
 
 
-def test_a_big_uncompressed_table_is_read_in_spans_that_give_its_rows_once(tmp_path):
-    """Spans start at chunk boundaries (every plan.SPAN_CHUNKS chunks) and keep the file's line
-    and row numbers, blank and over-long lines included; a gzip is read whole."""
+def test_a_big_uncompressed_table_is_read_in_spans_that_give_its_rows_once(tmp_path, monkeypatch):
+    """Spans start at chunk boundaries (one chunk each, up to plan.MAX_SPANS, then joined runs of
+    chunks) and keep the file's line and row numbers, blank and over-long lines included; a gzip
+    is read whole."""
     import gzip
 
-    from mmae.pipelines.builder.plan import SPAN_CHUNKS
+    from mmae.pipelines.builder import plan as plans
     from mmae.pipelines.builder.readers import read_source_file
     from mmae.pipelines.builder.sources import expand_source
 
@@ -252,10 +253,17 @@ def test_a_big_uncompressed_table_is_read_in_spans_that_give_its_rows_once(tmp_p
         if name.endswith(".gz"):
             assert planned.spans == () and len(plan.units()) == 1
             continue
-        assert len(planned.spans) == -(-plan.total_chunks // SPAN_CHUNKS) > 1, name
+        assert len(planned.spans) == plan.total_chunks > 2, name
         pieces = [[(row["key"], row.get("reason")) for row in read_source_file(source, planned.file, 2048, span)]
                   for span in planned.spans]
         assert [row for piece in pieces for row in piece] == whole, name
+        with monkeypatch.context() as patched:  # a file of more chunks than spans allowed: runs of chunks
+            patched.setattr(plans, "MAX_SPANS", 2)
+            (joined,) = make_plan(config).files
+            assert len(joined.spans) == 2, name
+            assert joined.spans[0].offset == planned.spans[0].offset and joined.spans[-1].end == -1
+            assert [(row["key"], row.get("reason")) for span in joined.spans
+                    for row in read_source_file(source, joined.file, 2048, span)] == whole, name
         assert len(plan.units()) == len(planned.spans)
         with beam_pipeline() as pipeline:
             read = pipeline | ReadChunks(config, plan.units(), plan.chunk_rows, plan.buckets)

@@ -54,6 +54,15 @@ def is_blank(line: Optional[bytes]) -> bool:
     return line is not None and not line.strip()
 
 
+def joined_spans(spans: list[Span], most: int) -> list[Span]:
+    """Consecutive `spans` joined in runs of equal length, so that at most `most` remain."""
+    run = -(-len(spans) // most)
+    if run <= 1:
+        return spans
+    runs = [spans[start:start + run] for start in range(0, len(spans), run)]
+    return [Span(group[0].offset, group[0].lines_before, group[0].rows_before, group[-1].end) for group in runs]
+
+
 def rows_per_chunk(handle: BinaryIO, cap: int, chunk_rows: int, header: bool, numbered_by_line: bool,
                    span_chunks: int = 0) -> tuple[list[int], list[Span]]:
     """How many rows each chunk of `chunk_rows` holds, and (with `span_chunks`) the `Span`s of

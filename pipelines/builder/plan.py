@@ -19,7 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from . import neardup, webdataset
-from .lines import Span, rows_per_chunk
+from .lines import Span, joined_spans, rows_per_chunk
 from .records import ChunkKey, FileRef, Order, ReadUnit
 from .sources import SourceError, SourceFile, expand_source, required_columns, row_cap
 from mmae.schemas.config import DataConfig
@@ -27,13 +27,15 @@ from mmae.schemas.config import DataConfig
 # Dedup hashes are grouped in buckets of about this many entries (30 bytes each, one per row for
 # exact dedup, one per band for near-duplicates): the memory one dedup group needs.
 ROWS_PER_BUCKET = 250_000
-# An uncompressed line table (JSONL, text, CSV, TSV) is read in spans of this many chunks, by
-# as many readers as there are workers: one file of millions of rows is common, and its reading
-# (parsing, cleaning, the quality rules) would otherwise hold up every download on one core.
-# One chunk a span, so the workers finish reading together: downloading waits for the last
-# reader (its duplicates must be known), and spans of 4 left one of 2 workers reading 3 of a
-# 20-chunk file's 5 spans while the other waited (0.3-0.4 s of a 10,000-row build).
-SPAN_CHUNKS = 1
+# An uncompressed line table (JSONL, text, CSV, TSV) is read in spans, by as many readers as
+# there are workers: one file of millions of rows is common, and its reading (parsing, cleaning,
+# the quality rules) would otherwise hold up every download on one core. Spans are whole chunks,
+# as short as this many spans a file allows: downloading waits for the last reader (every
+# duplicate must be known), so short spans let the workers finish reading together (spans of 4
+# chunks left one of 2 workers reading 3 of a 20-chunk file's 5 spans while the other waited,
+# 0.2-0.3 s of a 10,000-row build), and the bound keeps the list of read units, which the
+# pipeline itself carries (~280 bytes a span), small for a file of any length.
+MAX_SPANS = 512
 
 
 def record_order(source_index: int, file_number: int, source_file: SourceFile, key: str) -> Order:
@@ -116,7 +118,8 @@ def chunk_counts(source_file: SourceFile, columns: list[str], chunk_rows: int,
         seekable = fsspec.utils.infer_compression(source_file.path) is None
         with fsspec.open(source_file.path, "rb", compression="infer") as handle:
             counts, spans = rows_per_chunk(handle, cap, chunk_rows, header=not by_line, numbered_by_line=by_line,
-                                           span_chunks=SPAN_CHUNKS if seekable else 0)
+                                           span_chunks=1 if seekable else 0)
+        spans = joined_spans(spans, MAX_SPANS)
         return counts, spans if len(spans) > 1 else []
     return [min(chunk_rows, rows - chunk * chunk_rows) for chunk in range(math.ceil(rows / chunk_rows))], []
 
